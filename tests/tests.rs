@@ -1,0 +1,3 @@
+//! End-to-end tests: the built `mixtral-gptq` over the bundled fixtures.
+
+mod util;
