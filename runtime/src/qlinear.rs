@@ -1,0 +1,1 @@
+//! GPTQ "v1" quantized linear weights: unpacking and dequantization (placeholder, being written).
