@@ -34,6 +34,37 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// A parquet file could not be read or written.
+    #[error("{path}: parquet: {reason}")]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A parquet file lacks the column the reader needs.
+    #[error("{path}: no column `{column}` (found: {found:?})")]
+    MissingColumn {
+        /// The file.
+        path: PathBuf,
+        /// The column looked for.
+        column: String,
+        /// The columns present.
+        found: Vec<String>,
+    },
+    /// A dataset file could not be found in the Hub cache or downloaded.
+    #[error("Hub dataset {repo}@{revision}, file {file}: {reason}")]
+    Hub {
+        /// Repository id.
+        repo: String,
+        /// Branch, tag or commit.
+        revision: String,
+        /// File inside the repository.
+        file: String,
+        /// What went wrong.
+        reason: String,
+    },
+
     // === perplexity ===
     /// A convention name that is not known.
     #[error("unknown perplexity convention `{name}`: expected `gptq-2048`, `llamacpp-512`, `gptq`, `llamacpp` or either with `-<ctx>`")]

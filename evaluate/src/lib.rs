@@ -7,6 +7,7 @@
 
 #![deny(missing_docs)]
 
+pub mod datasets;
 pub mod error;
 pub mod perplexity;
 pub mod tokenize;
