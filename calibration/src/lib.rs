@@ -1,1 +1,110 @@
-//! calibration crate.
+//! Calibration token windows for GPTQ: VMware/open-instruct rows -> token stream -> windows,
+//! exactly and reproducibly ("recipe v1", `fixtures/README.md`).
+//!
+//! ```text
+//! parquet rows (file order) --template--> text --tokenizer.json (+BOS) + EOS--> stream
+//!     (stop at 4 * nsamples * seqlen tokens) --random.Random(seed).randint--> windows
+//! ```
+//!
+//! [`build`] does it all and returns a [`CalibrationSet`], which saves to safetensors with the
+//! recipe, the seed and the SHA-256 of the tokenizer and dataset files in its metadata. The window
+//! sampler is a bit-exact port of CPython's `random` ([`PyRandom`]), so the same windows can be
+//! drawn in Python.
+
+#![deny(missing_docs)]
+
+pub mod dataset;
+pub mod error;
+pub mod hub;
+pub mod pyrandom;
+pub mod recipe;
+pub mod set;
+pub mod stream;
+pub mod windows;
+
+use std::io::Read;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+pub use dataset::Dataset;
+pub use error::{Error, Result};
+pub use hub::{HubDataset, OPEN_INSTRUCT_FILE, OPEN_INSTRUCT_REPO};
+pub use pyrandom::PyRandom;
+pub use recipe::{Recipe, Template, COLUMNS, DEFAULT_TEMPLATE, RECIPE_VERSION};
+pub use set::{CalibrationMeta, CalibrationSet};
+pub use stream::{build_stream, RowTokenizer, TokenStream};
+pub use windows::window_starts;
+
+/// Builds the calibration set of `recipe` from a local parquet file and a `tokenizer.json`.
+///
+/// To use the Hub dataset, resolve it first with [`HubDataset::resolve`].
+///
+/// # Errors
+/// Recipe, dataset, tokenizer and I/O errors, each naming its file; [`Error::StreamTooShort`]
+/// if all rows together give no more than `seqlen` tokens.
+pub fn build(dataset: &Path, tokenizer: &Path, recipe: &Recipe) -> Result<CalibrationSet> {
+    let template = recipe.validate()?;
+    let data = Dataset::open(dataset)?;
+    let row_tokenizer = RowTokenizer::from_file(tokenizer)?;
+    let stream = build_stream(&data, &row_tokenizer, &template, recipe.target_tokens())?;
+    let starts = window_starts(
+        stream.ids.len(),
+        recipe.nsamples,
+        recipe.seqlen,
+        recipe.seed,
+    )
+    .ok_or_else(|| Error::StreamTooShort {
+        path: dataset.to_path_buf(),
+        found: stream.ids.len(),
+        needed: recipe.seqlen + 1,
+        seqlen: recipe.seqlen,
+        rows: stream.rows_read,
+    })?;
+    let mut input_ids = Vec::with_capacity(recipe.nsamples * recipe.seqlen);
+    for start in starts {
+        let window = &stream.ids[start..start + recipe.seqlen];
+        // Token ids are below the vocabulary size (32,000 for Mixtral), far inside i32.
+        input_ids.extend(window.iter().map(|&id| id as i32));
+    }
+    let meta = CalibrationMeta {
+        recipe: RECIPE_VERSION.to_string(),
+        template: recipe.template.clone(),
+        seed: recipe.seed,
+        nsamples: recipe.nsamples,
+        seqlen: recipe.seqlen,
+        tokenizer_sha256: sha256_file(tokenizer)?,
+        dataset_sha256: sha256_file(dataset)?,
+        dataset: dataset
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dataset.display().to_string()),
+        stream_tokens: stream.ids.len(),
+        rows_read: stream.rows_read,
+        eos_id: row_tokenizer.eos_id(),
+    };
+    Ok(CalibrationSet {
+        nsamples: recipe.nsamples,
+        seqlen: recipe.seqlen,
+        input_ids,
+        meta,
+    })
+}
+
+/// Lower-case hex SHA-256 of a file's bytes.
+///
+/// # Errors
+/// [`Error::Io`] naming the file.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(Error::io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
