@@ -1,1 +1,16 @@
-//! CUDA backend (placeholder, being written).
+//! CUDA backend: cudarc with run-time loading, kernels compiled by NVRTC on first use.
+//!
+//! Nothing here needs CUDA at build time. At run time [`probe::probe_all`] opens the driver, NVRTC
+//! and cuBLAS (or names the one that is missing) before any cudarc call, since cudarc panics on a
+//! missing library.
+
+pub mod error;
+pub mod kernels;
+pub mod probe;
+
+pub use error::{CudaError, Result};
+pub mod device;
+pub mod gptq;
+
+pub use device::CudaDevice;
+pub use gptq::{prepare, ActDtype, DeviceExperts, DeviceGptq, PreparedGptq, GEMV_MAX_ROWS};

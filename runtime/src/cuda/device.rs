@@ -1,0 +1,205 @@
+//! One GPU: context, stream, cuBLAS handle, the compiled kernel module and the workspaces the
+//! kernels share (split-K partial sums, tile counters, the dense buffer of the cuBLAS path).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr,
+    ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::error::{drv, CudaError, Result};
+use super::kernels::{self, KernelSource};
+use super::probe::{self, CudaLibs};
+
+/// A CUDA device ready to run the GPTQ kernels.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+    libs: CudaLibs,
+    name: String,
+    arch: String,
+    sm_count: usize,
+    modules: RwLock<HashMap<&'static str, Arc<CudaModule>>>,
+    funcs: RwLock<HashMap<String, CudaFunction>>,
+    pub(crate) ws: Mutex<Workspace>,
+}
+
+/// Scratch buffers, grown on demand, reused across calls (one stream: calls are ordered).
+pub(crate) struct Workspace {
+    pub(crate) partial: Option<CudaSlice<f32>>,
+    pub(crate) counters: Option<CudaSlice<u32>>,
+    pub(crate) dense: Option<CudaSlice<half::f16>>,
+    pub(crate) xconv: Option<CudaSlice<half::f16>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaDevice({}, {}, {} SMs)",
+            self.name, self.arch, self.sm_count
+        )
+    }
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal` after checking that the driver, NVRTC (with headers) and cuBLAS load.
+    pub fn new(ordinal: usize) -> Result<Arc<Self>> {
+        let libs = probe::probe_all()?;
+        let count = drv("counting devices", CudaContext::device_count())? as usize;
+        if ordinal >= count {
+            return Err(CudaError::NoDevice { ordinal, count });
+        }
+        let ctx = drv("creating a context", CudaContext::new(ordinal))?;
+        // One stream only: cudarc's cross-stream event tracking is not needed.
+        // SAFETY: every buffer of this device is used on `stream` alone.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|source| CudaError::Cublas {
+            what: "creating a handle".into(),
+            source,
+        })?;
+        let name = drv("reading the device name", ctx.name())?;
+        let (maj, min) = drv("reading the compute capability", ctx.compute_capability())?;
+        let sm_count = drv(
+            "reading the multiprocessor count",
+            ctx.attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            ),
+        )? as usize;
+        Ok(Arc::new(Self {
+            ctx,
+            stream,
+            blas,
+            libs,
+            name,
+            arch: format!("sm_{maj}{min}"),
+            sm_count,
+            modules: RwLock::new(HashMap::new()),
+            funcs: RwLock::new(HashMap::new()),
+            ws: Mutex::new(Workspace {
+                partial: None,
+                counters: None,
+                dense: None,
+                xconv: None,
+            }),
+        }))
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// `sm_XY`.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+    /// The libraries in use.
+    pub fn libs(&self) -> &CudaLibs {
+        &self.libs
+    }
+    /// The stream every operation of this device runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        drv("synchronizing", self.stream.synchronize())
+    }
+
+    /// Copies a host slice to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        drv("copying to the device", self.stream.clone_htod(data))
+    }
+
+    /// Copies a device buffer back to the host.
+    pub fn download<T: DeviceRepr>(&self, data: &CudaSlice<T>) -> Result<Vec<T>> {
+        drv("copying to the host", self.stream.clone_dtoh(data))
+    }
+
+    /// A zeroed device buffer of `n` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        drv(
+            format!("allocating {n} elements"),
+            self.stream.alloc_zeros::<T>(n),
+        )
+    }
+
+    /// An event that records timing, for benchmarks.
+    pub fn timing_event(&self) -> Result<CudaEvent> {
+        drv(
+            "creating an event",
+            self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
+        )
+    }
+
+    /// The entry point `entry` of kernel file `k`, compiling and loading the module on first use.
+    pub fn function(&self, k: &KernelSource, entry: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.funcs.read().ok().and_then(|m| m.get(entry).cloned()) {
+            return Ok(f);
+        }
+        let module = self.module(k)?;
+        let f = module
+            .load_function(entry)
+            .map_err(|source| CudaError::MissingEntry {
+                kernel: k.name,
+                entry: entry.to_string(),
+                source,
+            })?;
+        if let Ok(mut m) = self.funcs.write() {
+            m.insert(entry.to_string(), f.clone());
+        }
+        Ok(f)
+    }
+
+    fn module(&self, k: &KernelSource) -> Result<Arc<CudaModule>> {
+        if let Some(m) = self
+            .modules
+            .read()
+            .ok()
+            .and_then(|m| m.get(k.name).cloned())
+        {
+            return Ok(m);
+        }
+        let cubin = kernels::compile(k, &self.arch, &self.libs.nvrtc)?;
+        let module = drv(
+            format!("loading the `{}` kernels", k.name),
+            self.ctx.load_module(Ptx::from_binary(cubin)),
+        )?;
+        if let Ok(mut m) = self.modules.write() {
+            m.insert(k.name, module.clone());
+        }
+        Ok(module)
+    }
+}
+
+/// Grows `slot` to at least `n` elements (zeroed when new).
+pub(crate) fn ensure<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    slot: &mut Option<CudaSlice<T>>,
+    n: usize,
+) -> Result<()> {
+    if slot.as_ref().map(|s| s.len() >= n).unwrap_or(false) {
+        return Ok(());
+    }
+    *slot = Some(drv(
+        format!("allocating a workspace of {n} elements"),
+        stream.alloc_zeros::<T>(n.max(1)),
+    )?);
+    Ok(())
+}

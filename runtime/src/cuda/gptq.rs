@@ -1,0 +1,696 @@
+//! GPTQ v1 matrix products on the GPU: `Y[M, N] (f32) = X[M, K] · dequant(W)` with X in f16 or bf16.
+//!
+//! At load ([`prepare`]) the rows of `qweight` are sorted by `g_idx` when a checkpoint uses act-order,
+//! so that each group is a contiguous run of rows, and `perm` is kept; X columns are gathered through
+//! `perm` inside the GEMV kernel, and the GEMM path scatters dequantized rows back through it. Paths:
+//! * GEMV (M ≤ [`GEMV_MAX_ROWS`]): split-K over blocks, fp32 accumulation, one launch per 8 rows;
+//! * GEMM (larger M): dequantize the layer into an f16 buffer, then cuBLAS (fp32 accumulation);
+//! * fused MoE GEMV: one launch computes every (token, expert slot) pair, expert ids read on the device.
+
+use std::sync::Arc;
+
+use cudarc::cublas::{result as cublas_result, sys as cublas_sys};
+use cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::device::{ensure, CudaDevice};
+use super::error::{drv, CudaError, Result};
+use super::kernels::GPTQ;
+use crate::qlinear::GptqWeight;
+
+/// Above this many rows of X, dequantize + cuBLAS replaces the GEMV kernel (the GEMV reads the
+/// weights once per 8 rows and turns compute-bound near 16 rows; BENCHMARKS.md "CUDA kernels").
+pub const GEMV_MAX_ROWS: usize = 16;
+/// Rows of X one GEMV launch handles.
+const GEMV_ROWS_PER_LAUNCH: usize = 8;
+/// Output columns per GEMV block (32 lanes × 4 columns).
+const GEMV_COLS: usize = 128;
+const GEMV_THREADS: u32 = 256;
+const GEMV_WARPS: usize = 8;
+
+/// Activation element types the kernels accept.
+pub trait ActDtype: DeviceRepr + Copy + Send + Sync + 'static {
+    /// Suffix of the kernel entry names.
+    const NAME: &'static str;
+    /// Converts from f32 (round to nearest even).
+    fn from_f32(v: f32) -> Self;
+    /// Converts to f32 (exact).
+    fn to_f32(self) -> f32;
+    /// Whether this is bf16 (the GEMM path converts it to f16 first).
+    const IS_BF16: bool;
+}
+impl ActDtype for f16 {
+    const NAME: &'static str = "f16";
+    const IS_BF16: bool = false;
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+impl ActDtype for bf16 {
+    const NAME: &'static str = "bf16";
+    const IS_BF16: bool = true;
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+/// Rows of K held by one "unit" (one packed word, or three at 3 bits): groups must hold whole units.
+pub fn unit_rows(bits: u32) -> usize {
+    match bits {
+        3 => 32,
+        4 => 8,
+        _ => 4,
+    }
+}
+
+/// A GPTQ layer laid out for the kernels, on the host.
+#[derive(Debug, Clone)]
+pub struct PreparedGptq {
+    /// Bits per code (3, 4 or 8).
+    pub bits: u32,
+    /// K.
+    pub in_features: usize,
+    /// N.
+    pub out_features: usize,
+    /// G.
+    pub groups: usize,
+    /// `[K·b/32, N]` codes, rows sorted by group when `perm` is set.
+    pub qweight: Vec<u32>,
+    /// `[G, N]` scales.
+    pub scales: Vec<f16>,
+    /// Stored zeros: the packed `qzeros` bytes at 4/8 bits, unpacked bytes `[G, N]` at 3 bits.
+    pub zeros: Vec<u8>,
+    /// Group of each unit of rows.
+    pub ugroup: Vec<i32>,
+    /// Sorted row i holds input row `perm[i]`; `None` when no sorting was needed.
+    pub perm: Option<Vec<i32>>,
+}
+
+fn unsupported(field: &'static str, value: impl ToString, reason: &'static str) -> CudaError {
+    CudaError::Unsupported {
+        field,
+        value: value.to_string(),
+        reason,
+    }
+}
+
+/// Packs `[rows, cols]` codes along rows into `[rows·b/32, cols]` words (LSB first, 3-bit cross-word).
+pub fn pack_rows(codes: &[u8], rows: usize, cols: usize, bits: u32) -> Vec<u32> {
+    let b = bits as usize;
+    let mut out = vec![0u32; rows * b / 32 * cols];
+    // 32 rows fill exactly b words per column.
+    out.par_chunks_mut(b * cols)
+        .enumerate()
+        .for_each(|(t, dst)| {
+            for rr in 0..32 {
+                let r = t * 32 + rr;
+                if r >= rows {
+                    break;
+                }
+                let bit = rr * b;
+                let (w, s) = (bit / 32, (bit % 32) as u32);
+                let src = &codes[r * cols..(r + 1) * cols];
+                for (c, &v) in src.iter().enumerate() {
+                    let v = v as u32;
+                    dst[w * cols + c] |= v << s;
+                    if s as usize + b > 32 {
+                        dst[(w + 1) * cols + c] |= v >> (32 - s);
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Checks `w` and lays it out for the kernels (sorting rows by `g_idx` for act-order).
+pub fn prepare(w: &GptqWeight) -> Result<PreparedGptq> {
+    w.check()
+        .map_err(|e| unsupported("weight", e, "not a consistent GPTQ v1 layer"))?;
+    if ![3, 4, 8].contains(&w.bits) {
+        return Err(unsupported(
+            "bits",
+            w.bits,
+            "the CUDA kernels handle 3, 4 and 8 bits",
+        ));
+    }
+    let (k, n, bits) = (w.in_features, w.out_features, w.bits);
+    if k == 0 || n == 0 {
+        return Err(unsupported("shape", format!("{k}x{n}"), "empty layer"));
+    }
+    let uk = unit_rows(bits);
+    if k % uk != 0 {
+        return Err(unsupported(
+            "in_features",
+            k,
+            "must be a multiple of the rows per packed unit",
+        ));
+    }
+    let units = k / uk;
+    let constant_units =
+        |g: &dyn Fn(usize) -> i32| (0..units).all(|u| (1..uk).all(|j| g(u * uk + j) == g(u * uk)));
+    let (qweight, ugroup, perm) = if constant_units(&|i| w.g_idx[i]) {
+        let q: Vec<u32> = w.qweight.iter().map(|&v| v as u32).collect();
+        let ug = (0..units).map(|u| w.g_idx[u * uk]).collect();
+        (q, ug, None)
+    } else {
+        let mut perm: Vec<i32> = (0..k as i32).collect();
+        perm.sort_by_key(|&i| w.g_idx[i as usize]); // stable
+        let sorted_g = |i: usize| w.g_idx[perm[i] as usize];
+        if !constant_units(&sorted_g) {
+            return Err(unsupported(
+                "g_idx",
+                format!("group_size {}", w.group_size),
+                "after sorting by g_idx, each group must hold whole units of 32/bits rows (32 at 3 bits)",
+            ));
+        }
+        let codes = w.unpack_codes();
+        let mut sorted = vec![0u8; k * n];
+        sorted.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            let src = perm[i] as usize;
+            row.copy_from_slice(&codes[src * n..(src + 1) * n]);
+        });
+        let q = pack_rows(&sorted, k, n, bits);
+        let ug = (0..units).map(|u| sorted_g(u * uk)).collect();
+        (q, ug, Some(perm))
+    };
+    let zeros = if bits == 3 {
+        w.unpack_zeros()
+    } else {
+        w.qzeros
+            .iter()
+            .flat_map(|&v| (v as u32).to_le_bytes())
+            .collect()
+    };
+    Ok(PreparedGptq {
+        bits,
+        in_features: k,
+        out_features: n,
+        groups: w.groups(),
+        qweight,
+        scales: w.scales.clone(),
+        zeros,
+        ugroup,
+        perm,
+    })
+}
+
+/// A GPTQ layer on the GPU, ready for [`CudaDevice::qmatmul`].
+#[derive(Debug)]
+pub struct DeviceGptq {
+    /// Bits per code.
+    pub bits: u32,
+    /// K.
+    pub in_features: usize,
+    /// N.
+    pub out_features: usize,
+    /// G.
+    pub groups: usize,
+    qweight: CudaSlice<u32>,
+    scales: CudaSlice<f16>,
+    zeros: CudaSlice<u8>,
+    ugroup: CudaSlice<i32>,
+    perm: Option<CudaSlice<i32>>,
+}
+
+impl DeviceGptq {
+    /// Whether rows were sorted for act-order (X is gathered through `perm`).
+    pub fn act_order(&self) -> bool {
+        self.perm.is_some()
+    }
+    /// Bytes of the layer as stored in the checkpoint (qweight + scales + qzeros + g_idx).
+    pub fn checkpoint_bytes(&self) -> usize {
+        let (k, n, b) = (self.in_features, self.out_features, self.bits as usize);
+        k * b / 8 * n + self.groups * n * 2 + self.groups * n * b / 8 + k * 4
+    }
+}
+
+/// Experts of one projection (same bits, K and N), with the device table of their pointers.
+#[derive(Debug)]
+pub struct DeviceExperts {
+    /// The experts, in expert-id order.
+    pub experts: Vec<DeviceGptq>,
+    table: CudaSlice<u64>,
+}
+
+fn ceil_div(a: usize, b: usize) -> usize {
+    a.div_ceil(b)
+}
+
+fn null() -> u64 {
+    0
+}
+
+impl CudaDevice {
+    /// Copies a prepared layer to the device.
+    pub fn upload_prepared(&self, p: &PreparedGptq) -> Result<DeviceGptq> {
+        Ok(DeviceGptq {
+            bits: p.bits,
+            in_features: p.in_features,
+            out_features: p.out_features,
+            groups: p.groups,
+            qweight: self.upload(&p.qweight)?,
+            scales: self.upload(&p.scales)?,
+            zeros: self.upload(&p.zeros)?,
+            ugroup: self.upload(&p.ugroup)?,
+            perm: p.perm.as_ref().map(|v| self.upload(v)).transpose()?,
+        })
+    }
+
+    /// Checks, lays out and uploads one GPTQ layer.
+    pub fn upload_gptq(&self, w: &GptqWeight) -> Result<DeviceGptq> {
+        self.upload_prepared(&prepare(w)?)
+    }
+
+    /// Uploads the experts of one projection and their pointer table.
+    pub fn upload_experts(&self, ws: Vec<DeviceGptq>) -> Result<DeviceExperts> {
+        let first = ws
+            .first()
+            .ok_or_else(|| unsupported("experts", 0, "need at least one expert"))?;
+        let (b, k, n) = (first.bits, first.in_features, first.out_features);
+        let mut ptrs: Vec<u64> = Vec::with_capacity(ws.len() * 5);
+        for e in &ws {
+            if (e.bits, e.in_features, e.out_features) != (b, k, n) {
+                return Err(unsupported(
+                    "experts",
+                    format!(
+                        "{}-bit {}x{} beside {b}-bit {k}x{n}",
+                        e.bits, e.in_features, e.out_features
+                    ),
+                    "all experts of a projection must share bits and shape",
+                ));
+            }
+            let s = self.stream();
+            ptrs.push(e.qweight.device_ptr(s).0);
+            ptrs.push(e.scales.device_ptr(s).0);
+            ptrs.push(e.zeros.device_ptr(s).0);
+            ptrs.push(e.ugroup.device_ptr(s).0);
+            ptrs.push(e.perm.as_ref().map(|p| p.device_ptr(s).0).unwrap_or(0));
+        }
+        let table = self.upload(&ptrs)?;
+        Ok(DeviceExperts { experts: ws, table })
+    }
+
+    /// Split-K plan: (units per block, number of splits, dynamic shared memory bytes).
+    fn plan(&self, units: usize, tiles: usize, mt: usize, uk: usize) -> (usize, usize, u32) {
+        const BLOCKS_PER_SM: usize = 4;
+        const MIN_UNITS_PER_BLOCK: usize = 16;
+        let target = self.sm_count() * BLOCKS_PER_SM;
+        let want_split = ceil_div(target, tiles).max(1);
+        let mut ups = ceil_div(units, want_split).max(MIN_UNITS_PER_BLOCK.min(units));
+        ups = ups.min((48 * 1024 / (mt * 4 * uk)).max(1));
+        let nsplit = ceil_div(units, ups);
+        let smem = (mt * ups * uk * 4).max(GEMV_WARPS * mt * GEMV_COLS * 4);
+        (ups, nsplit, smem as u32)
+    }
+
+    fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
+        if got < expected {
+            return Err(CudaError::BadInput {
+                what,
+                expected,
+                got,
+            });
+        }
+        Ok(())
+    }
+
+    /// `y[M, N] = x[M, K] · dequant(w)`, picking the GEMV kernel for M ≤ [`GEMV_MAX_ROWS`] and
+    /// dequantize + cuBLAS above.
+    pub fn qmatmul<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        m: usize,
+        w: &DeviceGptq,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if m <= GEMV_MAX_ROWS {
+            self.qmatmul_gemv(x, m, w, y)
+        } else {
+            self.qmatmul_gemm(x, m, w, y)
+        }
+    }
+
+    /// The GEMV path for any M (one launch per 8 rows).
+    pub fn qmatmul_gemv<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        m: usize,
+        w: &DeviceGptq,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (k, n) = (w.in_features, w.out_features);
+        Self::check_len("qmatmul: x", m * k, x.len())?;
+        Self::check_len("qmatmul: y", m * n, y.len())?;
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(GEMV_ROWS_PER_LAUNCH);
+            let xv = x.slice(r0 * k..(r0 + rows) * k);
+            let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
+            self.gemv_launch(&xv, rows, w, &mut yv)?;
+            r0 += rows;
+        }
+        Ok(())
+    }
+
+    fn gemv_launch<T: ActDtype>(
+        &self,
+        x: &CudaView<T>,
+        m: usize,
+        w: &DeviceGptq,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let mt = match m {
+            1 => 1,
+            2 => 2,
+            3..=4 => 4,
+            _ => 8,
+        };
+        let (k, n, bits) = (w.in_features, w.out_features, w.bits);
+        let uk = unit_rows(bits);
+        let units = k / uk;
+        let tiles = ceil_div(n, GEMV_COLS);
+        let (ups, nsplit, smem) = self.plan(units, tiles, mt, uk);
+        let entry = format!("gptq_gemv_{bits}b_{}_m{mt}", T::NAME);
+        let f = self.function(&GPTQ, &entry)?;
+        let mut ws = self
+            .ws
+            .lock()
+            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
+        ensure(self.stream(), &mut ws.partial, nsplit * mt * n)?;
+        ensure(self.stream(), &mut ws.counters, tiles)?;
+        let crate::cuda::device::Workspace {
+            partial, counters, ..
+        } = &mut *ws;
+        let (partial, counters) = (
+            partial.as_mut().unwrap_or_else(|| unreachable_ws()),
+            counters.as_mut().unwrap_or_else(|| unreachable_ws()),
+        );
+        let (mi, ki, ni, upsi) = (m as i32, k as i32, n as i32, ups as i32);
+        let nullp = null();
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, nsplit as u32, 1),
+            block_dim: (GEMV_THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&w.qweight)
+            .arg(&w.scales)
+            .arg(&w.zeros)
+            .arg(&w.ugroup);
+        match &w.perm {
+            Some(p) => b.arg(p),
+            None => b.arg(&nullp),
+        };
+        b.arg(x)
+            .arg(&mi)
+            .arg(&ki)
+            .arg(&ni)
+            .arg(&upsi)
+            .arg(partial)
+            .arg(counters)
+            .arg(y);
+        // SAFETY: argument types and order match `gptq_gemv_*` in kernels/gptq.cu; buffer lengths were
+        // checked above (x: m·K, y: m·N, workspaces grown to nsplit·MT·N and tiles).
+        drv(
+            format!("launching {entry}"),
+            unsafe { b.launch(cfg) }.map(|_| ()),
+        )
+    }
+
+    /// The GEMM path: dequantize into an f16 buffer (input-row order), convert bf16 X to f16, cuBLAS.
+    pub fn qmatmul_gemm<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        m: usize,
+        w: &DeviceGptq,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (k, n) = (w.in_features, w.out_features);
+        Self::check_len("qmatmul: x", m * k, x.len())?;
+        Self::check_len("qmatmul: y", m * n, y.len())?;
+        let mut ws = self
+            .ws
+            .lock()
+            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
+        ensure(self.stream(), &mut ws.dense, k * n)?;
+        let crate::cuda::device::Workspace { dense, xconv, .. } = &mut *ws;
+        let dense = dense.as_mut().unwrap_or_else(|| unreachable_ws());
+        self.dequant_into(w, dense)?;
+        let s = self.stream();
+        let x_ptr = if T::IS_BF16 {
+            ensure(s, xconv, m * k)?;
+            let xc = xconv.as_mut().unwrap_or_else(|| unreachable_ws());
+            let f = self.function(&GPTQ, "convert_bf16_f16")?;
+            let total = (m * k) as u64;
+            let mut b = s.launch_builder(&f);
+            b.arg(x).arg(&mut *xc).arg(&total);
+            let cfg = LaunchConfig {
+                grid_dim: (ceil_div(m * k, 256).min(65535 * 4) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `convert_bf16_f16(const bf16*, half*, size_t)`; xc holds ≥ m·K elements.
+            drv(
+                "launching convert_bf16_f16",
+                unsafe { b.launch(cfg) }.map(|_| ()),
+            )?;
+            let p = xc.device_ptr(s).0;
+            p
+        } else {
+            let p = x.device_ptr(s).0;
+            p
+        };
+        let w_ptr = dense.device_ptr(s).0;
+        self.gemm_f32_out(
+            cublas_sys::cudaDataType::CUDA_R_16F,
+            w_ptr,
+            x_ptr,
+            m,
+            k,
+            n,
+            y,
+        )
+    }
+
+    /// Dequantizes `w` into `out` (f16 `[K, N]`, input-row order).
+    pub fn dequant_into(&self, w: &DeviceGptq, out: &mut CudaSlice<f16>) -> Result<()> {
+        let (k, n, bits) = (w.in_features, w.out_features, w.bits);
+        Self::check_len("dequantize: output", k * n, out.len())?;
+        let entry = format!("gptq_dequant_{bits}b_f16");
+        let f = self.function(&GPTQ, &entry)?;
+        let (ki, ni) = (k as i32, n as i32);
+        let nullp = null();
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&w.qweight)
+            .arg(&w.scales)
+            .arg(&w.zeros)
+            .arg(&w.ugroup);
+        match &w.perm {
+            Some(p) => b.arg(p),
+            None => b.arg(&nullp),
+        };
+        b.arg(&ki).arg(&ni).arg(out);
+        let cfg = LaunchConfig {
+            grid_dim: (ceil_div(n / 4, 256) as u32, (k / unit_rows(bits)) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `gptq_dequant_*`; out holds K·N elements.
+        drv(
+            format!("launching {entry}"),
+            unsafe { b.launch(cfg) }.map(|_| ()),
+        )
+    }
+
+    /// `y[M, N] (f32) = x[M, K] · w[K, N]` through cuBLAS GemmEx, both operands of type `dtype`
+    /// (row-major), fp32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f32_out(
+        &self,
+        dtype: cublas_sys::cudaDataType,
+        w_ptr: u64,
+        x_ptr: u64,
+        m: usize,
+        k: usize,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let alpha: f32 = 1.0;
+        let beta: f32 = 0.0;
+        let s = self.stream();
+        let (y_ptr, _g) = y.device_ptr_mut(s);
+        // Row-major Y = X·W is column-major Yᵀ[N, M] = Wᵀ[N, K] · Xᵀ[K, M].
+        // SAFETY: pointers come from live buffers of at least K·N, M·K and M·N elements on this stream.
+        unsafe {
+            cublas_result::gemm_ex(
+                *self.blas.handle(),
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                w_ptr as *const _,
+                dtype,
+                n as i32,
+                x_ptr as *const _,
+                dtype,
+                k as i32,
+                &beta as *const f32 as *const _,
+                y_ptr as *mut _,
+                cublas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|source| CudaError::Cublas {
+            what: format!("GemmEx {m}x{k}x{n}"),
+            source,
+        })
+    }
+
+    /// Dense reference product through cuBLAS: `y[M, N] (f32) = x[M, K] · w[K, N]` (row-major, same dtype).
+    pub fn dense_gemm<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        m: usize,
+        w: &CudaSlice<T>,
+        k: usize,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        Self::check_len("dense_gemm: x", m * k, x.len())?;
+        Self::check_len("dense_gemm: w", k * n, w.len())?;
+        Self::check_len("dense_gemm: y", m * n, y.len())?;
+        let dtype = if T::IS_BF16 {
+            cublas_sys::cudaDataType::CUDA_R_16BF
+        } else {
+            cublas_sys::cudaDataType::CUDA_R_16F
+        };
+        let s = self.stream();
+        let (wp, xp) = (w.device_ptr(s).0, x.device_ptr(s).0);
+        self.gemm_f32_out(dtype, wp, xp, m, k, n, y)
+    }
+
+    /// Fused MoE GEMV: for each pair p < `pairs`, `y[p, :] = scale[p] · x[p / x_div, :] · W[ids[p]]`.
+    /// With `x` the tokens `[T, K]` and `x_div` = top-k this runs the gate/up projections of every
+    /// (token, expert slot); with `x` the per-pair intermediate and `x_div` = 1 (and the routing
+    /// weights as `scale`) it runs the down projection. One launch; expert ids stay on the device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gemv<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        x_div: usize,
+        experts: &DeviceExperts,
+        expert_ids: &CudaSlice<i32>,
+        pair_scale: Option<&CudaSlice<f32>>,
+        pairs: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let first = &experts.experts[0];
+        let (k, n, bits) = (first.in_features, first.out_features, first.bits);
+        let x_div = x_div.max(1);
+        Self::check_len("moe_gemv: x", ceil_div(pairs, x_div) * k, x.len())?;
+        Self::check_len("moe_gemv: expert_ids", pairs, expert_ids.len())?;
+        Self::check_len("moe_gemv: y", pairs * n, y.len())?;
+        if let Some(s) = pair_scale {
+            Self::check_len("moe_gemv: pair_scale", pairs, s.len())?;
+        }
+        if pairs == 0 {
+            return Ok(());
+        }
+        let uk = unit_rows(bits);
+        let units = k / uk;
+        let tiles = ceil_div(n, GEMV_COLS);
+        let (ups, nsplit, smem) = self.plan(units, tiles * pairs, 1, uk);
+        let entry = format!("gptq_moe_gemv_{bits}b_{}", T::NAME);
+        let f = self.function(&GPTQ, &entry)?;
+        let mut ws = self
+            .ws
+            .lock()
+            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
+        ensure(self.stream(), &mut ws.partial, pairs * nsplit * n)?;
+        ensure(self.stream(), &mut ws.counters, pairs * tiles)?;
+        let crate::cuda::device::Workspace {
+            partial, counters, ..
+        } = &mut *ws;
+        let (partial, counters) = (
+            partial.as_mut().unwrap_or_else(|| unreachable_ws()),
+            counters.as_mut().unwrap_or_else(|| unreachable_ws()),
+        );
+        let (xd, ki, ni, upsi) = (x_div as i32, k as i32, n as i32, ups as i32);
+        let nullp = null();
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, nsplit as u32, pairs as u32),
+            block_dim: (GEMV_THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&experts.table).arg(expert_ids);
+        match pair_scale {
+            Some(p) => b.arg(p),
+            None => b.arg(&nullp),
+        };
+        b.arg(x)
+            .arg(&xd)
+            .arg(&ki)
+            .arg(&ni)
+            .arg(&upsi)
+            .arg(partial)
+            .arg(counters)
+            .arg(y);
+        // SAFETY: matches `gptq_moe_gemv_*`; every expert id must be < experts.len() (the caller's
+        // routing guarantees it); lengths checked above.
+        drv(
+            format!("launching {entry}"),
+            unsafe { b.launch(cfg) }.map(|_| ()),
+        )
+    }
+
+    /// `y[t, :] = Σ_s yp[t·topk + s, :]` for `tokens` tokens (f32).
+    pub fn moe_combine(
+        &self,
+        yp: &CudaSlice<f32>,
+        topk: usize,
+        tokens: usize,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        Self::check_len("moe_combine: yp", tokens * topk * n, yp.len())?;
+        Self::check_len("moe_combine: y", tokens * n, y.len())?;
+        let f = self.function(&GPTQ, "moe_combine_f32")?;
+        let (tk, tt, nn) = (topk as i32, tokens as i32, n as i32);
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(yp).arg(&tk).arg(&tt).arg(&nn).arg(y);
+        let cfg = LaunchConfig {
+            grid_dim: (ceil_div(tokens * n, 256).clamp(1, 65535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `moe_combine_f32`; lengths checked above.
+        drv(
+            "launching moe_combine_f32",
+            unsafe { b.launch(cfg) }.map(|_| ()),
+        )
+    }
+}
+
+#[cold]
+fn unreachable_ws<T>() -> T {
+    // `ensure` just filled the slot; reaching this is a bug, not a user error.
+    panic!("workspace slot empty right after ensure()")
+}
+
+/// Shared handle type for callers that keep the device in several places.
+pub type SharedDevice = Arc<CudaDevice>;

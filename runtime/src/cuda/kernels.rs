@@ -1,0 +1,174 @@
+//! Kernel sources (embedded `.cu` files) and their compilation by NVRTC to a cubin for the device's
+//! architecture, cached on disk by a hash of the source, the options and the architecture.
+
+use std::ffi::{CStr, CString};
+use std::path::PathBuf;
+
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+
+use super::error::{CudaError, Result};
+use super::probe::NvrtcSetup;
+
+/// One `.cu` file of `runtime/kernels/`.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelSource {
+    /// Short name, used in errors and cache file names.
+    pub name: &'static str,
+    /// The CUDA C++ source.
+    pub src: &'static str,
+}
+
+/// GPTQ matrix products (GEMV, fused MoE GEMV, dequantize for the cuBLAS path).
+pub const GPTQ: KernelSource = KernelSource {
+    name: "gptq",
+    src: include_str!("../../kernels/gptq.cu"),
+};
+
+/// Every kernel file, for the compile-everything test.
+pub const ALL: &[KernelSource] = &[GPTQ];
+
+/// Options passed to NVRTC besides the architecture and include folders.
+const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true", "-default-device"];
+
+/// Environment variable naming the kernel cache folder (default `$XDG_CACHE_HOME/mixtral-gptq/kernels`).
+pub const CACHE_DIR_ENV: &str = "MIXTRAL_GPTQ_KERNEL_CACHE";
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Ok(v) = std::env::var(CACHE_DIR_ENV) {
+        return Some(v.into());
+    }
+    let base = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .ok()
+        .or_else(|| {
+            std::env::var("HOME")
+                .ok()
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })?;
+    Some(base.join("mixtral-gptq").join("kernels"))
+}
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.iter() {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// NVRTC's version as (major, minor).
+pub fn nvrtc_version() -> (i32, i32) {
+    let (mut a, mut b) = (0, 0);
+    // SAFETY: plain out-parameters; the library was opened by the probe.
+    unsafe { nvrtc_sys::nvrtcVersion(&mut a, &mut b) };
+    (a, b)
+}
+
+/// Compiles `k` to a cubin for `arch` (`sm_90`), or returns the cached cubin.
+/// The probe must have succeeded first (it opens libnvrtc).
+pub fn compile(k: &KernelSource, arch: &str, setup: &NvrtcSetup) -> Result<Vec<u8>> {
+    let (maj, min) = nvrtc_version();
+    let ver = format!("{maj}.{min}");
+    let opts = OPTIONS.join(" ");
+    let key = fnv1a(&[
+        k.src.as_bytes(),
+        arch.as_bytes(),
+        opts.as_bytes(),
+        ver.as_bytes(),
+    ]);
+    let cached = cache_dir().map(|d| d.join(format!("{}-{arch}-{key:016x}.cubin", k.name)));
+    if let Some(path) = &cached {
+        if let Ok(bytes) = std::fs::read(path) {
+            if !bytes.is_empty() {
+                return Ok(bytes);
+            }
+        }
+    }
+    let cubin = compile_uncached(k, arch, setup)?;
+    if let Some(path) = &cached {
+        // A cache that cannot be written is not an error: the next run compiles again.
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, &cubin).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+    }
+    Ok(cubin)
+}
+
+/// Compiles without looking at the cache.
+pub fn compile_uncached(k: &KernelSource, arch: &str, setup: &NvrtcSetup) -> Result<Vec<u8>> {
+    let fail = |log: String| CudaError::KernelCompile {
+        kernel: k.name,
+        arch: arch.to_string(),
+        log,
+    };
+    let src = CString::new(k.src).map_err(|_| fail("source holds a NUL byte".into()))?;
+    let name = CString::new(format!("{}.cu", k.name)).map_err(|_| fail("bad name".into()))?;
+    let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| fail(format!("{e:?}")))?;
+    let mut options: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
+    options.push(format!("--gpu-architecture={arch}"));
+    for d in &setup.include_dirs {
+        options.push(format!("--include-path={}", d.display()));
+    }
+    let verbose = std::env::var_os("MIXTRAL_GPTQ_NVRTC_VERBOSE").is_some();
+    if verbose {
+        options.push("--ptxas-options=--verbose".into());
+    }
+    // SAFETY: `prog` was just created and is destroyed once below.
+    let compiled = unsafe { nvrtc::compile_program(prog, &options) };
+    let result = match compiled {
+        Err(e) => {
+            // SAFETY: as above.
+            let log = unsafe { nvrtc::get_program_log(prog) }
+                .map(|l| {
+                    unsafe { CStr::from_ptr(l.as_ptr()) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .unwrap_or_default();
+            Err(fail(format!(
+                "{e:?}\n{log}\noptions: {}",
+                options.join(" ")
+            )))
+        }
+        Ok(()) => {
+            if verbose {
+                // SAFETY: compiled program.
+                if let Ok(l) = unsafe { nvrtc::get_program_log(prog) } {
+                    eprintln!(
+                        "{}",
+                        unsafe { CStr::from_ptr(l.as_ptr()) }.to_string_lossy()
+                    );
+                }
+            }
+            let mut size = 0usize;
+            // SAFETY: compiled program, out-parameter.
+            let r = unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size) };
+            if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+                Err(fail(format!(
+                    "nvrtcGetCUBINSize returned {r:?} (is `{arch}` a real architecture?)"
+                )))
+            } else {
+                let mut buf = vec![0u8; size];
+                // SAFETY: `buf` holds `size` bytes as NVRTC asked.
+                let r = unsafe { nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut _) };
+                if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
+                    Err(fail(format!("nvrtcGetCUBIN returned {r:?}")))
+                } else {
+                    Ok(buf)
+                }
+            }
+        }
+    };
+    // SAFETY: created above, not destroyed before.
+    let _ = unsafe { nvrtc::destroy_program(prog) };
+    result
+}
