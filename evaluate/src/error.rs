@@ -65,6 +65,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A chart could not be drawn or written.
+    #[error("{path}: chart: {reason}")]
+    Chart {
+        /// The output file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+
     // === perplexity ===
     /// A convention name that is not known.
     #[error("unknown perplexity convention `{name}`: expected `gptq-2048`, `llamacpp-512`, `gptq`, `llamacpp` or either with `-<ctx>`")]

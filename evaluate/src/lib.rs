@@ -7,9 +7,12 @@
 
 #![deny(missing_docs)]
 
+pub mod chart;
+pub mod compare;
 pub mod datasets;
 pub mod error;
 pub mod perplexity;
+pub mod results;
 pub mod tokenize;
 
 pub use error::{Error, Result};
