@@ -1,3 +1,4 @@
 //! End-to-end tests: the built `mixtral-gptq` over the bundled fixtures.
 
 mod util;
+mod calibrate;

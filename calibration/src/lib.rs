@@ -23,7 +23,7 @@ pub mod stream;
 pub mod windows;
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -75,10 +75,7 @@ pub fn build(dataset: &Path, tokenizer: &Path, recipe: &Recipe) -> Result<Calibr
         seqlen: recipe.seqlen,
         tokenizer_sha256: sha256_file(tokenizer)?,
         dataset_sha256: sha256_file(dataset)?,
-        dataset: dataset
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| dataset.display().to_string()),
+        dataset: DatasetSource::File(dataset.to_path_buf()).describe(),
         stream_tokens: stream.ids.len(),
         rows_read: stream.rows_read,
         eos_id: row_tokenizer.eos_id(),
@@ -89,6 +86,70 @@ pub fn build(dataset: &Path, tokenizer: &Path, recipe: &Recipe) -> Result<Calibr
         input_ids,
         meta,
     })
+}
+
+/// Where the dataset comes from: a local parquet file or a file of a Hub dataset repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatasetSource {
+    /// A local parquet file.
+    File(PathBuf),
+    /// A parquet file in a Hub dataset repository, fetched into (or found in) the Hub cache.
+    Hub(HubDataset),
+}
+
+impl DatasetSource {
+    /// Reads a command-line spec: an existing path is a file; otherwise an `owner/name` id is a
+    /// Hub dataset (at `main`, with [`OPEN_INSTRUCT_FILE`]); anything else is taken as a path
+    /// (and fails, naming it, when opened).
+    pub fn parse(spec: &str) -> Self {
+        let path = Path::new(spec);
+        if !path.exists() && HubDataset::looks_like_repo_id(spec) {
+            DatasetSource::Hub(HubDataset {
+                repo: spec.to_string(),
+                ..HubDataset::default()
+            })
+        } else {
+            DatasetSource::File(path.to_path_buf())
+        }
+    }
+
+    /// The local parquet path (for the Hub, see [`HubDataset::resolve`]).
+    ///
+    /// # Errors
+    /// [`Error::Hub`] if the Hub file cannot be found or fetched.
+    pub fn resolve(&self) -> Result<PathBuf> {
+        match self {
+            DatasetSource::File(path) => Ok(path.clone()),
+            DatasetSource::Hub(hub) => hub.resolve(),
+        }
+    }
+
+    /// How the source is recorded in [`CalibrationMeta::dataset`]: the file name, or
+    /// `owner/name@revision:file` for the Hub.
+    pub fn describe(&self) -> String {
+        match self {
+            DatasetSource::File(path) => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.display().to_string()),
+            DatasetSource::Hub(hub) => format!("{}@{}:{}", hub.repo, hub.revision, hub.file),
+        }
+    }
+}
+
+/// [`build`] from a [`DatasetSource`], recording the source's description in the metadata.
+///
+/// # Errors
+/// As [`DatasetSource::resolve`] and [`build`].
+pub fn build_from(
+    source: &DatasetSource,
+    tokenizer: &Path,
+    recipe: &Recipe,
+) -> Result<CalibrationSet> {
+    let path = source.resolve()?;
+    let mut set = build(&path, tokenizer, recipe)?;
+    set.meta.dataset = source.describe();
+    Ok(set)
 }
 
 /// Lower-case hex SHA-256 of a file's bytes.
