@@ -694,3 +694,49 @@ fn unreachable_ws<T>() -> T {
 
 /// Shared handle type for callers that keep the device in several places.
 pub type SharedDevice = Arc<CudaDevice>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::random::random_gptq;
+    use crate::qlinear::unpack_rows;
+
+    /// The sorted layout holds the same codes: sorted row i is input row perm[i], and every unit
+    /// lies in one group, for act-order and plain layers at every bit width.
+    #[test]
+    fn prepare_sorts_rows_by_group_and_keeps_codes() {
+        for (bits, gs, k, n, act) in [
+            (4, 32, 256, 24, true),
+            (3, 64, 256, 64, true),
+            (8, 16, 96, 12, true),
+            (4, 128, 256, 16, false),
+            (3, -1, 96, 32, false),
+        ] {
+            let w = random_gptq(bits, gs, k, n, act, 7);
+            w.check().unwrap();
+            let p = prepare(&w).unwrap();
+            assert_eq!(p.perm.is_some(), act, "bits {bits} gs {gs}");
+            let words: Vec<i32> = p.qweight.iter().map(|&v| v as i32).collect();
+            let sorted = unpack_rows(&words, k, n, bits);
+            let orig = w.unpack_codes();
+            let uk = unit_rows(bits);
+            for i in 0..k {
+                let src = p.perm.as_ref().map(|v| v[i] as usize).unwrap_or(i);
+                assert_eq!(
+                    &sorted[i * n..(i + 1) * n],
+                    &orig[src * n..(src + 1) * n],
+                    "row {i}"
+                );
+                assert_eq!(p.ugroup[i / uk], w.g_idx[src], "group of sorted row {i}");
+            }
+        }
+    }
+
+    /// A group that splits a packed unit cannot be sorted into whole units: a named error.
+    #[test]
+    fn groups_smaller_than_a_unit_are_rejected() {
+        let w = random_gptq(4, 4, 64, 8, true, 1);
+        let e = prepare(&w).unwrap_err().to_string();
+        assert!(e.contains("g_idx"), "{e}");
+    }
+}

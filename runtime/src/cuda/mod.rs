@@ -7,6 +7,8 @@
 pub mod error;
 pub mod kernels;
 pub mod probe;
+pub mod random;
+pub mod timing;
 
 pub use error::{CudaError, Result};
 pub mod device;
@@ -14,3 +16,4 @@ pub mod gptq;
 
 pub use device::CudaDevice;
 pub use gptq::{prepare, ActDtype, DeviceExperts, DeviceGptq, PreparedGptq, GEMV_MAX_ROWS};
+pub use half::{bf16, f16};
