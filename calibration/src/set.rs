@@ -167,6 +167,15 @@ impl CalibrationSet {
             .map_err(Error::io(dir))?;
         tmp.write_all(&self.to_bytes())
             .map_err(Error::io(tmp.path()))?;
+        // tempfile creates files private (0600); a saved set is an ordinary output file.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::Permissions::from_mode(0o644);
+            tmp.as_file()
+                .set_permissions(mode)
+                .map_err(Error::io(tmp.path()))?;
+        }
         tmp.as_file().sync_all().map_err(Error::io(tmp.path()))?;
         tmp.persist(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
@@ -275,8 +284,14 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(st.tensor("input_ids").unwrap().shape(), &[3, 4]);
-        // No temporary file is left behind.
+        // No temporary file is left behind, and the file is not private to its owner.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o644);
+        }
     }
 
     #[test]
