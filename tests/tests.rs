@@ -3,3 +3,4 @@
 mod util;
 mod calibrate;
 mod verify;
+mod eval;

@@ -2,7 +2,7 @@
 //! llama.cpp's conventions, evaluation texts and datasets, comparison tables and charts, and the
 //! published model card.
 //!
-//! The model is reached through the [`perplexity::Scorer`] trait; `model` (once the runtime lands) implements it for the
+//! The model is reached through the [`perplexity::Scorer`] trait; [`model`] implements it for the
 //! `runtime` crate's Mixtral.
 
 #![deny(missing_docs)]
@@ -11,6 +11,7 @@ pub mod chart;
 pub mod compare;
 pub mod datasets;
 pub mod error;
+pub mod model;
 pub mod perplexity;
 pub mod results;
 pub mod tokenize;

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use tokenizers::Tokenizer;
+pub use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 
