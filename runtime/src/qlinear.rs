@@ -392,8 +392,8 @@ mod tests {
         assert_eq!(w[2] & 3, 0b10);
         let mut q = weight(3, -1, 32, 32);
         // Column 0 holds v, all other columns zero.
-        for r in 0..3 {
-            q.qweight[r * 32] = w[r] as i32;
+        for (r, &word) in w.iter().enumerate() {
+            q.qweight[r * 32] = word as i32;
         }
         q.check().unwrap();
         let codes = q.unpack_codes();
