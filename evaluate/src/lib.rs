@@ -7,6 +7,7 @@
 
 #![deny(missing_docs)]
 
+pub mod card;
 pub mod chart;
 pub mod compare;
 pub mod datasets;
