@@ -139,9 +139,7 @@ impl CalibrationSet {
         );
         let mut header = serde_json::Value::Object(header).to_string().into_bytes();
         // safetensors pads the header with spaces so that the data starts 8-byte aligned.
-        while header.len() % 8 != 0 {
-            header.push(b' ');
-        }
+        header.resize(header.len().next_multiple_of(8), b' ');
         let mut out = Vec::with_capacity(8 + header.len() + data_len);
         out.extend_from_slice(&(header.len() as u64).to_le_bytes());
         out.extend_from_slice(&header);
