@@ -185,9 +185,9 @@ mod tests {
         let logits = [0.0f32, 1.0, 2.0, -1.0, /* row 2 */ 3.0, 3.0, 0.0, 0.0];
         let r = route_rows(&logits, 4, 2);
         assert_eq!(r.experts[2].tokens, vec![0]);
-        assert_eq!(r.experts[1].tokens, vec![0]);
+        assert_eq!(r.experts[1].tokens, vec![0, 1]);
         assert_eq!(r.experts[0].tokens, vec![1]);
-        assert_eq!(r.experts[1].weights.len(), 2);
+        assert_eq!(r.experts[1].weights[1], 0.5);
         // Softmax of the two chosen logits: e^2/(e^2+e^1).
         let w = 1.0 / (1.0 + (-1.0f32).exp());
         assert!((r.experts[2].weights[0] - w).abs() < 1e-6);

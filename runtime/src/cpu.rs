@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 
 /// Queries per attention block: a block only multiplies against the keys it can see, which halves
 /// the causal work, and bounds the score buffer to `n_heads · ATTENTION_BLOCK · T` floats.
-const ATTENTION_BLOCK: usize = 512;
+const ATTENTION_BLOCK: usize = 256;
 
 /// The f32 CPU backend (the reference every other backend is tested against).
 #[derive(Debug, Clone, Default)]
@@ -64,19 +64,94 @@ fn index_tensor(rows: &[u32]) -> Result<Tensor> {
     Ok(Tensor::from_slice(rows, rows.len(), &Device::Cpu)?)
 }
 
+/// `e^x` for `x <= 0` (inputs below −87 give ~0), within 2 ulp of `f32::exp`.
+///
+/// Branch-free so that loops over slices vectorise: the libm call was 6 % of an evaluation
+/// (BENCHMARKS.md, runtime CPU section). Cephes-style: `x = n·ln2 + r`, `|r| <= ln2/2`, a degree-7
+/// Taylor polynomial for `e^r` (truncation error < 6e-9), and `2^n` built from the exponent bits.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let x = x.max(-87.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 / 5040.0;
+    let p = p * r + 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Lanes of the row reductions below: independent accumulators let LLVM vectorise loops that f32
+/// non-associativity would otherwise keep scalar.
+const LANES: usize = 16;
+
+/// Largest value of `xs` (−∞ for an empty slice).
+fn max_of(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let m = tail
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    acc.iter().fold(m, |m, &v| if v > m { v } else { m })
+}
+
+/// `Σ e^(x − shift)` over `xs`, where no `x` exceeds `shift`; each `x` is replaced by its term.
+fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp_nonpositive(*v - shift);
+            *a += *v;
+        }
+    }
+    let mut sum = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_nonpositive(*v - shift);
+        sum += *v;
+    }
+    acc.iter().sum::<f32>() + sum
+}
+
+/// `Σ e^(x − shift)` over `xs`, leaving `xs` unchanged.
+fn exp_sum_ro(xs: &[f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += exp_nonpositive(v - shift);
+        }
+    }
+    acc.iter().sum::<f32>()
+        + tail
+            .iter()
+            .map(|&v| exp_nonpositive(v - shift))
+            .sum::<f32>()
+}
+
 /// Softmax over `row[..n_valid]` (after scaling by `scale`), zeros after; `row` holds raw scores.
 fn softmax_prefix(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
     let valid = &mut row[lo..hi];
-    let mut max = f32::NEG_INFINITY;
     for v in valid.iter_mut() {
         *v *= scale;
-        max = max.max(*v);
     }
-    let mut sum = 0f32;
-    for v in valid.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
+    let max = max_of(valid);
+    let sum = exp_sum(valid, max);
     let inv = 1.0 / sum;
     for v in valid.iter_mut() {
         *v *= inv;
@@ -314,11 +389,36 @@ impl Backend for CpuBackend {
             s.par_chunks(vocab)
                 .zip(targets.par_iter())
                 .map(|(row, &target)| {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row.iter().map(|&l| (l - max).exp()).sum();
+                    let max = max_of(row);
+                    let sum = exp_sum_ro(row, max);
                     max + sum.ln() - row[target as usize]
                 })
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_matches_libm() {
+        let mut worst = 0f32;
+        let mut x = -90.0f32;
+        while x <= 0.0 {
+            let (a, b) = (exp_nonpositive(x), x.exp());
+            if b > 1e-30 {
+                worst = worst.max((a - b).abs() / b);
+            }
+            x += 0.000_37;
+        }
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        let xs: Vec<f32> = (0..37).map(|i| (i as f32 * 0.7).sin()).collect();
+        assert_eq!(max_of(&xs), xs.iter().copied().fold(f32::MIN, f32::max));
+        let want: f32 = xs.iter().map(|v| (v - 1.0).exp()).sum();
+        assert!((exp_sum_ro(&xs, 1.0) - want).abs() < 1e-5 * want);
+        // 2 ulp of f32 (2 · 2^-24 relative)
+        assert!(worst < 1.2e-7, "max relative error {worst:e}");
     }
 }

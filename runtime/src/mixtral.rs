@@ -189,8 +189,9 @@ impl<B: Backend> Mixtral<B> {
 }
 
 /// Logit rows per `lm_head` chunk in [`Model::nll`]: bounds the logits buffer to
-/// `NLL_CHUNK · vocab` floats (32 MB for Mixtral's 32000).
-const NLL_CHUNK: usize = 256;
+/// `NLL_CHUNK · vocab` floats (16 MB for Mixtral's 32000, below glibc's largest mmap threshold, so
+/// the buffer is reused rather than faulted in afresh each chunk).
+const NLL_CHUNK: usize = 128;
 
 /// A whole Mixtral model in memory, for evaluation.
 #[derive(Debug)]
