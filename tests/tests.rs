@@ -4,3 +4,4 @@ mod util;
 mod calibrate;
 mod verify;
 mod eval;
+mod quantize;
