@@ -71,3 +71,20 @@ fn reference_128x2048_seed0() {
     );
     assert_eq!(id_sum(set), 2_591_492_453, "sum of all ids in all windows");
 }
+
+/// The branch defaults (128 x 8192) on the bundled sample: its 3,000 rows fall short of the
+/// 4,194,304-token target, so every row is read and the windows still come out.
+/// Regression numbers from this implementation: the reference recorded no 128 x 8192 figures.
+#[test]
+fn branch_defaults_read_every_row_of_the_sample() {
+    let set = build(&dataset(), &tokenizer(), &Recipe::default()).expect("128 x 8192 builds");
+    assert_eq!(
+        (set.meta.rows_read, set.meta.stream_tokens),
+        (3000, 1_676_865)
+    );
+    assert_eq!(
+        &set.window(0)[..8],
+        &[1395, 22737, 12865, 690, 400, 581, 269, 13]
+    );
+    assert_eq!(id_sum(&set), 9_903_105_114);
+}
