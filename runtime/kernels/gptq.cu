@@ -120,6 +120,23 @@ __device__ __forceinline__ void load_scales(const __half* scales, int g, int N, 
     s[3] = __half2float(__ushort_as_half((unsigned short)(r.y >> 16)));
 }
 
+// MT consecutive floats from shared memory, with 16-byte (or 8-byte) loads.
+template <int MT> __device__ __forceinline__ void load_x(const float* p, float* v) {
+    if (MT % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < MT; i += 4) {
+            const float4 t = *(const float4*)(p + i);
+            v[i] = t.x; v[i + 1] = t.y; v[i + 2] = t.z; v[i + 3] = t.w;
+        }
+    } else if (MT == 2) {
+        const float2 t = *(const float2*)p;
+        v[0] = t.x; v[1] = t.y;
+    } else {
+#pragma unroll
+        for (int i = 0; i < MT; ++i) v[i] = p[i];
+    }
+}
+
 // One quantized matrix as the kernels read it.
 struct QMat {
     const u32* qweight;
@@ -150,18 +167,6 @@ __device__ __forceinline__ void gemv_block(const QMat q, const T* __restrict__ X
     const int kc = nu * L::UK;
     const int k_begin = u_begin * L::UK;
 
-    // Stage X[m, perm[k]] * 2^-pos(k) for this block's k range.
-    float* xs = smem; // [MT][kc]
-    for (int i = tid; i < MT * kc; i += GEMV_THREADS) {
-        const int m = i / kc, kk = i - m * kc;
-        const int k = k_begin + kk;
-        const int src = q.perm ? q.perm[k] : k;
-        float v = 0.0f;
-        if (m < M) v = to_f32(X[(size_t)m * ldx + src]) * pow2i(-row_pos<BITS>(kk % L::UK));
-        xs[m * kc + kk] = v;
-    }
-    __syncthreads();
-
     const int n0 = tile * GEMV_COLS + lane * 4;
     const bool active = n0 < N;
     float acc[MT][4], gacc[MT][4], xsum[MT];
@@ -179,17 +184,41 @@ __device__ __forceinline__ void gemv_block(const QMat q, const T* __restrict__ X
     const int wu_end = min(u_end, wu_begin + per_warp);
 
     constexpr int UNR = BITS == 3 ? 2 : 4;
+    // Software pipeline: the next batch of packed words is in flight while this one is computed;
+    // the first batch is requested before X is staged.
+    uint4 nxt[UNR][L::WORDS];
+    auto load_batch = [&](int u0) {
+#pragma unroll
+        for (int r = 0; r < UNR; ++r) {
+            if (u0 + r < wu_end) {
+#pragma unroll
+                for (int w = 0; w < L::WORDS; ++w)
+                    nxt[r][w] = ld_stream(q.qweight + ((size_t)(u0 + r) * L::WORDS + w) * N + n0);
+            }
+        }
+    };
+    if (active && wu_begin < wu_end) load_batch(wu_begin);
+
+    // Stage X[m, perm[k]] * 2^-pos(k) for this block's k range.
+    float* xs = smem; // [kc][MT]: the MT rows of one k are adjacent (vector loads below)
+    for (int i = tid; i < MT * kc; i += GEMV_THREADS) {
+        const int kk = i / MT, m = i - kk * MT;
+        const int k = k_begin + kk;
+        const int src = q.perm ? q.perm[k] : k;
+        float v = 0.0f;
+        if (m < M) v = to_f32(X[(size_t)m * ldx + src]) * pow2i(-row_pos<BITS>(kk % L::UK));
+        xs[i] = v;
+    }
+    __syncthreads();
+
     if (active) {
         for (int u0 = wu_begin; u0 < wu_end; u0 += UNR) {
             uint4 words[UNR][L::WORDS];
 #pragma unroll
-            for (int r = 0; r < UNR; ++r) {
-                if (u0 + r < wu_end) {
+            for (int r = 0; r < UNR; ++r)
 #pragma unroll
-                    for (int w = 0; w < L::WORDS; ++w)
-                        words[r][w] = ld_stream(q.qweight + ((size_t)(u0 + r) * L::WORDS + w) * N + n0);
-                }
-            }
+                for (int w = 0; w < L::WORDS; ++w) words[r][w] = nxt[r][w];
+            if (u0 + UNR < wu_end) load_batch(u0 + UNR);
 #pragma unroll
             for (int r = 0; r < UNR; ++r) {
                 const int u = u0 + r;
@@ -219,16 +248,14 @@ __device__ __forceinline__ void gemv_block(const QMat q, const T* __restrict__ X
                         for (int w = 0; w < L::WORDS; ++w) wc[w] = comp(words[r][w], c);
                         L::views(wc, v[c]);
                     }
-                    const float* xu = xs + (u - u_begin) * L::UK;
+                    const float* xu = xs + (u - u_begin) * L::UK * MT;
 #pragma unroll
                     for (int j = 0; j < L::UK; ++j) {
                         const int p = L::pos(j);
                         float xv[MT];
+                        load_x<MT>(xu + j * MT, xv);
 #pragma unroll
-                        for (int m = 0; m < MT; ++m) {
-                            xv[m] = xu[m * kc + j];
-                            xsum[m] = fmaf(xv[m], pow2i(p), xsum[m]);
-                        }
+                        for (int m = 0; m < MT; ++m) xsum[m] = fmaf(xv[m], pow2i(p), xsum[m]);
 #pragma unroll
                         for (int c = 0; c < 4; ++c) {
                             const float f = code_f<BITS>(v[c][L::view(j)], p);

@@ -51,6 +51,9 @@ pub struct KernelArgs {
     /// Warm-up runs per case.
     #[arg(long, default_value_t = 10)]
     pub warmup: usize,
+    /// Experts for the fused-MoE timing (0 skips it).
+    #[arg(long, default_value_t = 8)]
+    pub moe_experts: usize,
     /// Bytes the rotated input copies of one case should span at least (defeats the 50 MB L2).
     #[arg(long, default_value_t = 256 << 20)]
     pub rotate_bytes: usize,
@@ -205,5 +208,60 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    if a.moe_experts > 0 {
+        moe(&dev, &a, copy)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Fused MoE GEMV at w1's shape (4096 x 14336), 4-bit g128 act-order: one launch for every
+/// (token, slot) pair against one qmatmul launch per pair.
+fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
+    let (k, n, e, topk) = (4096usize, 14336usize, a.moe_experts, 2usize);
+    let experts: Vec<_> = (0..e)
+        .map(|i| random_gptq(4, 128, k, n, true, 500 + i as u64))
+        .collect();
+    let mut dws = Vec::new();
+    let mut singles = Vec::new();
+    for w in &experts {
+        let p = prepare(w)?;
+        dws.push(dev.upload_prepared(&p)?);
+        singles.push(dev.upload_prepared(&p)?);
+    }
+    let table = dev.upload_experts(dws)?;
+    let wbytes = singles[0].checkpoint_bytes();
+    println!();
+    println!("| fused MoE, {e} experts of 4096 x 14336, 4-bit g128 act-order | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) |");
+    println!("|---|---|---|---|---|---|---|");
+    for tokens in [1usize, 4] {
+        let pairs = tokens * topk;
+        let ids: Vec<i32> = (0..pairs)
+            .map(|p| ((p * 3 + p / topk) % e) as i32)
+            .collect();
+        let distinct = ids.iter().collect::<std::collections::BTreeSet<_>>().len();
+        let idd = dev.upload(&ids)?;
+        let x = dev.upload(&to_dtype::<bf16>(&random_activations(tokens * k, 21)))?;
+        let mut y = dev.zeros::<f32>(pairs * n)?;
+        let t = dev.median_ms(a.warmup, a.iters, |_| {
+            dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y)
+        })?;
+        let xs: Vec<_> = (0..tokens)
+            .map(|t| dev.upload(&to_dtype::<bf16>(&random_activations(k, 30 + t as u64))))
+            .collect::<Result<_, _>>()?;
+        let mut y1 = dev.zeros::<f32>(n)?;
+        let t2 = dev.median_ms(a.warmup, a.iters, |_| {
+            for p in 0..pairs {
+                dev.qmatmul(&xs[p / topk], 1, &singles[ids[p] as usize], &mut y1)?;
+            }
+            Ok(())
+        })?;
+        let gbs = (distinct * wbytes) as f64 / (t * 1e-3) / 1e9;
+        println!(
+            "| | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} |",
+            t * 1e3,
+            100.0 * gbs / copy,
+            t2 * 1e3
+        );
+    }
+    Ok(())
 }

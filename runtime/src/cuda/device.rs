@@ -28,6 +28,7 @@ pub struct CudaDevice {
     modules: RwLock<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: RwLock<HashMap<String, CudaFunction>>,
     pub(crate) ws: Mutex<Workspace>,
+    pub(crate) busy: Mutex<Option<(CudaSlice<u8>, CudaSlice<u8>)>>,
 }
 
 /// Scratch buffers, grown on demand, reused across calls (one stream: calls are ordered).
@@ -89,6 +90,7 @@ impl CudaDevice {
                 dense: None,
                 xconv: None,
             }),
+            busy: Mutex::new(None),
         }))
     }
 

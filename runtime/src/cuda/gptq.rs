@@ -242,6 +242,22 @@ pub struct DeviceExperts {
     table: CudaSlice<u64>,
 }
 
+/// Split-K targets: blocks per SM to aim for (default 4) and the fewest units per block (default
+/// 16); `MIXTRAL_GPTQ_GEMV_TUNING=blocks,units` overrides them (used by the benchmark sweeps).
+fn gemv_tuning() -> (usize, usize) {
+    static T: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("MIXTRAL_GPTQ_GEMV_TUNING")
+            .ok()
+            .and_then(|v| {
+                let (a, b) = v.split_once(',')?;
+                Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+            })
+            .filter(|&(a, b): &(usize, usize)| a > 0 && b > 0)
+            .unwrap_or((4, 16))
+    })
+}
+
 fn ceil_div(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
@@ -302,11 +318,10 @@ impl CudaDevice {
 
     /// Split-K plan: (units per block, number of splits, dynamic shared memory bytes).
     fn plan(&self, units: usize, tiles: usize, mt: usize, uk: usize) -> (usize, usize, u32) {
-        const BLOCKS_PER_SM: usize = 4;
-        const MIN_UNITS_PER_BLOCK: usize = 16;
-        let target = self.sm_count() * BLOCKS_PER_SM;
+        let (blocks_per_sm, min_units) = gemv_tuning();
+        let target = self.sm_count() * blocks_per_sm;
         let want_split = ceil_div(target, tiles).max(1);
-        let mut ups = ceil_div(units, want_split).max(MIN_UNITS_PER_BLOCK.min(units));
+        let mut ups = ceil_div(units, want_split).max(min_units.min(units));
         ups = ups.min((48 * 1024 / (mt * 4 * uk)).max(1));
         let nsplit = ceil_div(units, ups);
         let smem = (mt * ups * uk * 4).max(GEMV_WARPS * mt * GEMV_COLS * 4);
