@@ -5,3 +5,4 @@ mod calibrate;
 mod verify;
 mod eval;
 mod quantize;
+mod compare;
