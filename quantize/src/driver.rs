@@ -286,8 +286,17 @@ fn collect_hessians<B: Backend>(
             }
             spent += t0.elapsed();
         };
-        arch.layer_forward(layer, x, Some(&mut observe))
-            .map_err(rt(format!("layer {l} calibration pass, window {i}")))?;
+        if sites.iter().all(|s| *s == LinearSite::Attention) {
+            // q/k/v see `rms_norm(x)`: the very op the layer starts with, so skip the rest of it.
+            let eps = arch.config.rms_norm_eps as f32;
+            let h = b
+                .rms_norm(x, &layer.input_layernorm, eps)
+                .map_err(rt(format!("layer {l} input norm, window {i}")))?;
+            observe(LinearSite::Attention, &h);
+        } else {
+            arch.layer_forward(layer, x, Some(&mut observe))
+                .map_err(rt(format!("layer {l} calibration pass, window {i}")))?;
+        }
         if let Some(e) = failure.take() {
             return Err(e);
         }
@@ -430,4 +439,180 @@ where
     writer.write_extra_file(crate::report::REPORT_FILE, report.to_json().as_bytes())?;
     let dir = writer.finish()?;
     Ok((dir, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use calibration::CalibrationMeta;
+    use runtime::CpuBackend;
+
+    fn fixture_model() -> Option<Checkpoint> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/moe-s");
+        // The model file is moved away briefly during device calls; skip rather than fail then.
+        if !dir.join("model.safetensors").exists() {
+            eprintln!("fixtures/moe-s/model.safetensors is absent; skipping");
+            return None;
+        }
+        Some(Checkpoint::open(&dir).unwrap())
+    }
+
+    fn tiny_set(nsamples: usize, seqlen: usize) -> CalibrationSet {
+        // Deterministic ids spread over the vocabulary.
+        let input_ids = (0..nsamples * seqlen)
+            .map(|i| ((i * 7919 + 13) % 31000) as i32 + 100)
+            .collect();
+        let meta = CalibrationMeta {
+            recipe: "test".into(),
+            template: "-".into(),
+            seed: 0,
+            nsamples,
+            seqlen,
+            tokenizer_sha256: String::new(),
+            dataset_sha256: String::new(),
+            dataset: "synthetic".into(),
+            stream_tokens: nsamples * seqlen,
+            rows_read: 0,
+            eos_id: 2,
+        };
+        CalibrationSet {
+            nsamples,
+            seqlen,
+            input_ids,
+            meta,
+        }
+    }
+
+    #[derive(Default)]
+    struct Collect {
+        quantized: Vec<(String, QuantizedLinear)>,
+        dense: Vec<String>,
+    }
+
+    impl Sink for Collect {
+        fn quantized(&mut self, name: &str, q: &QuantizedLinear) -> Result<()> {
+            self.quantized.push((name.to_string(), q.clone()));
+            Ok(())
+        }
+        fn dense(&mut self, name: &str, _shape: &[usize], _data: &[f32]) -> Result<()> {
+            self.dense.push(name.to_string());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn attention_shortcut_gives_the_forward_pass_hessian() {
+        let Some(ck) = fixture_model() else { return };
+        let arch = Mixtral::new(CpuBackend::new(), ck.config().clone());
+        let table = ck.load_embedding_on(&arch.backend).unwrap();
+        let set = tiny_set(2, 48);
+        let inputs: Vec<_> = set
+            .windows()
+            .map(|w| {
+                arch.embed(&table, &w.iter().map(|&t| t as u32).collect::<Vec<_>>())
+                    .unwrap()
+            })
+            .collect();
+        let layer = ck.load_layer_on(&arch.backend, 0).unwrap();
+        let bar = ProgressBar::hidden();
+        let (short, _) =
+            collect_hessians(&arch, &layer, &inputs, &[LinearSite::Attention], &bar, 0).unwrap();
+        let sites = [LinearSite::Attention, LinearSite::AttentionOut];
+        let (full, _) = collect_hessians(&arch, &layer, &inputs, &sites, &bar, 0).unwrap();
+        let (a, b) = (
+            &short[&LinearSite::Attention],
+            &full[&LinearSite::Attention],
+        );
+        assert_eq!((a.calls(), a.tokens()), (2, 96));
+        assert_eq!(a.matrix(), b.matrix());
+        assert_eq!(full[&LinearSite::AttentionOut].tokens(), 96);
+    }
+
+    #[test]
+    fn driver_writes_every_module_in_reference_order_and_keeps_the_rest_dense() {
+        let Some(ck) = fixture_model() else { return };
+        let preset = Preset::by_name("gptq-4bit-128g-actorder_True").unwrap();
+        let set = tiny_set(2, 64);
+        let mut sink = Collect::default();
+        let report = quantize_checkpoint(
+            CpuBackend::new(),
+            &ck,
+            Some(&set),
+            &Options::new(preset),
+            &mut sink,
+        )
+        .unwrap();
+        let layers = ck.config().num_hidden_layers;
+        let want: Vec<String> = (0..layers)
+            .flat_map(|l| layer_modules(8).into_iter().map(move |m| m.hf_name(l)))
+            .collect();
+        let got: Vec<String> = sink.quantized.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(got, want);
+        assert!(sink
+            .dense
+            .contains(&"model.layers.0.block_sparse_moe.gate.weight".to_string()));
+        assert!(sink.dense.contains(&"lm_head.weight".to_string()));
+        assert!(sink
+            .dense
+            .contains(&"model.embed_tokens.weight".to_string()));
+        assert!(!sink
+            .dense
+            .iter()
+            .any(|n| n.contains("proj") || n.contains(".w1.") || n.contains(".w2.")));
+        // 128 tokens: threshold 0.64 tokens, so only experts that got no token at all are RTN.
+        for m in &report.modules {
+            let attention = m.module.contains("self_attn");
+            if attention {
+                assert_eq!(
+                    (m.method, m.tokens, m.calls),
+                    (Method::Gptq, 128, 2),
+                    "{}",
+                    m.module
+                );
+            }
+            assert_eq!(
+                m.method == Method::Rtn,
+                m.tokens == 0,
+                "{}: {:?}",
+                m.module,
+                m.reason
+            );
+        }
+        // Expert token counts: every token goes to exactly two experts.
+        for l in 0..layers {
+            let total: usize = report
+                .modules
+                .iter()
+                .filter(|m| m.layer == l && m.module.ends_with(".w1"))
+                .map(|m| m.tokens)
+                .sum();
+            assert_eq!(total, 2 * 128, "layer {l}");
+        }
+        assert!(sink
+            .quantized
+            .iter()
+            .all(|(_, q)| q.bits == 4 && q.group_size == 128));
+    }
+
+    #[test]
+    fn rtn_needs_no_calibration_and_gptq_does() {
+        let Some(ck) = fixture_model() else { return };
+        let preset = Preset::by_name("main").unwrap();
+        let mut opts = Options::new(preset);
+        let err = quantize_checkpoint(CpuBackend::new(), &ck, None, &opts, &mut Collect::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("calibration"), "{err}");
+        opts.rtn = true;
+        let mut sink = Collect::default();
+        let report = quantize_checkpoint(CpuBackend::new(), &ck, None, &opts, &mut sink).unwrap();
+        assert!(report
+            .modules
+            .iter()
+            .all(|m| m.method == Method::Rtn && m.reason.as_deref() == Some("--rtn")));
+        // RTN from the original weights, sequential g_idx: the same as calling rtn() directly.
+        let (name, q) = &sink.quantized[5];
+        let w = ck.linear(name).unwrap();
+        let cfg = GptqConfig::from_preset(&preset);
+        assert_eq!(q, &rtn(&w.data, w.shape[0], w.shape[1], &cfg).unwrap());
+    }
 }
