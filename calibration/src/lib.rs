@@ -9,7 +9,16 @@
 //! [`build`] does it all and returns a [`CalibrationSet`], which saves to safetensors with the
 //! recipe, the seed and the SHA-256 of the tokenizer and dataset files in its metadata. The window
 //! sampler is a bit-exact port of CPython's `random` ([`PyRandom`]), so the same windows can be
-//! drawn in Python.
+//! drawn in Python from the same stream:
+//!
+//! ```text
+//! rnd = random.Random(seed)
+//! windows = [stream[i : i + seqlen]
+//!            for i in (rnd.randint(0, len(stream) - seqlen - 1) for _ in range(nsamples))]
+//! ```
+//!
+//! The Hub dataset (`VMware/open-instruct`) is resolved to a cached local file by
+//! [`HubDataset::resolve`]; [`build_from`] takes either source.
 
 #![deny(missing_docs)]
 
@@ -38,7 +47,7 @@ pub use windows::window_starts;
 
 /// Builds the calibration set of `recipe` from a local parquet file and a `tokenizer.json`.
 ///
-/// To use the Hub dataset, resolve it first with [`HubDataset::resolve`].
+/// To use the Hub dataset, resolve it first with [`HubDataset::resolve`], or call [`build_from`].
 ///
 /// # Errors
 /// Recipe, dataset, tokenizer and I/O errors, each naming its file; [`Error::StreamTooShort`]
