@@ -91,7 +91,6 @@ impl CalibrationOptions {
 }
 
 /// A saved set if `saved` is given, otherwise one built from `options`.
-#[allow(dead_code)] // for `quantize` (`--calibration FILE` or these options); not wired yet
 pub fn load_or_build(
     saved: Option<&Path>,
     options: &CalibrationOptions,
