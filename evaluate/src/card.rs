@@ -97,10 +97,11 @@ fn describe(b: &BranchSummary) -> String {
         }
     );
     d.push_str(match (bits, b.group_size.unwrap_or(-1) > 0) {
-        (3, _) => " Smallest; largest loss of quality.",
+        (3, false) => " Smallest; largest loss of quality.",
+        (3, true) => " Groups recover part of the 3-bit loss for a little more size.",
         (4, false) => " Lowest VRAM of the 4-bit branches.",
         (4, true) => " Better accuracy than no groups, slightly larger.",
-        (8, _) => " Nearly lossless; largest.",
+        (8, _) => " Nearly lossless; the largest branches.",
         _ => "",
     });
     d
@@ -195,7 +196,7 @@ pub fn render(input: &CardInput) -> String {
     let _ = writeln!(
         s,
         "With the Hugging Face command-line client:\n\n```shell\npip install -U \"huggingface_hub[cli]\"\n\
-         hf download {repo} --revision {example} --local-dir {repo_name}-GPTQ\n```\n\n\
+         hf download {repo} --revision {example} --local-dir {repo_name}\n```\n\n\
          With git:\n\n```shell\ngit clone --single-branch --branch {example} https://huggingface.co/{repo}\n```\n\n\
          In Python (Transformers with optimum/GPTQModel):\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
          model = AutoModelForCausalLM.from_pretrained(\"{repo}\", revision=\"{example}\", device_map=\"auto\")\n\

@@ -211,6 +211,8 @@ fn format_ppl(p: Option<f64>) -> String {
 fn format_delta(d: Option<f64>, baseline: bool) -> String {
     match d {
         _ if baseline => "ref".into(),
+        // Print a difference that rounds to zero as `+0.00 %`, never `-0.00 %`.
+        Some(d) if d.abs() < 0.005 => "+0.00 %".into(),
         Some(d) => format!("{d:+.2} %"),
         None => "-".into(),
     }
