@@ -105,6 +105,10 @@ pub fn route_rows(logits: &[f32], n_experts: usize, k: usize) -> Routing {
     Routing { experts }
 }
 
+/// Logit rows per chunk in the provided [`Backend::lm_head_nll`]: bounds the logits buffer to
+/// `LM_HEAD_CHUNK · vocab` floats (16 MB for Mixtral's 32000).
+pub const LM_HEAD_CHUNK: usize = 128;
+
 /// The operations the Mixtral forward pass needs from a device.
 ///
 /// Shapes are given as `[rows, columns]`; every tensor the forward pass handles is 2-D
@@ -167,6 +171,34 @@ pub trait Backend {
     /// For `logits: [n, vocab]`, the negative log-likelihood `−log_softmax(logits[i])[targets[i]]`
     /// of each row, in f32.
     fn nll(&self, logits: &Self::Tensor, targets: &[u32]) -> Result<Vec<f32>>;
+
+    /// [`nll`](Self::nll) of the logits `hidden · lm_headᵀ` (`hidden: [n, h]`, `lm_head:
+    /// [vocab, h]`) for the first `targets.len()` rows of `hidden` (the others are ignored).
+    ///
+    /// The provided method computes the logits [`LM_HEAD_CHUNK`] rows at a time; a backend may
+    /// fuse the product with the reduction so that the logits never exist whole.
+    fn lm_head_nll(
+        &self,
+        hidden: &Self::Tensor,
+        lm_head: &Self::Tensor,
+        targets: &[u32],
+    ) -> Result<Vec<f32>> {
+        let rows = self.shape(hidden).first().copied().unwrap_or(0);
+        if targets.len() > rows {
+            return Err(Error::Input(format!(
+                "lm_head_nll: {} targets for {rows} hidden rows",
+                targets.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(targets.len());
+        for (c, chunk) in targets.chunks(LM_HEAD_CHUNK).enumerate() {
+            let start = (c * LM_HEAD_CHUNK) as u32;
+            let ids: Vec<u32> = (start..start + chunk.len() as u32).collect();
+            let logits = self.matmul_t(&self.gather_rows(hidden, &ids)?, lm_head)?;
+            out.extend(self.nll(&logits, chunk)?);
+        }
+        Ok(out)
+    }
 
     /// The Mixtral router's decision for `logits: [tokens, experts]` (see [`route_rows`]).
     fn route_top_k(&self, logits: &Self::Tensor, k: usize) -> Result<Routing> {

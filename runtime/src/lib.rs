@@ -12,8 +12,9 @@ pub mod hub;
 pub mod load;
 pub mod mixtral;
 pub mod qlinear;
+mod sgemm;
 
-pub use backend::{AttentionShape, Backend, ExpertRoute, HostTensor, Routing};
+pub use backend::{AttentionShape, Backend, ExpertRoute, HostTensor, Routing, LM_HEAD_CHUNK};
 pub use config::{MixtralConfig, QuantizationConfig};
 pub use cpu::CpuBackend;
 pub use error::{Error, Result};

@@ -188,11 +188,6 @@ impl<B: Backend> Mixtral<B> {
     }
 }
 
-/// Logit rows per `lm_head` chunk in [`Model::nll`]: bounds the logits buffer to
-/// `NLL_CHUNK · vocab` floats (16 MB for Mixtral's 32000, below glibc's largest mmap threshold, so
-/// the buffer is reused rather than faulted in afresh each chunk).
-const NLL_CHUNK: usize = 128;
-
 /// A whole Mixtral model in memory, for evaluation.
 #[derive(Debug)]
 pub struct Model<B: Backend = CpuBackend> {
@@ -273,16 +268,6 @@ impl<B: Backend> Model<B> {
         let b = &self.arch.backend;
         let x = self.hidden(ids)?;
         let h = b.rms_norm(&x, &self.head.norm, self.config().rms_norm_eps as f32)?;
-        let n = ids.len() - 1;
-        let mut out = Vec::with_capacity(n);
-        let mut start = 0;
-        while start < n {
-            let len = NLL_CHUNK.min(n - start);
-            let rows: Vec<u32> = (start as u32..(start + len) as u32).collect();
-            let logits = b.matmul_t(&b.gather_rows(&h, &rows)?, &self.head.lm_head)?;
-            out.extend(b.nll(&logits, &ids[start + 1..start + 1 + len])?);
-            start += len;
-        }
-        Ok(out)
+        b.lm_head_nll(&h, &self.head.lm_head, &ids[1..])
     }
 }
