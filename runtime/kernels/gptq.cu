@@ -24,6 +24,13 @@ typedef unsigned char u8;
 #define GEMV_WARPS 8
 #define GEMV_THREADS (GEMV_WARPS * 32)
 #define GEMV_COLS 128 // 32 lanes x 4 columns
+// Tuning knobs (MIXTRAL_GPTQ_NVRTC_DEFINES can override them for benchmark sweeps).
+#ifndef GEMV_MIN_BLOCKS_SMALL_M // resident blocks per SM asked of ptxas for MT <= 2
+#define GEMV_MIN_BLOCKS_SMALL_M 3
+#endif
+#ifndef GEMV_UNR // units per pipelined batch at 4/8 bits (half of it at 3 bits)
+#define GEMV_UNR 4
+#endif
 
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -90,9 +97,16 @@ template <int BITS> __device__ __forceinline__ int row_pos(int j) {
 }
 
 // q * 2^p as a float, exact.
-template <int BITS> __device__ __forceinline__ float code_f(u32 view, int p) {
+// (a & b) | c in one LOP3 (ptxas otherwise splits an AND and an OR of two immediates in two).
+__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+template <int BITS> __device__ __forceinline__ float code_f(u32 view, int p, u32 magic) {
     const u32 mask = ((1u << BITS) - 1u) << p;
-    return __int_as_float((view & mask) | 0x4B000000u) - 8388608.0f;
+    return __int_as_float(and_or(view, mask, magic)) - 8388608.0f;
 }
 
 template <int BITS> __device__ __forceinline__ int code_i(u32 view, int p) {
@@ -183,7 +197,10 @@ __device__ __forceinline__ void gemv_block(const QMat q, const T* __restrict__ X
     const int wu_begin = u_begin + warp * per_warp;
     const int wu_end = min(u_end, wu_begin + per_warp);
 
-    constexpr int UNR = BITS == 3 ? 2 : 4;
+    // 0x4B000000 kept in a register (the value ptxas cannot fold into the LOP3's one immediate).
+    u32 magic;
+    asm volatile("mov.b32 %0, 0x4B000000;" : "=r"(magic));
+    constexpr int UNR = BITS == 3 ? (GEMV_UNR / 2 > 0 ? GEMV_UNR / 2 : 1) : GEMV_UNR;
     // Software pipeline: the next batch of packed words is in flight while this one is computed;
     // the first batch is requested before X is staged.
     uint4 nxt[UNR][L::WORDS];
@@ -258,7 +275,7 @@ __device__ __forceinline__ void gemv_block(const QMat q, const T* __restrict__ X
                         for (int m = 0; m < MT; ++m) xsum[m] = fmaf(xv[m], pow2i(p), xsum[m]);
 #pragma unroll
                         for (int c = 0; c < 4; ++c) {
-                            const float f = code_f<BITS>(v[c][L::view(j)], p);
+                            const float f = code_f<BITS>(v[c][L::view(j)], p, magic);
 #pragma unroll
                             for (int m = 0; m < MT; ++m) gacc[m][c] = fmaf(xv[m], f, gacc[m][c]);
                         }
@@ -388,7 +405,8 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, const __half* sc
 // ---- entry points: {op}_{bits}b_{dtype}[_m{MT}] ----
 
 #define GEMV_ENTRY(B, TN, T, MT)                                                                              \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gptq_gemv_##B##b_##TN##_m##MT(                \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, MT <= 2 ? (B == 3 ? 2 : GEMV_MIN_BLOCKS_SMALL_M) : 1)        \
+        gptq_gemv_##B##b_##TN##_m##MT(                \
         const u32* qweight, const __half* scales, const void* zeros, const int* ugroup, const int* perm,      \
         const T* X, int M, int K, int N, int units_per_split, float* ws, u32* counters, float* Y) {          \
         gemv_dense<B, T, MT>(qweight, scales, zeros, ugroup, perm, X, M, K, N, units_per_split, ws, counters, \
@@ -402,7 +420,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, const __half* sc
     GEMV_ENTRY(B, TN, T, 8)
 
 #define MOE_ENTRY(B, TN, T)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gptq_moe_gemv_##B##b_##TN(                   \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, B == 3 ? 2 : GEMV_MIN_BLOCKS_SMALL_M) gptq_moe_gemv_##B##b_##TN(                   \
         const unsigned long long* table, const int* expert_ids, const float* pair_scale, const T* X,         \
         int x_div, int K, int N, int units_per_split, float* ws, u32* counters, float* Y) {                  \
         gemv_moe<B, T>(table, expert_ids, pair_scale, X, x_div, K, N, units_per_split, ws, counters, Y);    \

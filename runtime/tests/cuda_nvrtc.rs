@@ -37,3 +37,14 @@ fn every_kernel_compiles_for_sm_90() {
         );
     }
 }
+
+/// Fills the kernel cache (MIXTRAL_GPTQ_KERNEL_CACHE) with sm_90 cubins, so that a GPU machine can
+/// skip NVRTC's first-use compile: `cargo test -p runtime --test cuda_nvrtc -- --ignored`.
+#[test]
+#[ignore = "writes the kernel cache; run by hand"]
+fn precompile_cache_for_sm_90() {
+    let setup = probe::probe_nvrtc().unwrap_or_else(|e| panic!("{e}"));
+    for k in kernels::ALL {
+        kernels::compile(k, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
+    }
+}

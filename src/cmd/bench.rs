@@ -40,7 +40,7 @@ pub struct KernelArgs {
     #[arg(long, value_delimiter = ',', default_value = "4,3,8")]
     pub bits: Vec<u32>,
     /// Rows of X for the GEMV path (X in f16, compared with cuBLAS f16).
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
     pub m: Vec<usize>,
     /// Rows of X for the GEMM path (X in bf16, compared with cuBLAS bf16 dense); 0 skips it.
     #[arg(long, default_value_t = 2048)]

@@ -22,9 +22,10 @@ use super::error::{drv, CudaError, Result};
 use super::kernels::GPTQ;
 use crate::qlinear::GptqWeight;
 
-/// Above this many rows of X, dequantize + cuBLAS replaces the GEMV kernel (the GEMV reads the
-/// weights once per 8 rows and turns compute-bound near 16 rows; BENCHMARKS.md "CUDA kernels").
-pub const GEMV_MAX_ROWS: usize = 16;
+/// Above this many rows of X, dequantize + cuBLAS replaces the GEMV kernel: on an H100 at 4096 x 14336
+/// the GEMV takes ~44 us at M = 4, ~77 us per launch of 8 rows, while dequantize (~50 us) + cuBLAS
+/// (~50 us) stays near 100 us up to M = 16 (BENCHMARKS.md "CUDA kernels", 2026-11-28).
+pub const GEMV_MAX_ROWS: usize = 8;
 /// Rows of X one GEMV launch handles.
 const GEMV_ROWS_PER_LAUNCH: usize = 8;
 /// Output columns per GEMV block (32 lanes × 4 columns).

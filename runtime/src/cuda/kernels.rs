@@ -61,6 +61,13 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// `-D` options from `MIXTRAL_GPTQ_NVRTC_DEFINES` (space-separated `NAME=VALUE`), for tuning sweeps.
+fn extra_defines() -> Vec<String> {
+    std::env::var("MIXTRAL_GPTQ_NVRTC_DEFINES")
+        .map(|v| v.split_whitespace().map(|d| format!("-D{}", d.trim_start_matches("-D"))).collect())
+        .unwrap_or_default()
+}
+
 /// NVRTC's version as (major, minor).
 pub fn nvrtc_version() -> (i32, i32) {
     let (mut a, mut b) = (0, 0);
@@ -74,7 +81,7 @@ pub fn nvrtc_version() -> (i32, i32) {
 pub fn compile(k: &KernelSource, arch: &str, setup: &NvrtcSetup) -> Result<Vec<u8>> {
     let (maj, min) = nvrtc_version();
     let ver = format!("{maj}.{min}");
-    let opts = OPTIONS.join(" ");
+    let opts = format!("{} {}", OPTIONS.join(" "), extra_defines().join(" "));
     let key = fnv1a(&[
         k.src.as_bytes(),
         arch.as_bytes(),
@@ -114,6 +121,7 @@ pub fn compile_uncached(k: &KernelSource, arch: &str, setup: &NvrtcSetup) -> Res
     let name = CString::new(format!("{}.cu", k.name)).map_err(|_| fail("bad name".into()))?;
     let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| fail(format!("{e:?}")))?;
     let mut options: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
+    options.extend(extra_defines());
     options.push(format!("--gpu-architecture={arch}"));
     for d in &setup.include_dirs {
         options.push(format!("--include-path={}", d.display()));
