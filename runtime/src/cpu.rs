@@ -11,19 +11,44 @@ use crate::backend::{AttentionShape, Backend, HostTensor};
 use crate::error::{Error, Result};
 use crate::sgemm::{self, MatRef};
 
+/// Runs the body `$e` compiled for AVX2 (wider vectors; the same operations in the same order, so
+/// the same results) when the CPU has it, else for the baseline target.
+macro_rules! with_avx2 {
+    ($e:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                return unsafe {
+                    avx2(
+                        #[inline(always)]
+                        || $e,
+                    )
+                };
+            }
+        }
+        $e
+    }};
+}
+
 /// Queries per attention block: a block only multiplies against the keys it can see, which halves
 /// the causal work, and its score buffer (`ATTENTION_BLOCK · T` floats for one head) stays in
 /// the L2 cache between the product, the softmax and the product with the values.
 const ATTENTION_BLOCK: usize = 64;
 
-/// Logit rows per task of the fused `lm_head` + NLL.
-const NLL_ROWS: usize = 256;
+/// Logit rows per task of the fused `lm_head` + NLL (each task reads the whole `lm_head` once).
+const NLL_ROWS: usize = 512;
 
 /// Vocabulary entries per tile of the fused `lm_head` + NLL: a `NLL_ROWS × NLL_VOCAB_TILE` block of
 /// logits (1 MB) is reduced while it is still in cache, so the `[T, vocab]` logits never reach
-/// memory (measured with the `gemm_speed` example: 106 GFLOP/s per core for such tiles against
-/// 50 to 60 for whole 128-row chunks, which write 16 MB).
-const NLL_VOCAB_TILE: usize = 1024;
+/// memory (measured with the `gemm_speed` example: about 105 GFLOP/s per core for such tiles
+/// against 50 to 60 for whole 128-row chunks, which write 16 MB; 512 × 512 beat 256 × 1024 and
+/// 128 × 1024 in the `op_profile` example).
+const NLL_VOCAB_TILE: usize = 512;
 
 /// Values per task of the element-wise kernels.
 const ELEMENTWISE_CHUNK: usize = 1 << 14;
@@ -123,18 +148,7 @@ fn lm_head_nll_f32(x: &[f32], w: &[f32], hidden: usize, vocab: usize, targets: &
                 let wt = MatRef::row_major(&w[v0 * hidden..(v0 + nv) * hidden], nv, hidden);
                 let tile = &mut logits[..m * nv];
                 sgemm::matmul(tile, nv, xb, wt.t(), 1.0, gemm::Parallelism::None);
-                for (i, row) in tile.chunks_exact(nv).enumerate() {
-                    let target = targets[i] as usize;
-                    if (v0..v0 + nv).contains(&target) {
-                        target_logit[i] = row[target - v0];
-                    }
-                    let tile_max = max_of(row);
-                    if tile_max > max[i] {
-                        sum[i] *= exp_nonpositive(max[i] - tile_max);
-                        max[i] = tile_max;
-                    }
-                    sum[i] += exp_sum_ro(row, max[i]);
-                }
+                reduce_logit_tile(tile, nv, v0, targets, &mut max, &mut sum, &mut target_logit);
                 v0 += nv;
             }
             for (i, o) in out.iter_mut().enumerate() {
@@ -206,7 +220,9 @@ fn exp_nonpositive(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
     let x = x.max(-87.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // The low mantissa bits of `shifted` hold n = round(x·log2 e) in two's complement.
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 / 5040.0;
     let p = p * r + 1.0 / 720.0;
@@ -216,7 +232,9 @@ fn exp_nonpositive(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from the exponent bits; integer arithmetic (no float-to-int cast) keeps it vectorisable.
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// Lanes of the row reductions below: independent accumulators let LLVM vectorise loops that f32
@@ -224,6 +242,7 @@ fn exp_nonpositive(x: f32) -> f32 {
 const LANES: usize = 16;
 
 /// Largest value of `xs` (−∞ for an empty slice).
+#[inline(always)]
 fn max_of(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = xs.chunks_exact(LANES);
@@ -240,6 +259,7 @@ fn max_of(xs: &[f32]) -> f32 {
 }
 
 /// `Σ e^(x − shift)` over `xs`, where no `x` exceeds `shift`; each `x` is replaced by its term.
+#[inline(always)]
 fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = xs.chunks_exact_mut(LANES);
@@ -258,6 +278,7 @@ fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
 }
 
 /// `Σ e^(x − shift)` over `xs`, leaving `xs` unchanged.
+#[inline(always)]
 fn exp_sum_ro(xs: &[f32], shift: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = xs.chunks_exact(LANES);
@@ -274,8 +295,52 @@ fn exp_sum_ro(xs: &[f32], shift: f32) -> f32 {
             .sum::<f32>()
 }
 
-/// Softmax over `row[..n_valid]` (after scaling by `scale`), zeros after; `row` holds raw scores.
+/// Folds a tile of logits (rows of `nv` values for vocabulary entries `v0..v0 + nv`) into each
+/// row's running maximum and sum of exponentials, and picks out the target logits it holds.
+fn reduce_logit_tile(
+    tile: &[f32],
+    nv: usize,
+    v0: usize,
+    targets: &[u32],
+    max: &mut [f32],
+    sum: &mut [f32],
+    target_logit: &mut [f32],
+) {
+    with_avx2!({
+        for (i, row) in tile.chunks_exact(nv).enumerate() {
+            let target = targets[i] as usize;
+            if (v0..v0 + nv).contains(&target) {
+                target_logit[i] = row[target - v0];
+            }
+            let tile_max = max_of(row);
+            if tile_max > max[i] {
+                sum[i] *= exp_nonpositive(max[i] - tile_max);
+                max[i] = tile_max;
+            }
+            sum[i] += exp_sum_ro(row, max[i]);
+        }
+    })
+}
+
+/// `o = silu(g) · u`: `g / (1 + e^(−g))` for `g >= 0` and the same quantity written as
+/// `g · e^g / (1 + e^g)` for `g < 0`, so that the exponential's argument is never positive.
+fn silu_mul_slice(o: &mut [f32], g: &[f32], u: &[f32]) {
+    with_avx2!({
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            let e = exp_nonpositive(-g.abs());
+            let num = if g >= 0.0 { g } else { g * e };
+            *o = num / (1.0 + e) * u;
+        }
+    })
+}
+
+/// Softmax over `row[lo..hi]` (after scaling by `scale`), zeros elsewhere; `row` holds raw scores.
 fn softmax_prefix(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
+    with_avx2!(softmax_prefix_body(row, lo, hi, scale))
+}
+
+#[inline(always)]
+fn softmax_prefix_body(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
     let valid = &mut row[lo..hi];
     for v in valid.iter_mut() {
         *v *= scale;
@@ -471,12 +536,7 @@ impl Backend for CpuBackend {
                 out.par_chunks_mut(ELEMENTWISE_CHUNK)
                     .zip(g.par_chunks(ELEMENTWISE_CHUNK))
                     .zip(u.par_chunks(ELEMENTWISE_CHUNK))
-                    .for_each(|((o, g), u)| {
-                        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                            // candle's silu: x / (1 + e^(−x))
-                            *o = g / ((-g).exp() + 1.0) * u;
-                        }
-                    });
+                    .for_each(|((o, g), u)| silu_mul_slice(o, g, u));
                 out
             })
         })??;
@@ -611,7 +671,51 @@ mod tests {
         assert_eq!(max_of(&xs), xs.iter().copied().fold(f32::MIN, f32::max));
         let want: f32 = xs.iter().map(|v| (v - 1.0).exp()).sum();
         assert!((exp_sum_ro(&xs, 1.0) - want).abs() < 1e-5 * want);
+        // silu · up against the libm formula.
+        let g: Vec<f32> = (0..200).map(|i| (i as f32 - 100.0) * 0.37).collect();
+        let u: Vec<f32> = g.iter().map(|v| 1.0 + v.cos()).collect();
+        let mut o = vec![0f32; g.len()];
+        silu_mul_slice(&mut o, &g, &u);
+        for ((&o, &g), &u) in o.iter().zip(&g).zip(&u) {
+            let want = g as f64 / (1.0 + (-g as f64).exp()) * u as f64;
+            assert!(
+                (o as f64 - want).abs() <= 1e-6 * want.abs().max(1e-30),
+                "silu({g})"
+            );
+        }
         // 2 ulp of f32 (2 · 2^-24 relative)
         assert!(worst < 1.2e-7, "max relative error {worst:e}");
+    }
+
+    #[test]
+    fn fused_lm_head_nll_matches_logits_then_nll() {
+        // Several row tasks and vocabulary tiles, the last of each partial.
+        let (rows, hidden, vocab) = (NLL_ROWS + 37, 24, 2 * NLL_VOCAB_TILE + 77);
+        let x: Vec<f32> = (0..rows * hidden)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 10.0)
+            .collect();
+        let w: Vec<f32> = (0..vocab * hidden)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
+            .collect();
+        let targets: Vec<u32> = (0..rows - 1).map(|i| (i * 7919 % vocab) as u32).collect();
+        let b = CpuBackend::new();
+        let xt = b
+            .upload(HostTensor::new(vec![rows, hidden], x).unwrap())
+            .unwrap();
+        let wt = b
+            .upload(HostTensor::new(vec![vocab, hidden], w).unwrap())
+            .unwrap();
+        let fused = b.lm_head_nll(&xt, &wt, &targets).unwrap();
+        let logits = b.matmul_t(&xt, &wt).unwrap();
+        let head = logits.narrow(0, 0, rows - 1).unwrap();
+        let plain = b.nll(&head, &targets).unwrap();
+        assert_eq!(fused.len(), plain.len());
+        for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
+            assert!(
+                (f - p).abs() <= 1e-5 * p.abs().max(1.0),
+                "row {i}: {f} vs {p}"
+            );
+        }
+        assert!(b.lm_head_nll(&xt, &wt, &[vocab as u32]).is_err());
     }
 }
