@@ -23,7 +23,14 @@ fn reference() -> Value {
 
 fn regenerate(dir: &Path, extra: &[&str]) -> Value {
     let json = dir.join("regenerate.json");
-    let mut args = vec!["regenerate", "--out", "branches", "--no-baseline", "--quiet", "--json"];
+    let mut args = vec![
+        "regenerate",
+        "--out",
+        "branches",
+        "--no-baseline",
+        "--quiet",
+        "--json",
+    ];
     args.push(json.to_str().unwrap());
     args.extend_from_slice(extra);
     let out = run_in(dir, &args);
@@ -37,12 +44,20 @@ fn check_ppl(result: &Value, expected: &Value, rel: f64) -> Vec<String> {
     for b in result["branches"].as_array().unwrap() {
         let name = b["branch"].as_str().unwrap();
         for (key, got) in b["ppl"].as_object().unwrap() {
-            let want = expected[name][key].as_f64().unwrap_or_else(|| panic!("no reference {name} {key}"));
+            let want = expected[name][key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no reference {name} {key}"));
             let got = got.as_f64().unwrap();
             let d = got / want - 1.0;
-            eprintln!("{name:<32} {key:<24} {got:>10.4} reference {want:>10.4} ({:+.3}%)", d * 100.0);
+            eprintln!(
+                "{name:<32} {key:<24} {got:>10.4} reference {want:>10.4} ({:+.3}%)",
+                d * 100.0
+            );
             if d.abs() > rel {
-                failures.push(format!("{name} {key}: {got} vs {want} ({:+.3}%)", d * 100.0));
+                failures.push(format!(
+                    "{name} {key}: {got} vs {want} ({:+.3}%)",
+                    d * 100.0
+                ));
             }
         }
     }
@@ -55,7 +70,10 @@ fn regenerate_gptq_branches_match_reference_perplexity() {
     let result = regenerate(tmp.path(), &[]);
     let reference = reference();
     let recipe = &reference["recipes"]["32x512"];
-    assert_eq!(result["calibration"]["stream_tokens"], recipe["calibration"]["stream_tokens"]);
+    assert_eq!(
+        result["calibration"]["stream_tokens"],
+        recipe["calibration"]["stream_tokens"]
+    );
     let branches = result["branches"].as_array().unwrap();
     assert_eq!(branches.len(), 7);
 
@@ -79,19 +97,32 @@ fn regenerate_gptq_branches_match_reference_perplexity() {
         experts.sort();
         let names: Vec<&String> = experts.iter().map(|e| &e.0).collect();
         let want_names: Vec<&String> = want.iter().map(|e| &e.0).collect();
-        assert_eq!(names, want_names, "{}: starved experts {experts:?}", b["branch"]);
+        assert_eq!(
+            names, want_names,
+            "{}: starved experts {experts:?}",
+            b["branch"]
+        );
         for ((_, got), (_, exp)) in experts.iter().zip(&want) {
-            assert!(got.abs_diff(*exp) <= 5, "{}: starved counts {experts:?} vs {want:?}", b["branch"]);
+            assert!(
+                got.abs_diff(*exp) <= 5,
+                "{}: starved counts {experts:?} vs {want:?}",
+                b["branch"]
+            );
         }
         // The branch is complete and carries its report.
-        let dir = Path::new(b["dir"].as_str().unwrap());
+        let dir = tmp.path().join(b["dir"].as_str().unwrap());
         let report: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("quant_report.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("quant_report.json")).unwrap())
+                .unwrap();
         assert_eq!(report["modules"].as_array().unwrap().len(), 4 * 28);
         assert_eq!(report["calibration"]["nsamples"], 32);
     }
     let failures = check_ppl(&result, &recipe["gptq"], GPTQ_REL);
-    assert!(failures.is_empty(), "outside {GPTQ_REL}:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "outside {GPTQ_REL}:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -101,10 +132,19 @@ fn regenerate_rtn_matches_reference_perplexity() {
     let python = fixture("eval/python.txt");
     let mut extra = vec!["--rtn"];
     if !all {
-        extra.extend(["--branches", "main,gptq-3bit-128g-actorder_True", "--text", python.to_str().unwrap()]);
+        extra.extend([
+            "--branches",
+            "main,gptq-3bit-128g-actorder_True",
+            "--text",
+            python.to_str().unwrap(),
+        ]);
     }
     let result = regenerate(tmp.path(), &extra);
     let reference = reference();
     let failures = check_ppl(&result, &reference["recipes"]["32x512"]["rtn"], RTN_REL);
-    assert!(failures.is_empty(), "outside {RTN_REL}:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "outside {RTN_REL}:\n{}",
+        failures.join("\n")
+    );
 }
