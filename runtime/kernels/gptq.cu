@@ -32,6 +32,34 @@ typedef unsigned char u8;
 #define GEMV_UNR 4
 #endif
 
+#ifndef GEMV_RING_SLOTS // uint4 slots per thread of the cp.async ring (MT <= 2); 0: register pipeline
+#define GEMV_RING_SLOTS 0
+#endif
+
+// Whether the GEMV of this bit width and row count streams its packed words through the cp.async
+// ring (at least 2 units per lane).
+template <int BITS, int MT> __host__ __device__ constexpr bool gemv_ring() {
+    return MT <= 2 && GEMV_RING_SLOTS / (BITS == 3 ? 3 : 1) >= 2;
+}
+
+// Offset (in floats) of the ring in dynamic shared memory: after the X staging area / the warp
+// reduction buffer, whichever is larger, rounded to 16 bytes. runtime/src/cuda/gptq.rs (`plan`)
+// computes the same layout.
+template <int BITS, int MT> __device__ __forceinline__ int gemv_ring_offset_floats(int units_per_split) {
+    const int uk = BITS == 3 ? 32 : (BITS == 4 ? 8 : 4);
+    const int a = MT * units_per_split * uk, b = GEMV_WARPS * MT * GEMV_COLS;
+    return ((a > b ? a : b) + 3) & ~3;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gsrc) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(gsrc) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
@@ -196,99 +224,166 @@ __device__ __forceinline__ void gemv_block(const QMat q, const T* __restrict__ X
     const int per_warp = (nu + GEMV_WARPS - 1) / GEMV_WARPS;
     const int wu_begin = u_begin + warp * per_warp;
     const int wu_end = min(u_end, wu_begin + per_warp);
+    constexpr bool RING = gemv_ring<BITS, MT>();
+    constexpr int RS = RING ? GEMV_RING_SLOTS / L::WORDS : 2;
 
+    float* xs = smem; // [kc][MT]: the MT rows of one k are adjacent (vector loads below)
     // 0x4B000000 kept in a register (the value ptxas cannot fold into the LOP3's one immediate).
     u32 magic;
     asm volatile("mov.b32 %0, 0x4B000000;" : "=r"(magic));
-    constexpr int UNR = BITS == 3 ? (GEMV_UNR / 2 > 0 ? GEMV_UNR / 2 : 1) : GEMV_UNR;
-    // Software pipeline: the next batch of packed words is in flight while this one is computed;
-    // the first batch is requested before X is staged.
-    uint4 nxt[UNR][L::WORDS];
-    auto load_batch = [&](int u0) {
+
+    // The work of one unit u whose packed words (WORDS uint4 = 4 columns each) are in `wv`.
+    auto unit_body = [&](int u, int g, const uint4* wv) {
+        if (g != cur_g) {
+            if (cur_g >= 0) {
 #pragma unroll
-        for (int r = 0; r < UNR; ++r) {
-            if (u0 + r < wu_end) {
+                for (int m = 0; m < MT; ++m) {
 #pragma unroll
-                for (int w = 0; w < L::WORDS; ++w)
-                    nxt[r][w] = ld_stream(q.qweight + ((size_t)(u0 + r) * L::WORDS + w) * N + n0);
+                    for (int c = 0; c < 4; ++c) {
+                        acc[m][c] = fmaf(s[c], gacc[m][c] - z[c] * xsum[m], acc[m][c]);
+                        gacc[m][c] = 0.0f;
+                    }
+                    xsum[m] = 0.0f;
+                }
+            }
+            load_scales(q.scales, g, N, n0, s);
+            load_zeros<BITS>(q.zeros, g, N, n0, z);
+            cur_g = g;
+        }
+        u32 v[4][L::NVIEWS];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            u32 wc[L::WORDS];
+#pragma unroll
+            for (int w = 0; w < L::WORDS; ++w) wc[w] = comp(wv[w], c);
+            L::views(wc, v[c]);
+        }
+        const float* xu = xs + (u - u_begin) * L::UK * MT;
+#pragma unroll
+        for (int j = 0; j < L::UK; ++j) {
+            const int p = L::pos(j);
+            float xv[MT];
+            load_x<MT>(xu + j * MT, xv);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) xsum[m] = fmaf(xv[m], pow2i(p), xsum[m]);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const float f = code_f<BITS>(v[c][L::view(j)], p, magic);
+#pragma unroll
+                for (int m = 0; m < MT; ++m) gacc[m][c] = fmaf(xv[m], f, gacc[m][c]);
             }
         }
     };
-    if (active && wu_begin < wu_end) load_batch(wu_begin);
 
-    // Stage X[m, perm[k]] * 2^-pos(k) for this block's k range.
-    float* xs = smem; // [kc][MT]: the MT rows of one k are adjacent (vector loads below)
-    for (int i = tid; i < MT * kc; i += GEMV_THREADS) {
-        const int kk = i / MT, m = i - kk * MT;
-        const int k = k_begin + kk;
-        const int src = q.perm ? q.perm[k] : k;
-        float v = 0.0f;
-        if (m < M) v = to_f32(X[(size_t)m * ldx + src]) * pow2i(-row_pos<BITS>(kk % L::UK));
-        xs[i] = v;
-    }
-    __syncthreads();
+    // Stage X[m, perm[k]] * 2^-pos(k) for this block's k range: XS_ILP elements per thread in
+    // flight (indices first, then the values), so the gather costs one or two round trips.
+    auto stage_x = [&]() {
+        constexpr int XS_ILP = 4;
+        const int total = MT * kc;
+        for (int i0 = tid; i0 < total; i0 += XS_ILP * GEMV_THREADS) {
+            int src[XS_ILP];
+#pragma unroll
+            for (int t = 0; t < XS_ILP; ++t) {
+                const int i = i0 + t * GEMV_THREADS;
+                const int kk = i / MT;
+                const int k = k_begin + kk;
+                src[t] = i < total ? (q.perm ? __ldg(q.perm + k) : k) : 0;
+            }
+            float v[XS_ILP];
+#pragma unroll
+            for (int t = 0; t < XS_ILP; ++t) {
+                const int i = i0 + t * GEMV_THREADS;
+                const int kk = i / MT, m = i - kk * MT;
+                v[t] = (i < total && m < M) ? to_f32(X[(size_t)m * ldx + src[t]]) : 0.0f;
+            }
+#pragma unroll
+            for (int t = 0; t < XS_ILP; ++t) {
+                const int i = i0 + t * GEMV_THREADS;
+                const int kk = i / MT;
+                if (i < total) xs[i] = v[t] * pow2i(-row_pos<BITS>(kk % L::UK));
+            }
+        }
+    };
 
-    if (active) {
-        for (int u0 = wu_begin; u0 < wu_end; u0 += UNR) {
-            uint4 words[UNR][L::WORDS];
+    if constexpr (RING) {
+        // Lane-private cp.async ring in shared memory: RS slots of WORDS uint4 per thread, RS - 1
+        // units in flight; no registers held by loads in flight, no barrier (each lane reads only
+        // what it copied). Unit i goes to slot i % RS (i counted from wu_begin).
+        uint4* ring = (uint4*)(smem + gemv_ring_offset_floats<BITS, MT>(units_per_split));
+        auto issue = [&](int i) {
+            const int slot = i % RS;
+            const int u = wu_begin + i;
 #pragma unroll
-            for (int r = 0; r < UNR; ++r)
+            for (int w = 0; w < L::WORDS; ++w)
+                cp_async16(ring + (slot * L::WORDS + w) * GEMV_THREADS + tid,
+                           q.qweight + ((size_t)u * L::WORDS + w) * N + n0);
+        };
+        const int nw = wu_end - wu_begin;
+        if (active) {
 #pragma unroll
-                for (int w = 0; w < L::WORDS; ++w) words[r][w] = nxt[r][w];
-            if (u0 + UNR < wu_end) load_batch(u0 + UNR);
+            for (int i = 0; i < RS - 1; ++i) {
+                if (i < nw) issue(i);
+                cp_async_commit();
+            }
+        }
+        stage_x();
+        __syncthreads();
+        if (active && nw > 0) {
+            int g_next = q.ugroup[wu_begin];
+            for (int i = 0; i < nw; ++i) {
+                const int g = g_next;
+                if (i + 1 < nw) g_next = q.ugroup[wu_begin + i + 1];
+                cp_async_wait<RS - 2>();
+                const int slot = i % RS;
+                uint4 wv[L::WORDS];
+#pragma unroll
+                for (int w = 0; w < L::WORDS; ++w) wv[w] = ring[(slot * L::WORDS + w) * GEMV_THREADS + tid];
+                // Slot (i - 1) % RS was read in the previous iteration and its values used.
+                if (i + RS - 1 < nw) issue(i + RS - 1);
+                cp_async_commit();
+                unit_body(wu_begin + i, g, wv);
+            }
+            cp_async_wait<0>();
+        }
+    } else {
+        constexpr int UNR = BITS == 3 ? (GEMV_UNR / 2 > 0 ? GEMV_UNR / 2 : 1) : GEMV_UNR;
+        // Software pipeline: the next batch of packed words is in flight while this one is computed;
+        // the first batch is requested before X is staged.
+        uint4 nxt[UNR][L::WORDS];
+        auto load_batch = [&](int u0) {
 #pragma unroll
             for (int r = 0; r < UNR; ++r) {
-                const int u = u0 + r;
-                if (u < wu_end) {
-                    const int g = q.ugroup[u];
-                    if (g != cur_g) {
-                        if (cur_g >= 0) {
+                if (u0 + r < wu_end) {
 #pragma unroll
-                            for (int m = 0; m < MT; ++m) {
+                    for (int w = 0; w < L::WORDS; ++w)
+                        nxt[r][w] = ld_stream(q.qweight + ((size_t)(u0 + r) * L::WORDS + w) * N + n0);
+                }
+            }
+        };
+        if (active && wu_begin < wu_end) load_batch(wu_begin);
+        stage_x();
+        __syncthreads();
+        if (active) {
+            for (int u0 = wu_begin; u0 < wu_end; u0 += UNR) {
+                uint4 words[UNR][L::WORDS];
 #pragma unroll
-                                for (int c = 0; c < 4; ++c) {
-                                    acc[m][c] = fmaf(s[c], gacc[m][c] - z[c] * xsum[m], acc[m][c]);
-                                    gacc[m][c] = 0.0f;
-                                }
-                                xsum[m] = 0.0f;
-                            }
-                        }
-                        load_scales(q.scales, g, N, n0, s);
-                        load_zeros<BITS>(q.zeros, g, N, n0, z);
-                        cur_g = g;
-                    }
-                    u32 v[4][L::NVIEWS];
+                for (int r = 0; r < UNR; ++r)
 #pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        u32 wc[L::WORDS];
+                    for (int w = 0; w < L::WORDS; ++w) words[r][w] = nxt[r][w];
+                if (u0 + UNR < wu_end) load_batch(u0 + UNR);
 #pragma unroll
-                        for (int w = 0; w < L::WORDS; ++w) wc[w] = comp(words[r][w], c);
-                        L::views(wc, v[c]);
-                    }
-                    const float* xu = xs + (u - u_begin) * L::UK * MT;
-#pragma unroll
-                    for (int j = 0; j < L::UK; ++j) {
-                        const int p = L::pos(j);
-                        float xv[MT];
-                        load_x<MT>(xu + j * MT, xv);
-#pragma unroll
-                        for (int m = 0; m < MT; ++m) xsum[m] = fmaf(xv[m], pow2i(p), xsum[m]);
-#pragma unroll
-                        for (int c = 0; c < 4; ++c) {
-                            const float f = code_f<BITS>(v[c][L::view(j)], p, magic);
-#pragma unroll
-                            for (int m = 0; m < MT; ++m) gacc[m][c] = fmaf(xv[m], f, gacc[m][c]);
-                        }
-                    }
+                for (int r = 0; r < UNR; ++r) {
+                    const int u = u0 + r;
+                    if (u < wu_end) unit_body(u, q.ugroup[u], words[r]);
                 }
             }
         }
-        if (cur_g >= 0) {
+    }
+    if (active && cur_g >= 0) {
 #pragma unroll
-            for (int m = 0; m < MT; ++m)
+        for (int m = 0; m < MT; ++m)
 #pragma unroll
-                for (int c = 0; c < 4; ++c) acc[m][c] = fmaf(s[c], gacc[m][c] - z[c] * xsum[m], acc[m][c]);
-        }
+            for (int c = 0; c < 4; ++c) acc[m][c] = fmaf(s[c], gacc[m][c] - z[c] * xsum[m], acc[m][c]);
     }
     __syncthreads(); // xs is reused below
 
@@ -451,9 +546,31 @@ DEQUANT_ENTRY(8)
 
 // bf16 -> f16 (the GEMM path runs cuBLAS in f16 so that the dequantized weights keep 11 bits;
 // values beyond the f16 range become inf, which shows in the output rather than hiding).
+// 8 elements per thread with 16-byte loads and stores (x and y are the starts of device
+// allocations, so 16-byte aligned); the n % 8 tail is done element by element.
+__device__ __forceinline__ u32 bf16x2_to_f16x2(u32 v) {
+    const float lo = __uint_as_float(v << 16), hi = __uint_as_float(v & 0xFFFF0000u);
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *(const u32*)&h;
+}
+
 extern "C" __global__ void convert_bf16_f16(const __nv_bfloat16* x, __half* y, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    const size_t n8 = n / 8;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    const size_t t0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    for (size_t i = t0; i < n8; i += stride) {
+        const uint4 v = __ldg((const uint4*)x + i);
+        uint4 o;
+        o.x = bf16x2_to_f16x2(v.x);
+        o.y = bf16x2_to_f16x2(v.y);
+        o.z = bf16x2_to_f16x2(v.z);
+        o.w = bf16x2_to_f16x2(v.w);
+        ((uint4*)y)[i] = o;
+    }
+    if (t0 < n - n8 * 8) {
+        const size_t i = n8 * 8 + t0;
         y[i] = __float2half_rn(__bfloat162float(x[i]));
+    }
 }
 
 // Sum the top-k rows of each token: y[t, n] = sum_s Yp[t*topk + s, n] (f32).

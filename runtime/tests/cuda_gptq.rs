@@ -49,6 +49,8 @@ enum Path {
     Auto,
     Gemv,
     Gemm,
+    /// Dequantized once ([`CudaDevice::prepare_dense`]), then two calls of [`CudaDevice::dense_matmul`].
+    Prepared,
 }
 
 /// Runs one product on the GPU and returns (relative error, path label).
@@ -67,6 +69,12 @@ fn check<T: ActDtype>(w: &GptqWeight, m: usize, path: Path, seed: u64) -> f64 {
         Path::Auto => dev.qmatmul(&xd, m, &dw, &mut yd),
         Path::Gemv => dev.qmatmul_gemv(&xd, m, &dw, &mut yd),
         Path::Gemm => dev.qmatmul_gemm(&xd, m, &dw, &mut yd),
+        Path::Prepared => dev.prepare_dense(&dw).and_then(|d| {
+            // The second call must not depend on state the first one left behind.
+            dev.dense_matmul(&xd, m, &d, &mut yd)?;
+            dev.upload(&vec![f32::NAN; m * n]).map(|p| yd = p)?;
+            dev.dense_matmul(&xd, m, &d, &mut yd)
+        }),
     }
     .unwrap_or_else(|e| panic!("{e}"));
     let y = dev.download(&yd).unwrap();
@@ -127,6 +135,8 @@ fn mixtral_shapes_match_reference() {
             }
         }
     }
+    // The layer-major GEMM path (dequantized once) at a full shape, act-order, bf16 X.
+    run_case(4, 128, 14336, 4096, true, 64, true, Path::Prepared, 77);
 }
 
 /// Odd small shapes: one partial column tile, group sizes that divide K without being a power of
@@ -152,6 +162,17 @@ fn odd_shapes_match_reference() {
         // Both paths at the same M agree with the reference.
         run_case(bits, gs, k, n, act, 4, false, Path::Gemm, seed + 50);
         run_case(bits, gs, k, n, act, 20, true, Path::Gemv, seed + 60);
+        run_case(
+            bits,
+            gs,
+            k,
+            n,
+            act,
+            40,
+            seed % 2 == 1,
+            Path::Prepared,
+            seed + 70,
+        );
     }
 }
 

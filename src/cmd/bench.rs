@@ -204,6 +204,23 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         tb * 1e3,
                         tb / t
                     );
+                    // Layer-major mode: the layer is dequantized once (timed on its own), then
+                    // every call is the bf16 -> f16 conversion of X + cuBLAS f16.
+                    let mut dense = dev.prepare_dense(&ws[0])?;
+                    let td = dev.median_ms(a.warmup, a.iters.min(30), |i| {
+                        dev.dequant_into_dense(&ws[i % copies], &mut dense)
+                    })?;
+                    let tp = dev.median_ms(a.warmup, a.iters.min(30), |_| {
+                        dev.dense_matmul(&xd, m, &dense, &mut y)
+                    })?;
+                    println!(
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | prepared dense (dequant once: {:.1} us) | {:.1} | | | {:.1} (bf16) | {:.2} of dense |",
+                        if act { "yes" } else { "no" },
+                        td * 1e3,
+                        tp * 1e3,
+                        tb * 1e3,
+                        tb / tp
+                    );
                 }
             }
         }

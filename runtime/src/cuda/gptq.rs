@@ -235,6 +235,16 @@ impl DeviceGptq {
     }
 }
 
+/// A GPTQ layer dequantized once into f16 `[K, N]` on the device ([`CudaDevice::prepare_dense`]).
+#[derive(Debug)]
+pub struct DenseLayer {
+    /// K.
+    pub in_features: usize,
+    /// N.
+    pub out_features: usize,
+    w: CudaSlice<f16>,
+}
+
 /// Experts of one projection (same bits, K and N), with the device table of their pointers.
 #[derive(Debug)]
 pub struct DeviceExperts {
@@ -257,6 +267,34 @@ fn gemv_tuning() -> (usize, usize) {
             .filter(|&(a, b): &(usize, usize)| a > 0 && b > 0)
             .unwrap_or((4, 16))
     })
+}
+
+/// uint4 slots per thread of the GEMV's cp.async ring: `GEMV_RING_SLOTS` of the kernel source,
+/// which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override (benchmark sweeps); 0 selects the register pipeline.
+fn ring_slots() -> usize {
+    static S: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *S.get_or_init(|| {
+        std::env::var("MIXTRAL_GPTQ_NVRTC_DEFINES")
+            .ok()
+            .and_then(|v| {
+                v.split_whitespace()
+                    .filter_map(|d| d.trim_start_matches("-D").strip_prefix("GEMV_RING_SLOTS="))
+                    .last()
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0)
+    })
+}
+
+/// Bytes of the cp.async ring for a GEMV launch (0 when the kernel uses the register pipeline).
+fn ring_bytes(bits: u32, mt: usize) -> usize {
+    let words = if bits == 3 { 3 } else { 1 };
+    let units = ring_slots() / words;
+    if mt <= 2 && units >= 2 {
+        units * words * GEMV_THREADS as usize * 16
+    } else {
+        0
+    }
 }
 
 fn ceil_div(a: usize, b: usize) -> usize {
@@ -318,15 +356,33 @@ impl CudaDevice {
     }
 
     /// Split-K plan: (units per block, number of splits, dynamic shared memory bytes).
-    fn plan(&self, units: usize, tiles: usize, mt: usize, uk: usize) -> (usize, usize, u32) {
+    /// The shared memory holds the staged X (or the warp reduction buffer, whichever is larger)
+    /// and, for M ≤ 2, the cp.async ring of packed words (kernels/gptq.cu, `gemv_ring_offset_floats`).
+    fn plan(&self, units: usize, tiles: usize, mt: usize, bits: u32) -> (usize, usize, u32) {
+        let uk = unit_rows(bits);
         let (blocks_per_sm, min_units) = gemv_tuning();
         let target = self.sm_count() * blocks_per_sm;
         let want_split = ceil_div(target, tiles).max(1);
         let mut ups = ceil_div(units, want_split).max(min_units.min(units));
         ups = ups.min((48 * 1024 / (mt * 4 * uk)).max(1));
         let nsplit = ceil_div(units, ups);
-        let smem = (mt * ups * uk * 4).max(GEMV_WARPS * mt * GEMV_COLS * 4);
+        let floats = (mt * ups * uk).max(GEMV_WARPS * mt * GEMV_COLS);
+        let smem = floats.next_multiple_of(4) * 4 + ring_bytes(bits, mt);
         (ups, nsplit, smem as u32)
+    }
+
+    /// Lets `f` use `smem` bytes of dynamic shared memory (above the default 48 KiB).
+    fn allow_smem(f: &cudarc::driver::CudaFunction, smem: u32, entry: &str) -> Result<()> {
+        if smem as usize > 48 * 1024 {
+            drv(
+                format!("allowing {smem} bytes of shared memory for {entry}"),
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                ),
+            )?;
+        }
+        Ok(())
     }
 
     fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
@@ -395,9 +451,10 @@ impl CudaDevice {
         let uk = unit_rows(bits);
         let units = k / uk;
         let tiles = ceil_div(n, GEMV_COLS);
-        let (ups, nsplit, smem) = self.plan(units, tiles, mt, uk);
+        let (ups, nsplit, smem) = self.plan(units, tiles, mt, bits);
         let entry = format!("gptq_gemv_{bits}b_{}_m{mt}", T::NAME);
         let f = self.function(&GPTQ, &entry)?;
+        Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self
             .ws
             .lock()
@@ -444,6 +501,8 @@ impl CudaDevice {
     }
 
     /// The GEMM path: dequantize into an f16 buffer (input-row order), convert bf16 X to f16, cuBLAS.
+    /// For many calls on the same layer (layer-major evaluation), [`CudaDevice::prepare_dense`] +
+    /// [`CudaDevice::dense_matmul`] do the dequantization once.
     pub fn qmatmul_gemm<T: ActDtype>(
         &self,
         x: &CudaSlice<T>,
@@ -462,6 +521,67 @@ impl CudaDevice {
         let crate::cuda::device::Workspace { dense, xconv, .. } = &mut *ws;
         let dense = dense.as_mut().unwrap_or_else(|| unreachable_ws());
         self.dequant_into(w, dense)?;
+        let w_ptr = dense.device_ptr(self.stream()).0;
+        self.f16_weight_gemm(x, m, w_ptr, k, n, xconv, y)
+    }
+
+    /// Dequantizes `w` once into its own f16 `[K, N]` buffer (input-row order) for
+    /// [`CudaDevice::dense_matmul`]: the cost of one `dequant` launch, paid once per layer.
+    pub fn prepare_dense(&self, w: &DeviceGptq) -> Result<DenseLayer> {
+        let (k, n) = (w.in_features, w.out_features);
+        let mut out = self.zeros::<f16>(k * n)?;
+        self.dequant_into(w, &mut out)?;
+        Ok(DenseLayer {
+            in_features: k,
+            out_features: n,
+            w: out,
+        })
+    }
+
+    /// Dequantizes `w` again into an existing [`DenseLayer`] of the same shape (e.g. to time it).
+    pub fn dequant_into_dense(&self, w: &DeviceGptq, d: &mut DenseLayer) -> Result<()> {
+        if (d.in_features, d.out_features) != (w.in_features, w.out_features) {
+            return Err(unsupported(
+                "dense layer",
+                format!("{}x{}", d.in_features, d.out_features),
+                "must have the shape of the GPTQ layer",
+            ));
+        }
+        self.dequant_into(w, &mut d.w)
+    }
+
+    /// `y[M, N] (f32) = x[M, K] · W` with W dequantized beforehand ([`CudaDevice::prepare_dense`]):
+    /// cuBLAS f16 with fp32 accumulation, bf16 X converted to f16 first.
+    pub fn dense_matmul<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        m: usize,
+        d: &DenseLayer,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (k, n) = (d.in_features, d.out_features);
+        Self::check_len("dense_matmul: x", m * k, x.len())?;
+        Self::check_len("dense_matmul: y", m * n, y.len())?;
+        let mut ws = self
+            .ws
+            .lock()
+            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
+        let w_ptr = d.w.device_ptr(self.stream()).0;
+        self.f16_weight_gemm(x, m, w_ptr, k, n, &mut ws.xconv, y)
+    }
+
+    /// cuBLAS on f16 weights at `w_ptr` (`[K, N]`), converting bf16 X to f16 in `xconv` first.
+    #[allow(clippy::too_many_arguments)]
+    fn f16_weight_gemm<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        m: usize,
+        w_ptr: u64,
+        k: usize,
+        n: usize,
+        xconv: &mut Option<CudaSlice<f16>>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let s = self.stream();
         let x_ptr = if T::IS_BF16 {
             ensure(s, xconv, m * k)?;
@@ -471,11 +591,16 @@ impl CudaDevice {
             let mut b = s.launch_builder(&f);
             b.arg(x).arg(&mut *xc).arg(&total);
             let cfg = LaunchConfig {
-                grid_dim: (ceil_div(m * k, 256).min(65535 * 4) as u32, 1, 1),
+                grid_dim: (
+                    ceil_div(ceil_div(m * k, 8), 256).clamp(1, 65535 * 4) as u32,
+                    1,
+                    1,
+                ),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: matches `convert_bf16_f16(const bf16*, half*, size_t)`; xc holds ≥ m·K elements.
+            // SAFETY: matches `convert_bf16_f16(const bf16*, half*, size_t)`; xc holds ≥ m·K elements;
+            // both are starts of device allocations (16-byte aligned for the vector loads).
             drv(
                 "launching convert_bf16_f16",
                 unsafe { b.launch(cfg) }.map(|_| ()),
@@ -486,7 +611,6 @@ impl CudaDevice {
             let p = x.device_ptr(s).0;
             p
         };
-        let w_ptr = dense.device_ptr(s).0;
         self.gemm_f32_out(
             cublas_sys::cudaDataType::CUDA_R_16F,
             w_ptr,
@@ -629,9 +753,10 @@ impl CudaDevice {
         let uk = unit_rows(bits);
         let units = k / uk;
         let tiles = ceil_div(n, GEMV_COLS);
-        let (ups, nsplit, smem) = self.plan(units, tiles * pairs, 1, uk);
+        let (ups, nsplit, smem) = self.plan(units, tiles * pairs, 1, bits);
         let entry = format!("gptq_moe_gemv_{bits}b_{}", T::NAME);
         let f = self.function(&GPTQ, &entry)?;
+        Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self
             .ws
             .lock()

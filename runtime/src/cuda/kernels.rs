@@ -64,7 +64,11 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 /// `-D` options from `MIXTRAL_GPTQ_NVRTC_DEFINES` (space-separated `NAME=VALUE`), for tuning sweeps.
 fn extra_defines() -> Vec<String> {
     std::env::var("MIXTRAL_GPTQ_NVRTC_DEFINES")
-        .map(|v| v.split_whitespace().map(|d| format!("-D{}", d.trim_start_matches("-D"))).collect())
+        .map(|v| {
+            v.split_whitespace()
+                .map(|d| format!("-D{}", d.trim_start_matches("-D")))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -15,5 +15,7 @@ pub mod device;
 pub mod gptq;
 
 pub use device::CudaDevice;
-pub use gptq::{prepare, ActDtype, DeviceExperts, DeviceGptq, PreparedGptq, GEMV_MAX_ROWS};
+pub use gptq::{
+    prepare, ActDtype, DenseLayer, DeviceExperts, DeviceGptq, PreparedGptq, GEMV_MAX_ROWS,
+};
 pub use half::{bf16, f16};

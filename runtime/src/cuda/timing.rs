@@ -20,8 +20,9 @@ impl CudaDevice {
         }
         self.synchronize()?;
         // Keep the GPU busy while the host queues the timed runs, so that host launch overhead does
-        // not show up as idle time between an event and its kernel.
-        self.busy_wait_ms(2.0)?;
+        // not show up as idle time between an event and its kernel (10 ms covers 100 queued runs at up
+        // to 100 us of host time each).
+        self.busy_wait_ms(10.0)?;
         let events: Vec<_> = (0..=iters)
             .map(|_| self.timing_event())
             .collect::<Result<_>>()?;
