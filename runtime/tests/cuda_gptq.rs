@@ -81,6 +81,7 @@ fn check<T: ActDtype>(w: &GptqWeight, m: usize, path: Path, seed: u64) -> f64 {
     rel_err(&y, &reference(&x64, m, w))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_case(
     bits: u32,
     gs: i32,
@@ -120,7 +121,7 @@ fn mixtral_shapes_match_reference() {
             let w = random_gptq(bits, gs, k, n, act, 100 + case);
             for (mi, m) in [1usize, 5, 16, 256].into_iter().enumerate() {
                 case += 1;
-                let bf = (case + mi as u64) % 2 == 0;
+                let bf = (case + mi as u64).is_multiple_of(2);
                 let e = if bf {
                     check::<bf16>(&w, m, Path::Auto, case)
                 } else {

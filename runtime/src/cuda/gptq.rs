@@ -279,7 +279,7 @@ fn ring_slots() -> usize {
             .and_then(|v| {
                 v.split_whitespace()
                     .filter_map(|d| d.trim_start_matches("-D").strip_prefix("GEMV_RING_SLOTS="))
-                    .last()
+                    .next_back()
                     .and_then(|n| n.parse().ok())
             })
             .unwrap_or(0)
@@ -465,8 +465,8 @@ impl CudaDevice {
             partial, counters, ..
         } = &mut *ws;
         let (partial, counters) = (
-            partial.as_mut().unwrap_or_else(|| unreachable_ws()),
-            counters.as_mut().unwrap_or_else(|| unreachable_ws()),
+            partial.as_mut().unwrap_or_else(unreachable_ws),
+            counters.as_mut().unwrap_or_else(unreachable_ws),
         );
         let (mi, ki, ni, upsi) = (m as i32, k as i32, n as i32, ups as i32);
         let nullp = null();
@@ -519,7 +519,7 @@ impl CudaDevice {
             .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
         ensure(self.stream(), &mut ws.dense, k * n)?;
         let crate::cuda::device::Workspace { dense, xconv, .. } = &mut *ws;
-        let dense = dense.as_mut().unwrap_or_else(|| unreachable_ws());
+        let dense = dense.as_mut().unwrap_or_else(unreachable_ws);
         self.dequant_into(w, dense)?;
         let w_ptr = dense.device_ptr(self.stream()).0;
         self.f16_weight_gemm(x, m, w_ptr, k, n, xconv, y)
@@ -585,7 +585,7 @@ impl CudaDevice {
         let s = self.stream();
         let x_ptr = if T::IS_BF16 {
             ensure(s, xconv, m * k)?;
-            let xc = xconv.as_mut().unwrap_or_else(|| unreachable_ws());
+            let xc = xconv.as_mut().unwrap_or_else(unreachable_ws);
             let f = self.function(&GPTQ, "convert_bf16_f16")?;
             let total = (m * k) as u64;
             let mut b = s.launch_builder(&f);
@@ -767,8 +767,8 @@ impl CudaDevice {
             partial, counters, ..
         } = &mut *ws;
         let (partial, counters) = (
-            partial.as_mut().unwrap_or_else(|| unreachable_ws()),
-            counters.as_mut().unwrap_or_else(|| unreachable_ws()),
+            partial.as_mut().unwrap_or_else(unreachable_ws),
+            counters.as_mut().unwrap_or_else(unreachable_ws),
         );
         let (xd, ki, ni, upsi) = (x_div as i32, k as i32, n as i32, ups as i32);
         let nullp = null();

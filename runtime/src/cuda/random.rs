@@ -71,7 +71,7 @@ pub fn random_gptq(
     };
     let groups = k.div_ceil(gs);
     let mut codes = vec![0u8; k * n];
-    let maxq = (1u64 << bits) as u64;
+    let maxq = 1u64 << bits;
     codes
         .par_chunks_mut(n.max(1))
         .enumerate()
