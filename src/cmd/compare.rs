@@ -104,7 +104,8 @@ pub fn read_branch(dir: &Path) -> anyhow::Result<BranchSummary> {
 }
 
 /// Where the baseline's results are stored: `<out>/baseline-eval.json`.
-fn baseline_results_path(out: &Path) -> PathBuf {
+/// Where `compare` keeps the dense model's results inside its output directory.
+pub fn baseline_results_path(out: &Path) -> PathBuf {
     out.join("baseline-eval.json")
 }
 
@@ -138,6 +139,25 @@ fn fill_missing(
         });
     }
     Ok(true)
+}
+
+/// Evaluates, for each branch directory, the `(text, convention)` pairs missing from its
+/// `eval.json`, and stores them there; returns each directory's results.
+pub fn evaluate_dirs(
+    branches: &[PathBuf],
+    texts: &[EvalText],
+    convs: &[evaluate::Convention],
+) -> anyhow::Result<Vec<EvalResults>> {
+    let mut all = Vec::with_capacity(branches.len());
+    for dir in branches {
+        let path = dir.join(EVAL_FILE);
+        let mut results = EvalResults::load_or_default(&path, &dir.display().to_string())?;
+        if fill_missing(&dir.display().to_string(), &mut results, texts, convs)? {
+            results.save(&path)?;
+        }
+        all.push(results);
+    }
+    Ok(all)
 }
 
 /// Builds and writes the comparison of `branches` against `baseline` into `out`; prints the tables.
@@ -179,15 +199,9 @@ pub fn compare_dirs(
         ppl: ppl_map(&base_results),
         quant_seconds: None,
     };
+    evaluate_dirs(branches, &texts, &convs)?;
     let mut summaries = Vec::new();
     for dir in branches {
-        if !no_eval {
-            let path = dir.join(EVAL_FILE);
-            let mut results = EvalResults::load_or_default(&path, &dir.display().to_string())?;
-            if fill_missing(&dir.display().to_string(), &mut results, &texts, &convs)? {
-                results.save(&path)?;
-            }
-        }
         summaries
             .push(read_branch(dir).with_context(|| format!("reading branch {}", dir.display()))?);
     }

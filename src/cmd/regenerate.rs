@@ -1,5 +1,6 @@
 //! `mixtral-gptq regenerate`: writes all seven branches (or a chosen few) from one calibration set,
-//! then prints their perplexity (`gptq-2048`) against the dense model.
+//! then compares their perplexity (`gptq-2048` by default) with the dense model's: one table per
+//! text in the terminal, and Markdown/CSV/JSON tables and charts under `comparison/` (`--comparison-out`).
 //!
 //! With no `--model` it runs on the bundled fixture (`fixtures/moe-s`) with recipe 32 x 512, seed 0,
 //! small enough for a 2-core machine. Each branch runs its own calibration forward passes: they
@@ -10,13 +11,16 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use evaluate::Convention;
+use evaluate::datasets::EvalText;
+use evaluate::results::{EvalResults, EVAL_FILE};
 use quantize::driver::{write_branch, Options, STARVED_FRACTION};
 use quantize::presets::PRESETS;
 use quantize::Preset;
 use serde_json::{json, Value};
 
 use crate::cmd::calibrate::{load_or_build, CalibrationOptions};
+use crate::cmd::compare::{baseline_results_path, compare_dirs, evaluate_dirs};
+use crate::cmd::eval::conventions;
 use crate::cmd::quantize::{bundled, model_dir};
 
 /// Arguments of `mixtral-gptq regenerate`.
@@ -61,10 +65,13 @@ pub struct RegenerateArgs {
     /// Perplexity convention.
     #[arg(long, default_value = "gptq-2048")]
     pub convention: String,
-    /// Skip the perplexity table.
+    /// Where the comparison tables and charts go.
+    #[arg(long, default_value = "comparison")]
+    pub comparison_out: PathBuf,
+    /// Skip the evaluation and the comparison.
     #[arg(long)]
     pub no_eval: bool,
-    /// Skip evaluating the dense model.
+    /// Skip evaluating the dense model (and so the comparison files): only the branches' perplexities.
     #[arg(long)]
     pub no_baseline: bool,
     /// Also write everything (timings, starved modules, perplexities) as JSON to this file.
@@ -73,45 +80,6 @@ pub struct RegenerateArgs {
     /// No progress bars and no per-module log.
     #[arg(long, short)]
     pub quiet: bool,
-}
-
-fn text_label(path: &std::path::Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
-}
-
-fn perplexities(
-    dir: &std::path::Path,
-    texts: &[(String, Vec<u32>)],
-    convention: Convention,
-    quiet: bool,
-) -> anyhow::Result<Vec<(String, f64)>> {
-    let mut model =
-        runtime::Model::load(dir).with_context(|| format!("loading {}", dir.display()))?;
-    let mut out = Vec::new();
-    for (label, ids) in texts {
-        let bar = if quiet {
-            indicatif::ProgressBar::hidden()
-        } else {
-            indicatif::ProgressBar::new(0)
-        };
-        bar.set_message(format!("{} {label}", dir.display()));
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {pos}/{len} windows, {elapsed} (eta {eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        let p = evaluate::evaluate(&mut model, ids, convention, &mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        })
-        .with_context(|| format!("perplexity of {} on {label}", dir.display()))?;
-        bar.finish_and_clear();
-        out.push((label.clone(), p.ppl));
-    }
-    Ok(out)
 }
 
 pub fn run(args: RegenerateArgs) -> anyhow::Result<ExitCode> {
@@ -197,69 +165,60 @@ pub fn run(args: RegenerateArgs) -> anyhow::Result<ExitCode> {
 
     let mut baseline = Value::Null;
     if !args.no_eval {
-        let convention: Convention = args.convention.parse().context("--convention")?;
-        let files = if args.texts.is_empty() {
-            vec![
-                bundled("fixtures/eval/shakespeare.txt"),
-                bundled("fixtures/eval/python.txt"),
-            ]
-        } else {
-            args.texts.clone()
-        };
-        let tokenizer = dir.join("tokenizer.json");
-        let texts: Vec<(String, Vec<u32>)> = files
-            .iter()
-            .map(|f| {
-                Ok((
-                    text_label(f),
-                    evaluate::tokenize::encode_file(&tokenizer, f)?,
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let labels: Vec<String> = texts
-            .iter()
-            .map(|(l, _)| format!("{l}/{convention}"))
-            .collect();
-        let base: Option<Vec<(String, f64)>> = if args.no_baseline {
-            None
-        } else {
-            Some(perplexities(&dir, &texts, convention, args.quiet)?)
-        };
-        if let Some(b) = &base {
-            baseline = json!(b
+        let text_specs: Vec<String> = if args.texts.is_empty() {
+            ["fixtures/eval/shakespeare.txt", "fixtures/eval/python.txt"]
                 .iter()
-                .map(|(l, p)| (format!("{l}/{convention}"), json!(p)))
-                .collect::<serde_json::Map<_, _>>());
-        }
-        let mut header = format!("{:<32}", "branch");
-        for l in &labels {
-            header += &format!(" {l:>26}");
-        }
-        let mut lines = vec![header];
-        if let Some(b) = &base {
-            let mut line = format!("{:<32}", "bf16 (dense)");
-            for (_, p) in b {
-                line += &format!(" {:>26}", format!("{p:.4}"));
+                .map(|t| bundled(t).display().to_string())
+                .collect()
+        } else {
+            args.texts.iter().map(|t| t.display().to_string()).collect()
+        };
+        let dirs: Vec<PathBuf> = branches
+            .iter()
+            .map(|e| PathBuf::from(e["dir"].as_str().unwrap_or_default()))
+            .collect();
+        let as_map = |r: &EvalResults| -> Value {
+            Value::Object(
+                r.results
+                    .iter()
+                    .map(|(k, e)| (k.clone(), json!(e.perplexity.ppl)))
+                    .collect(),
+            )
+        };
+        let results = if args.no_baseline {
+            let texts = text_specs
+                .iter()
+                .map(|t| EvalText::load(t).with_context(|| format!("reading {t}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let convs = conventions(&args.convention, None)?;
+            let results = evaluate_dirs(&dirs, &texts, &convs)?;
+            for (dir, r) in dirs.iter().zip(&results) {
+                println!("{}: {}", dir.display(), as_map(r));
             }
-            lines.push(line);
+            results
+        } else {
+            // The comparison evaluates what is missing (stored in each branch's eval.json),
+            // prints one table per text and writes Markdown/CSV/JSON tables and charts.
+            let out = &args.comparison_out;
+            compare_dirs(
+                &dir.display().to_string(),
+                &dirs,
+                &text_specs,
+                &args.convention,
+                out,
+                false,
+            )?;
+            baseline = as_map(&EvalResults::load_or_default(
+                &baseline_results_path(out),
+                &dir.display().to_string(),
+            )?);
+            dirs.iter()
+                .map(|d| EvalResults::load_or_default(&d.join(EVAL_FILE), &d.display().to_string()))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        for (entry, r) in branches.iter_mut().zip(&results) {
+            entry["ppl"] = as_map(r);
         }
-        for entry in branches.iter_mut() {
-            let dir = PathBuf::from(entry["dir"].as_str().unwrap_or_default());
-            let ppl = perplexities(&dir, &texts, convention, args.quiet)?;
-            let mut line = format!("{:<32}", entry["branch"].as_str().unwrap_or_default());
-            let mut map = serde_json::Map::new();
-            for (i, (l, p)) in ppl.iter().enumerate() {
-                let cell = match &base {
-                    Some(b) => format!("{p:.4} ({:+.2}%)", (p / b[i].1 - 1.0) * 100.0),
-                    None => format!("{p:.4}"),
-                };
-                line += &format!(" {cell:>26}");
-                map.insert(format!("{l}/{convention}"), json!(p));
-            }
-            entry["ppl"] = Value::Object(map);
-            lines.push(line);
-        }
-        println!("{}", lines.join("\n"));
     }
     let total = start.elapsed().as_secs_f64();
     eprintln!("regenerate: quantization {quantize_seconds:.1}s, total {total:.1}s");
