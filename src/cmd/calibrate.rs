@@ -13,6 +13,8 @@ use calibration::{
     CalibrationSet, DatasetSource, HubDataset, Recipe, DEFAULT_TEMPLATE, OPEN_INSTRUCT_FILE,
 };
 
+use crate::cmd::bundled;
+
 /// The bundled Open Instruct sample, relative to the repository root.
 const BUNDLED_DATASET: &str = "fixtures/calibration/open-instruct-sample.parquet";
 /// The bundled Mixtral tokenizer, relative to the repository root.
@@ -99,17 +101,6 @@ pub fn load_or_build(
         Some(path) => CalibrationSet::load(path)
             .with_context(|| format!("loading calibration set {}", path.display())),
         None => options.build(),
-    }
-}
-
-/// A bundled fixture: relative to the current directory if it is there (a checkout), else
-/// relative to the repository this binary was built from.
-fn bundled(rel: &str) -> PathBuf {
-    let here = PathBuf::from(rel);
-    if here.exists() {
-        here
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
     }
 }
 

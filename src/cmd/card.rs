@@ -8,8 +8,8 @@ use evaluate::card::{render, CardInput};
 use evaluate::compare::BranchSummary;
 use evaluate::results::EvalResults;
 
+use crate::cmd::bundled;
 use crate::cmd::compare::{read_branch, weight_bytes};
-use crate::cmd::eval::bundled;
 
 /// Arguments of `mixtral-gptq card`.
 #[derive(Debug, clap::Args)]

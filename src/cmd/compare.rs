@@ -11,7 +11,8 @@ use evaluate::datasets::EvalText;
 use evaluate::results::{EvalEntry, EvalResults, EVAL_FILE};
 use serde_json::Value;
 
-use crate::cmd::eval::{bundled, conventions, Evaluator};
+use crate::cmd::bundled;
+use crate::cmd::eval::{conventions, Evaluator};
 
 /// Arguments of `mixtral-gptq compare`.
 #[derive(Debug, clap::Args)]

@@ -1,8 +1,9 @@
 //! `mixtral-gptq eval`: perplexity of a model or a branch over text files or wikitext-2.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::cmd::bundled;
 use anyhow::{bail, Context};
 use evaluate::datasets::EvalText;
 use evaluate::results::{EvalEntry, EvalResults, EVAL_FILE};
@@ -35,16 +36,6 @@ pub struct EvalArgs {
     /// Don't store the results in the branch directory's `eval.json`.
     #[arg(long)]
     pub no_save: bool,
-}
-
-/// The bundled fixture path `rel`, found relative to the current directory or the source tree.
-pub fn bundled(rel: &str) -> PathBuf {
-    let local = Path::new(rel);
-    if local.exists() {
-        local.to_path_buf()
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-    }
 }
 
 /// Parses `--convention` and `--ctx` into the conventions to run.

@@ -1,5 +1,6 @@
 //! One module per subcommand: build inputs, call the libraries, print results.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
@@ -28,5 +29,16 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Compare(args) => compare::run(args),
         Command::Card(args) => card::run(args),
         Command::Publish(args) => publish::run(args),
+    }
+}
+
+/// A bundled fixture path: relative to the current directory if it is there (a checkout), else
+/// relative to the repository this binary was built from.
+pub fn bundled(rel: &str) -> PathBuf {
+    let here = Path::new(rel);
+    if here.exists() {
+        here.to_path_buf()
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
     }
 }

@@ -1,13 +1,14 @@
 //! `mixtral-gptq quantize`: one GPTQ branch from a dense Mixtral (spec §1), written atomically with
 //! `quant_report.json` beside the weights.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use quantize::driver::{write_branch, Options, STARVED_FRACTION};
 use quantize::Preset;
 
+use crate::cmd::bundled;
 use crate::cmd::calibrate::{load_or_build, CalibrationOptions};
 
 /// The bundled model, relative to the repository root.
@@ -48,16 +49,6 @@ pub struct QuantizeArgs {
     /// No progress bar and no per-module log.
     #[arg(long, short)]
     pub quiet: bool,
-}
-
-/// A bundled path: relative to the current directory if present, else to this repository.
-pub fn bundled(rel: &str) -> PathBuf {
-    let here = PathBuf::from(rel);
-    if here.exists() {
-        here
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-    }
 }
 
 /// The model directory for `--model` (`None`: the bundled fixture).

@@ -18,10 +18,11 @@ use quantize::presets::PRESETS;
 use quantize::Preset;
 use serde_json::{json, Value};
 
+use crate::cmd::bundled;
 use crate::cmd::calibrate::{load_or_build, CalibrationOptions};
 use crate::cmd::compare::{baseline_results_path, compare_dirs, evaluate_dirs};
 use crate::cmd::eval::conventions;
-use crate::cmd::quantize::{bundled, model_dir};
+use crate::cmd::quantize::model_dir;
 
 /// Arguments of `mixtral-gptq regenerate`.
 #[derive(Debug, clap::Args)]
