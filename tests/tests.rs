@@ -1,8 +1,8 @@
 //! End-to-end tests: the built `mixtral-gptq` over the bundled fixtures.
 
-mod util;
 mod calibrate;
-mod verify;
+mod compare;
 mod eval;
 mod quantize;
-mod compare;
+mod util;
+mod verify;

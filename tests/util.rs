@@ -22,7 +22,11 @@ pub fn bin() -> Command {
 
 /// Runs the binary with `args` in `dir`, returning its output.
 pub fn run_in(dir: &Path, args: &[&str]) -> Output {
-    bin().current_dir(dir).args(args).output().expect("spawning mixtral-gptq")
+    bin()
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("spawning mixtral-gptq")
 }
 
 /// Stdout and stderr of an output, for assertion messages.

@@ -41,7 +41,11 @@ fn rewrite(path: &Path, edit: impl Fn(&str, &str, Vec<u8>) -> Option<(String, Ve
     let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let data = &bytes[8 + n..];
     let mut entries: Vec<(String, Value)> = header.into_iter().collect();
-    entries.sort_by_key(|(_, v)| v.get("data_offsets").map(|o| o[0].as_u64().unwrap()).unwrap_or(0));
+    entries.sort_by_key(|(_, v)| {
+        v.get("data_offsets")
+            .map(|o| o[0].as_u64().unwrap())
+            .unwrap_or(0)
+    });
     let mut new_header = serde_json::Map::new();
     let mut new_data = Vec::new();
     for (name, info) in entries {
@@ -49,8 +53,15 @@ fn rewrite(path: &Path, edit: impl Fn(&str, &str, Vec<u8>) -> Option<(String, Ve
             new_header.insert(name, info);
             continue;
         }
-        let (a, b) = (info["data_offsets"][0].as_u64().unwrap() as usize, info["data_offsets"][1].as_u64().unwrap() as usize);
-        let Some((dtype, tensor)) = edit(&name, info["dtype"].as_str().unwrap(), data[a..b].to_vec()) else { continue };
+        let (a, b) = (
+            info["data_offsets"][0].as_u64().unwrap() as usize,
+            info["data_offsets"][1].as_u64().unwrap() as usize,
+        );
+        let Some((dtype, tensor)) =
+            edit(&name, info["dtype"].as_str().unwrap(), data[a..b].to_vec())
+        else {
+            continue;
+        };
         let start = new_data.len();
         new_data.extend(tensor);
         new_header.insert(
@@ -72,7 +83,11 @@ fn verify_says(dir: &Path, code: i32, needles: &[&str]) {
     assert_eq!(out.status.code(), Some(code), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     for needle in needles {
-        assert!(stdout.contains(needle), "expected `{needle}` in:\n{}", text(&out));
+        assert!(
+            stdout.contains(needle),
+            "expected `{needle}` in:\n{}",
+            text(&out)
+        );
     }
 }
 
@@ -111,13 +126,16 @@ fn verify_names_each_corruption_and_exits_1() {
                     Some((dtype.to_string(), b))
                 })
             }),
-            vec![format!("{module}: g_idx: 1 value(s) outside 0..4, first g_idx[5] = 9")],
+            vec![format!(
+                "{module}: g_idx: 1 value(s) outside 0..4, first g_idx[5] = 9"
+            )],
         ),
         (
             "deleted tensor",
             Box::new(|dir| {
                 rewrite(&dir.join("model.safetensors"), |name, dtype, b| {
-                    (name != "model.layers.0.self_attn.q_proj.scales").then(|| (dtype.to_string(), b))
+                    (name != "model.layers.0.self_attn.q_proj.scales")
+                        .then(|| (dtype.to_string(), b))
                 })
             }),
             vec!["model.layers.0.self_attn.q_proj.scales: missing".to_string()],
@@ -133,7 +151,10 @@ fn verify_names_each_corruption_and_exits_1() {
                     Some((dtype.to_string(), b))
                 })
             }),
-            vec!["model.layers.2.post_attention_layernorm.weight: is F32 [256], expected F16 [256]".to_string()],
+            vec![
+                "model.layers.2.post_attention_layernorm.weight: is F32 [256], expected F16 [256]"
+                    .to_string(),
+            ],
         ),
         (
             "quantize_config.json removed",
@@ -144,18 +165,24 @@ fn verify_names_each_corruption_and_exits_1() {
             "bits disagree",
             Box::new(|dir| {
                 let path = dir.join("config.json");
-                let text = std::fs::read_to_string(&path).unwrap().replace("\"bits\": 3,", "\"bits\": 4,");
+                let text = std::fs::read_to_string(&path)
+                    .unwrap()
+                    .replace("\"bits\": 3,", "\"bits\": 4,");
                 std::fs::write(&path, text).unwrap();
             }),
-            vec!["config.json quantization_config: `bits` is 4, quantize_config.json says 3".to_string()],
+            vec![
+                "config.json quantization_config: `bits` is 4, quantize_config.json says 3"
+                    .to_string(),
+            ],
         ),
         (
             "quantized router",
             Box::new(|dir| {
                 let path = dir.join("config.json");
-                let text = std::fs::read_to_string(&path)
-                    .unwrap()
-                    .replace("\"self_attn.o_proj\"\n", "\"self_attn.o_proj\",\n        \"block_sparse_moe.gate\"\n");
+                let text = std::fs::read_to_string(&path).unwrap().replace(
+                    "\"self_attn.o_proj\"\n",
+                    "\"self_attn.o_proj\",\n        \"block_sparse_moe.gate\"\n",
+                );
                 std::fs::write(&path, text).unwrap();
             }),
             vec!["`block_sparse_moe.gate` is not a quantizable Mixtral linear".to_string()],
@@ -176,5 +203,9 @@ fn verify_missing_dir_exits_2() {
     let tmp = tempfile::tempdir().unwrap();
     let out = run_in(tmp.path(), &["verify", "no-such-branch"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-branch"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-branch"),
+        "{}",
+        text(&out)
+    );
 }

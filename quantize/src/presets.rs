@@ -50,10 +50,18 @@ pub const PRESETS: [Preset; 7] = [
 impl Preset {
     /// Looks a preset up by its branch name.
     pub fn by_name(name: &str) -> Result<Preset> {
-        PRESETS.iter().copied().find(|p| p.name == name).ok_or_else(|| Error::UnknownPreset {
-            name: name.to_string(),
-            known: PRESETS.iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
-        })
+        PRESETS
+            .iter()
+            .copied()
+            .find(|p| p.name == name)
+            .ok_or_else(|| Error::UnknownPreset {
+                name: name.to_string(),
+                known: PRESETS
+                    .iter()
+                    .map(|p| p.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 }
 
@@ -63,7 +71,12 @@ mod tests {
 
     #[test]
     fn lookup_and_unknown() {
-        assert_eq!(Preset::by_name("gptq-3bit-128g-actorder_True").unwrap().bits, 3);
+        assert_eq!(
+            Preset::by_name("gptq-3bit-128g-actorder_True")
+                .unwrap()
+                .bits,
+            3
+        );
         assert_eq!(Preset::by_name("main").unwrap().group_size, -1);
         let err = Preset::by_name("gptq-5bit").unwrap_err().to_string();
         assert!(err.contains("gptq-5bit") && err.contains("main"), "{err}");
