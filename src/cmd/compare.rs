@@ -11,8 +11,8 @@ use evaluate::datasets::EvalText;
 use evaluate::results::{EvalEntry, EvalResults, EVAL_FILE};
 use serde_json::Value;
 
-use crate::cmd::bundled;
 use crate::cmd::eval::{conventions, Evaluator};
+use crate::cmd::{bundled, bundled_eval_texts};
 
 /// Arguments of `mixtral-gptq compare`.
 #[derive(Debug, clap::Args)]
@@ -245,14 +245,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| bundled("fixtures/moe-s").display().to_string());
     let texts: Vec<String> = if args.texts.is_empty() {
-        ["shakespeare", "python"]
-            .iter()
-            .map(|t| {
-                bundled(&format!("fixtures/eval/{t}.txt"))
-                    .display()
-                    .to_string()
-            })
-            .collect()
+        bundled_eval_texts()
     } else {
         args.texts.clone()
     };

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::cmd::bundled;
+use crate::cmd::{bundled, bundled_eval_texts};
 use anyhow::{bail, Context};
 use evaluate::datasets::EvalText;
 use evaluate::results::{EvalEntry, EvalResults, EVAL_FILE};
@@ -127,14 +127,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| bundled("fixtures/moe-s").display().to_string());
     let conventions = conventions(&args.convention, args.ctx)?;
     let text_specs: Vec<String> = if args.texts.is_empty() {
-        ["shakespeare", "python"]
-            .iter()
-            .map(|t| {
-                bundled(&format!("fixtures/eval/{t}.txt"))
-                    .display()
-                    .to_string()
-            })
-            .collect()
+        bundled_eval_texts()
     } else {
         args.texts.clone()
     };

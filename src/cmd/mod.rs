@@ -42,3 +42,16 @@ pub fn bundled(rel: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
     }
 }
+
+/// The bundled evaluation texts (`fixtures/eval/shakespeare.txt` and `python.txt`), the default
+/// of every command that measures perplexity.
+pub fn bundled_eval_texts() -> Vec<String> {
+    ["shakespeare", "python"]
+        .iter()
+        .map(|t| {
+            bundled(&format!("fixtures/eval/{t}.txt"))
+                .display()
+                .to_string()
+        })
+        .collect()
+}

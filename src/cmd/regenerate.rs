@@ -18,7 +18,7 @@ use quantize::presets::PRESETS;
 use quantize::Preset;
 use serde_json::{json, Value};
 
-use crate::cmd::bundled;
+use crate::cmd::bundled_eval_texts;
 use crate::cmd::calibrate::{load_or_build, CalibrationOptions};
 use crate::cmd::compare::{baseline_results_path, compare_dirs, evaluate_dirs};
 use crate::cmd::eval::conventions;
@@ -167,10 +167,7 @@ pub fn run(args: RegenerateArgs) -> anyhow::Result<ExitCode> {
     let mut baseline = Value::Null;
     if !args.no_eval {
         let text_specs: Vec<String> = if args.texts.is_empty() {
-            ["fixtures/eval/shakespeare.txt", "fixtures/eval/python.txt"]
-                .iter()
-                .map(|t| bundled(t).display().to_string())
-                .collect()
+            bundled_eval_texts()
         } else {
             args.texts.iter().map(|t| t.display().to_string()).collect()
         };
