@@ -33,7 +33,7 @@ pub struct CalibrationOptions {
     /// File inside a Hub dataset repository.
     #[arg(long, default_value = OPEN_INSTRUCT_FILE)]
     pub dataset_file: String,
-    /// tokenizer.json [default: the bundled fixtures/moe-s/tokenizer.json]
+    /// tokenizer.json [default: the model's (quantize) or the bundled fixtures/moe-s/tokenizer.json]
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// Number of windows.

@@ -71,7 +71,12 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let calib = if args.rtn {
         None
     } else {
-        Some(load_or_build(args.calibration.as_deref(), &args.calib)?)
+        // The model's own tokenizer unless one is named.
+        let mut options = args.calib.clone();
+        if options.tokenizer.is_none() && dir.join("tokenizer.json").is_file() {
+            options.tokenizer = Some(dir.join("tokenizer.json"));
+        }
+        Some(load_or_build(args.calibration.as_deref(), &options)?)
     };
     let opts = Options {
         preset,
