@@ -162,6 +162,9 @@ pub enum Error {
     /// An error from candle-core (CPU backend).
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    /// An error of the CUDA backend (library missing, kernel compilation, driver or cuBLAS).
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
 }
 
 /// `Result` with [`Error`] as the default error.

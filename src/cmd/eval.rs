@@ -30,7 +30,7 @@ pub struct EvalArgs {
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Device: `cpu` (the only one `eval` supports so far).
+    /// Device: `cpu` (f32 reference) or `cuda` (f32 on GPU 0; `cuda:N` for GPU N).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Don't store the results in the branch directory's `eval.json`.
@@ -59,7 +59,7 @@ pub struct Evaluator {
     pub spec: String,
     /// The resolved local directory.
     pub dir: PathBuf,
-    model: runtime::Model,
+    model: Box<dyn evaluate::Scorer>,
     tokenizer: evaluate::tokenize::Tokenizer,
     tokenizer_path: PathBuf,
 }
@@ -67,13 +67,35 @@ pub struct Evaluator {
 impl Evaluator {
     /// Resolves `spec` (directory or Hub id) and loads the model on `device` and its tokenizer.
     pub fn load(spec: &str, device: &str) -> anyhow::Result<Self> {
-        if device != "cpu" {
-            bail!("--device {device}: eval runs on `cpu` only so far");
-        }
+        let ordinal = match device {
+            "cpu" => None,
+            "cuda" => Some(0),
+            d => match d
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                Some(n) => Some(n),
+                None => bail!("--device {device}: expected `cpu`, `cuda` or `cuda:N`"),
+            },
+        };
         let dir = runtime::resolve(spec, &runtime::HubOptions::from_env())
             .with_context(|| format!("resolving model {spec}"))?;
-        let model = runtime::Model::load(&dir)
-            .with_context(|| format!("loading model {}", dir.display()))?;
+        let model: Box<dyn evaluate::Scorer> = match ordinal {
+            None => Box::new(
+                runtime::Model::load(&dir)
+                    .with_context(|| format!("loading model {}", dir.display()))?,
+            ),
+            Some(n) => {
+                let backend = runtime::cuda::CudaBackend::new(n)
+                    .with_context(|| format!("opening CUDA device {n}"))?;
+                let checkpoint = runtime::Checkpoint::open(&dir)
+                    .with_context(|| format!("opening model {}", dir.display()))?;
+                Box::new(
+                    runtime::Model::from_checkpoint(backend, &checkpoint)
+                        .with_context(|| format!("loading model {} on cuda:{n}", dir.display()))?,
+                )
+            }
+        };
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = evaluate::tokenize::load_tokenizer(&tokenizer_path)?;
         Ok(Self {
@@ -101,7 +123,7 @@ impl Evaluator {
             .progress_chars("=> "),
         );
         bar.set_message(format!("{} {convention}", text.name));
-        let result = evaluate::evaluate(&mut self.model, ids, convention, &mut |done, _| {
+        let result = evaluate::evaluate(self.model.as_mut(), ids, convention, &mut |done, _| {
             bar.set_position(done as u64)
         })
         .with_context(|| format!("evaluating {} on {} ({convention})", self.spec, text.name));

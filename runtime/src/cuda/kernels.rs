@@ -24,8 +24,15 @@ pub const GPTQ: KernelSource = KernelSource {
     src: include_str!("../../kernels/gptq.cu"),
 };
 
+/// The f32 operations of the forward pass (`CudaBackend`): gathers, RMSNorm, RoPE, attention,
+/// SiLU, scatter-add and the per-row NLL.
+pub const FORWARD: KernelSource = KernelSource {
+    name: "forward",
+    src: include_str!("../../kernels/forward.cu"),
+};
+
 /// Every kernel file, for the compile-everything test.
-pub const ALL: &[KernelSource] = &[GPTQ];
+pub const ALL: &[KernelSource] = &[GPTQ, FORWARD];
 
 /// Options passed to NVRTC besides the architecture and include folders.
 const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true", "-default-device"];

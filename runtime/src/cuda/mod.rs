@@ -11,9 +11,11 @@ pub mod random;
 pub mod timing;
 
 pub use error::{CudaError, Result};
+pub mod backend;
 pub mod device;
 pub mod gptq;
 
+pub use backend::{CudaBackend, CudaTensor};
 pub use device::CudaDevice;
 pub use gptq::{
     prepare, ActDtype, DenseLayer, DeviceExperts, DeviceGptq, PreparedGptq, GEMV_MAX_ROWS,
