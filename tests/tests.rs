@@ -3,6 +3,7 @@
 mod calibrate;
 mod compare;
 mod eval;
+mod eval_device;
 mod quantize;
 mod util;
 mod verify;
