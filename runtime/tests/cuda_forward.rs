@@ -99,6 +99,19 @@ macro_rules! both {
     };
 }
 
+/// Runs everywhere: without CUDA, opening the backend is a named error, never a panic.
+#[test]
+fn opening_the_backend_works_or_names_what_is_missing() {
+    match CudaBackend::new(0) {
+        Ok(b) => assert!(b.name().starts_with("cuda")),
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("no CUDA here: {msg}");
+            assert!(msg.contains("CUDA"), "unhelpful error: {msg}");
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn elementwise_and_row_ops_match_cpu() {

@@ -62,6 +62,17 @@ impl CudaTensor {
 #[derive(Debug, Clone)]
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
+    name: &'static str,
+}
+
+/// `cuda:N` for the first eight ordinals, `cuda` beyond (the trait wants a static name).
+fn device_name(ordinal: Option<usize>) -> &'static str {
+    const NAMES: [&str; 8] = [
+        "cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:4", "cuda:5", "cuda:6", "cuda:7",
+    ];
+    ordinal
+        .and_then(|n| NAMES.get(n).copied())
+        .unwrap_or("cuda")
 }
 
 fn launch_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
@@ -109,12 +120,16 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
         Ok(Self {
             dev: CudaDevice::new(ordinal)?,
+            name: device_name(Some(ordinal)),
         })
     }
 
     /// A backend on an already opened device.
     pub fn on(dev: Arc<CudaDevice>) -> Self {
-        Self { dev }
+        Self {
+            dev,
+            name: device_name(None),
+        }
     }
 
     /// The device.
@@ -184,7 +199,7 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
 
     fn name(&self) -> &'static str {
-        "cuda:0"
+        self.name
     }
 
     fn upload(&self, t: HostTensor) -> Result<CudaTensor> {
