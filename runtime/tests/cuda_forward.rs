@@ -301,3 +301,66 @@ fn fixture_window_matches_cpu() {
     );
     assert!(e < MODEL_TOL, "logits differ by {e}");
 }
+
+/// Timings at Mixtral-8x7B's shapes for one 2048-token window (no correctness check beyond
+/// finiteness: the shapes above cover it): attention with 32/8 heads of 128, the q and expert
+/// projections through SGEMM. Printed for BENCHMARKS.md; run by hand.
+#[test]
+#[ignore = "needs a CUDA device; timing only"]
+fn mixtral_size_timings() {
+    let Some(g) = gpu() else { return };
+    let t = 2048;
+    let shape = AttentionShape {
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+    };
+    let q = g.upload(host(t, 4096, 1, 1.0)).unwrap();
+    let k = g.upload(host(t, 1024, 2, 1.0)).unwrap();
+    let v = g.upload(host(t, 1024, 3, 1.0)).unwrap();
+    let x = g.upload(host(t, 4096, 4, 1.0)).unwrap();
+    let w_q = g.upload(host(4096, 4096, 5, 0.02)).unwrap();
+    let w_up = g.upload(host(14336, 4096, 6, 0.02)).unwrap();
+    let time = |what: &str, flops: f64, f: &dyn Fn() -> runtime::cuda::CudaTensor| {
+        let out = f();
+        g.device().synchronize().unwrap();
+        let reps = 10;
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps {
+            let _ = f();
+        }
+        g.device().synchronize().unwrap();
+        let s = t0.elapsed().as_secs_f64() / reps as f64;
+        let host = g.download(&out).unwrap();
+        assert!(
+            host.data.iter().all(|v| v.is_finite()),
+            "{what}: not finite"
+        );
+        eprintln!("{what}: {:.3} ms, {:.1} TFLOP/s", s * 1e3, flops / s / 1e12);
+    };
+    // Causal: QK^T and PV over the lower triangle, 2 FLOPs per multiply-add.
+    let att_flops = 2.0 * 2.0 * (t * (t + 1) / 2) as f64 * 128.0 * 32.0;
+    time("attention T=2048 32/8 heads of 128", att_flops, &|| {
+        g.attention(&q, &k, &v, shape, None).unwrap()
+    });
+    time(
+        "SGEMM [2048, 4096] x [4096, 4096]^T",
+        2.0 * 2048.0 * 4096.0 * 4096.0,
+        &|| g.matmul_t(&x, &w_q).unwrap(),
+    );
+    time(
+        "SGEMM [2048, 4096] x [14336, 4096]^T",
+        2.0 * 2048.0 * 4096.0 * 14336.0,
+        &|| g.matmul_t(&x, &w_up).unwrap(),
+    );
+    let head = g.upload(host(32000, 4096, 7, 0.02)).unwrap();
+    let targets: Vec<u32> = (0..2047u32).map(|i| (i * 7) % 32000).collect();
+    g.device().synchronize().unwrap();
+    let t0 = std::time::Instant::now();
+    let nll = g.lm_head_nll(&x, &head, &targets).unwrap();
+    eprintln!(
+        "lm_head_nll [2048, 4096] x [32000, 4096]^T (16 chunks of 128 rows): {:.3} ms, {} values",
+        t0.elapsed().as_secs_f64() * 1e3,
+        nll.len()
+    );
+}
