@@ -150,13 +150,13 @@ pub fn resolve_hub_dataset_file(repo: &str, revision: &str, file: &str) -> Resul
         file: file.to_string(),
         reason,
     };
-    let cache = cache_dir_from_env()
-        .ok_or_else(|| hub_err("no cache directory: set HF_HUB_CACHE or HF_HOME".into()))?;
-    if offline_from_env() {
-        return resolve_in_cache(&cache, repo, revision, file).map_err(hub_err);
+    // The same environment as model resolution: HF_HUB_CACHE / HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT.
+    let env = runtime::HubOptions::from_env();
+    if env.offline {
+        return resolve_in_cache(&env.cache_dir, repo, revision, file).map_err(hub_err);
     }
-    let mut builder = ApiBuilder::from_cache(Cache::new(cache)).with_progress(true);
-    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+    let mut builder = ApiBuilder::from_cache(Cache::new(env.cache_dir)).with_progress(env.progress);
+    if let Some(endpoint) = env.endpoint {
         builder = builder.with_endpoint(endpoint);
     }
     let api = builder.build().map_err(|e| hub_err(e.to_string()))?;
@@ -198,30 +198,6 @@ fn resolve_in_cache(
             path.display()
         ))
     }
-}
-
-/// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
-pub fn cache_dir_from_env() -> Option<PathBuf> {
-    let var = |name| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    var("HF_HUB_CACHE")
-        .or_else(|| var("HF_HOME").map(|home| home.join("hub")))
-        .or_else(|| var("HOME").map(|home| home.join(".cache").join("huggingface").join("hub")))
-}
-
-/// Whether `HF_HUB_OFFLINE` is true (`1`, `true`, `yes`, `on`).
-pub fn offline_from_env() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
-        .unwrap_or(false)
 }
 
 /// Writes a parquet file with wikitext's schema (`text`: optional UTF-8 string) from `rows`;

@@ -43,6 +43,30 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+impl AttentionShape {
+    /// Checks that `q [t, heads*d]`, `k`, `v [t, kv_heads*d]` (given as `(rows, cols)`) fit this layout.
+    ///
+    /// # Errors
+    /// [`Error::Input`] naming the three shapes when they do not.
+    pub fn check(&self, q: (usize, usize), k: (usize, usize), v: (usize, usize)) -> Result<()> {
+        let ((t, qw), (tk, kw), (tv, vw)) = (q, k, v);
+        let d = self.head_dim;
+        if self.n_kv_heads == 0
+            || self.n_heads % self.n_kv_heads != 0
+            || qw != self.n_heads * d
+            || kw != self.n_kv_heads * d
+            || vw != kw
+            || tk != t
+            || tv != t
+        {
+            return Err(Error::Input(format!(
+                "attention: q [{t}, {qw}], k [{tk}, {kw}], v [{tv}, {vw}] do not fit {self:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The tokens one expert receives from the router, and the weight of its output for each.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExpertRoute {

@@ -502,24 +502,14 @@ impl Backend for CpuBackend {
     ) -> Result<Tensor> {
         let AttentionShape {
             n_heads,
-            n_kv_heads,
             head_dim: d,
+            ..
         } = shape;
-        let (t, qw) = dims2(q, "attention q")?;
-        let (tk, kw) = dims2(k, "attention k")?;
-        let (tv, vw) = dims2(v, "attention v")?;
-        if n_kv_heads == 0
-            || n_heads % n_kv_heads != 0
-            || qw != n_heads * d
-            || kw != n_kv_heads * d
-            || vw != kw
-            || tk != t
-            || tv != t
-        {
-            return Err(Error::Input(format!(
-                "attention: q [{t}, {qw}], k [{tk}, {kw}], v [{tv}, {vw}] do not fit {shape:?}"
-            )));
-        }
+        let qd = dims2(q, "attention q")?;
+        let kd = dims2(k, "attention k")?;
+        let vd = dims2(v, "attention v")?;
+        shape.check(qd, kd, vd)?;
+        let t = qd.0;
         let out = with_f32(q, |qs| {
             with_f32(k, |ks| {
                 with_f32(v, |vs| attention_f32(qs, ks, vs, t, shape, window))

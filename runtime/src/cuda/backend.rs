@@ -345,21 +345,11 @@ impl Backend for CudaBackend {
             n_kv_heads,
             head_dim: d,
         } = shape;
-        let (t, qw) = q.dims2("attention q")?;
-        let (tk, kw) = k.dims2("attention k")?;
-        let (tv, vw) = v.dims2("attention v")?;
-        if n_kv_heads == 0
-            || n_heads % n_kv_heads != 0
-            || qw != n_heads * d
-            || kw != n_kv_heads * d
-            || vw != kw
-            || tk != t
-            || tv != t
-        {
-            return Err(Error::Input(format!(
-                "attention: q [{t}, {qw}], k [{tk}, {kw}], v [{tv}, {vw}] do not fit {shape:?}"
-            )));
-        }
+        let qd = q.dims2("attention q")?;
+        let kd = k.dims2("attention k")?;
+        let vd = v.dims2("attention v")?;
+        shape.check(qd, kd, vd)?;
+        let (t, qw) = qd;
         let smem = (ATT_TILE * (d + 1) + ATT_TILE * d + ATT_WARPS * d) * 4;
         if d == 0 || d > MAX_HEAD_DIM || smem > SMEM_LIMIT {
             return Err(Error::Cuda(CudaError::Unsupported {
