@@ -278,7 +278,8 @@ struct Shard {
 pub struct BranchWriter {
     final_dir: PathBuf,
     partial_dir: PathBuf,
-    preset: Preset,
+    /// `None`: a dense model (no `quantize_config.json`, `config.json` as given).
+    preset: Option<Preset>,
     source_config: Value,
     layout: BranchLayout,
     shards: Vec<Shard>,
@@ -325,17 +326,58 @@ impl BranchWriter {
         layout: BranchLayout,
         max_shard_size: Option<u64>,
     ) -> Result<BranchWriter> {
-        let final_dir = out_dir.join(preset.name);
-        let partial_dir = out_dir.join(format!("{}.partial", preset.name));
+        BranchWriter::create_at(
+            &out_dir.join(preset.name),
+            Some(preset),
+            source_config,
+            Some(source_dir),
+            layout,
+            max_shard_size,
+        )
+    }
+
+    /// Starts a model directory at an explicit path `final_dir` (written as `<final_dir>.partial`
+    /// and renamed by `finish`). With `preset` it is a GPTQ branch as in
+    /// [`BranchWriter::create_with_layout`]; with `None` it is a dense model: `finish` writes
+    /// `source_config` unchanged as `config.json` and no `quantize_config.json`, and the layout may
+    /// hold any dtype (BF16 for `synth`). `source_dir: None` copies no files.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the path on any file-system failure, including a `final_dir` without a
+    /// final component.
+    pub fn create_at(
+        final_dir: &Path,
+        preset: Option<&Preset>,
+        source_config: &Value,
+        source_dir: Option<&Path>,
+        layout: BranchLayout,
+        max_shard_size: Option<u64>,
+    ) -> Result<BranchWriter> {
+        let final_dir = final_dir.to_path_buf();
+        let Some(name) = final_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+        else {
+            return Err(Error::Io {
+                path: final_dir.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "expected a directory path ending in a name",
+                ),
+            });
+        };
+        let partial_dir = final_dir.with_file_name(format!("{name}.partial"));
         if partial_dir.exists() {
             std::fs::remove_dir_all(&partial_dir).map_err(io(&partial_dir))?;
         }
         std::fs::create_dir_all(&partial_dir).map_err(io(&partial_dir))?;
-        for name in COPIED_FILES {
-            let src = source_dir.join(name);
-            if src.is_file() {
-                let dst = partial_dir.join(name);
-                std::fs::copy(&src, &dst).map_err(io(&dst))?;
+        if let Some(source_dir) = source_dir {
+            for name in COPIED_FILES {
+                let src = source_dir.join(name);
+                if src.is_file() {
+                    let dst = partial_dir.join(name);
+                    std::fs::copy(&src, &dst).map_err(io(&dst))?;
+                }
             }
         }
         let groups = split_shards(&layout.tensors, max_shard_size);
@@ -379,7 +421,7 @@ impl BranchWriter {
         Ok(BranchWriter {
             final_dir,
             partial_dir,
-            preset: *preset,
+            preset: preset.copied(),
             source_config: source_config.clone(),
             layout,
             shards,
@@ -571,15 +613,20 @@ impl BranchWriter {
                 self.index_json().as_bytes(),
             )?;
         }
-        write_synced(
-            &self.partial_dir.join("quantize_config.json"),
-            config::quantize_config_json(&self.preset).as_bytes(),
-        )?;
-        let config_json = config::branch_config_json(
-            &self.source_config,
-            &self.preset,
-            &self.layout.modules_in_block_to_quantize(),
-        )?;
+        let config_json = match &self.preset {
+            Some(preset) => {
+                write_synced(
+                    &self.partial_dir.join("quantize_config.json"),
+                    config::quantize_config_json(preset).as_bytes(),
+                )?;
+                config::branch_config_json(
+                    &self.source_config,
+                    preset,
+                    &self.layout.modules_in_block_to_quantize(),
+                )?
+            }
+            None => config::to_python_json(&self.source_config) + "\n",
+        };
         write_synced(
             &self.partial_dir.join("config.json"),
             config_json.as_bytes(),

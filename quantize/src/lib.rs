@@ -14,6 +14,7 @@ pub mod pack;
 pub mod presets;
 pub mod quantizer;
 pub mod report;
+pub mod synth;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -1,0 +1,1106 @@
+//! Random Mixtral models of any shape, written dense (BF16) or directly as a GPTQ branch, so that
+//! speed can be measured at full size (Mixtral-8x7B: 93 GB dense, 24 GB at 4 bits) without
+//! downloading anything.
+//!
+//! Weights are drawn so that activations stay in a realistic range through any number of layers:
+//! - embeddings ~ N(0, 1); every RMSNorm weight 1.0;
+//! - a linear with `in` inputs has std `1/sqrt(in)` (unit-variance outputs for unit-variance
+//!   inputs): q/k/v, the experts' w1/w3, the router gate (logits of std 1 over the experts, so
+//!   the top-2 choice and its weights vary from token to token) and lm_head;
+//! - the two projections that write into the residual stream, o_proj and w2, are scaled down by a
+//!   further `1/sqrt(2·layers)` (GPT-2's residual scaling), so the residual grows slowly and the
+//!   embedding is never drowned.
+//!
+//! "N(0, 1)" is Irwin–Hall: the centred sum of four 16-bit uniforms, scaled to unit variance
+//! (bounded at ±3.46σ, no outliers), which costs one random draw per weight.
+//!
+//! A GPTQ branch is generated in its packed form, never through dense weights: codes are uniform in
+//! `1..2^bits` (symmetric around the zero, as in a real symmetric layer: see [`synth_qweight`]),
+//! zeros are the symmetric `2^(bits-1)` stored as `zero − 1` (`0x77777777` at 4 bits), per-group
+//! F16 scales are the dense std divided by the codes' std, times a jitter in `[0.75, 1.25)`
+//! normalised to keep the std, and
+//! with act-order and a group size `g_idx[perm[i]] = i / group_size` for a random permutation,
+//! so each group has exactly `group_size` members as in a real act-order branch (spec §2.1–§2.3).
+//! Router, norms, embeddings and lm_head are dense F16 in a branch, as `quantize` writes them.
+//!
+//! Randomness is counter-based: value `i` of a tensor is `splitmix64(key + (i+1)·γ)` with the
+//! tensor's key derived from the seed and the tensor's name. Any chunk can be drawn by any thread,
+//! so the output is bit-identical for a given seed whatever the number of threads, and a tensor's
+//! values do not depend on the other tensors (`--layers 2` gives the first two layers of the
+//! full model).
+//!
+//! Memory is bounded by a few tensors: one tensor (or one module's four GPTQ tensors) is drawn on
+//! all cores while the previous one is written by [`BranchWriter`], which writes under
+//! `<out>.partial` and renames at the end.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+use runtime::qlinear::{group_count, pack_multiple, GptqWeight};
+use safetensors::Dtype;
+use serde_json::{Map, Value};
+
+use crate::branch::{BranchLayout, BranchWriter};
+use crate::config::ModelDims;
+use crate::error::{Error, Result};
+use crate::pack::{pack_cols_with, pack_stream_word};
+use crate::presets::Preset;
+
+/// The tokenizer files copied from the bundled model when the vocabulary is Mixtral's 32000.
+pub const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// Mixtral's vocabulary size, the one the bundled tokenizer has.
+pub const MIXTRAL_VOCAB: usize = 32000;
+
+/// Elements drawn per parallel task (values do not depend on it: only the scheduling does).
+const CHUNK: usize = 1 << 16;
+
+/// Jitter of the per-group scales: `0.75 + 0.5·u`, divided by `sqrt(E[(0.75 + 0.5·u)²])`
+/// `= sqrt(0.5625 + 0.375 + 0.25/3)` so it leaves the weights' std unchanged.
+const SCALE_JITTER_RMS: f32 = 1.010_363;
+
+/// The dimensions of a synthetic Mixtral (the `config.json` fields that matter).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SynthShape {
+    /// `hidden_size`.
+    pub hidden_size: usize,
+    /// `intermediate_size` (per expert).
+    pub intermediate_size: usize,
+    /// `num_hidden_layers`.
+    pub num_hidden_layers: usize,
+    /// `num_attention_heads`; the head dim is `hidden_size / num_attention_heads`.
+    pub num_attention_heads: usize,
+    /// `num_key_value_heads`.
+    pub num_key_value_heads: usize,
+    /// `num_local_experts`.
+    pub num_local_experts: usize,
+    /// `num_experts_per_tok`.
+    pub num_experts_per_tok: usize,
+    /// `vocab_size`.
+    pub vocab_size: usize,
+    /// `rms_norm_eps`.
+    pub rms_norm_eps: f64,
+    /// `rope_theta`.
+    pub rope_theta: f64,
+    /// `max_position_embeddings`.
+    pub max_position_embeddings: usize,
+}
+
+impl SynthShape {
+    /// Mixtral-8x7B(-Instruct-v0.1): 46.7 B parameters, head dim 128.
+    pub const MIXTRAL_8X7B: SynthShape = SynthShape {
+        hidden_size: 4096,
+        intermediate_size: 14336,
+        num_hidden_layers: 32,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        num_local_experts: 8,
+        num_experts_per_tok: 2,
+        vocab_size: MIXTRAL_VOCAB,
+        rms_norm_eps: 1e-5,
+        rope_theta: 1e6,
+        max_position_embeddings: 32768,
+    };
+
+    /// The bundled fixture `fixtures/moe-s` (29.6 M parameters, head dim 32).
+    pub const MOE_S: SynthShape = SynthShape {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: 2,
+        num_local_experts: 8,
+        num_experts_per_tok: 2,
+        vocab_size: MIXTRAL_VOCAB,
+        rms_norm_eps: 1e-5,
+        rope_theta: 1e6,
+        max_position_embeddings: 32768,
+    };
+
+    /// The named shapes, for `--shape`.
+    pub const NAMED: [(&'static str, SynthShape); 2] = [
+        ("8x7b", SynthShape::MIXTRAL_8X7B),
+        ("moe-s", SynthShape::MOE_S),
+    ];
+
+    /// Looks a shape up by name (`8x7b`, `moe-s`).
+    ///
+    /// # Errors
+    /// [`Error::Setting`] naming `--shape` and the known names.
+    pub fn by_name(name: &str) -> Result<SynthShape> {
+        SynthShape::NAMED
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, s)| *s)
+            .ok_or_else(|| Error::Setting {
+                what: "--shape".into(),
+                expected: SynthShape::NAMED
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                got: format!("`{name}`"),
+            })
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// Checks that the shape is a valid Mixtral and, for a GPTQ `preset`, that every quantized
+    /// linear packs at its bit width and is split evenly into groups.
+    ///
+    /// # Errors
+    /// [`Error::Setting`] whose `what` names the config field and the `synth` flag that sets it.
+    pub fn check(&self, preset: Option<&Preset>) -> Result<()> {
+        let setting = |what: &str, expected: String, got: usize| Error::Setting {
+            what: what.to_string(),
+            expected,
+            got: got.to_string(),
+        };
+        for (what, v) in [
+            ("`num_hidden_layers` (--layers)", self.num_hidden_layers),
+            ("`hidden_size` (--hidden)", self.hidden_size),
+            (
+                "`intermediate_size` (--intermediate)",
+                self.intermediate_size,
+            ),
+            ("`num_attention_heads` (--heads)", self.num_attention_heads),
+            (
+                "`num_key_value_heads` (--kv-heads)",
+                self.num_key_value_heads,
+            ),
+            ("`num_local_experts` (--experts)", self.num_local_experts),
+            ("`num_experts_per_tok` (--top-k)", self.num_experts_per_tok),
+            ("`vocab_size` (--vocab)", self.vocab_size),
+        ] {
+            if v == 0 {
+                return Err(setting(what, "a positive number".into(), v));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 || self.head_dim() % 2 != 0 {
+            return Err(setting(
+                "`hidden_size` (--hidden)",
+                format!(
+                    "a multiple of `num_attention_heads` {} giving an even head dim (RoPE)",
+                    self.num_attention_heads
+                ),
+                self.hidden_size,
+            ));
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(setting(
+                "`num_key_value_heads` (--kv-heads)",
+                format!(
+                    "a divisor of `num_attention_heads` {}",
+                    self.num_attention_heads
+                ),
+                self.num_key_value_heads,
+            ));
+        }
+        if self.num_experts_per_tok > self.num_local_experts {
+            return Err(setting(
+                "`num_experts_per_tok` (--top-k)",
+                format!("at most `num_local_experts` {}", self.num_local_experts),
+                self.num_experts_per_tok,
+            ));
+        }
+        let Some(preset) = preset else {
+            return Ok(());
+        };
+        let multiple = pack_multiple(preset.bits);
+        let kv = self.num_key_value_heads * self.head_dim();
+        // (what, value, whether it is some linear's input width and so must hold whole groups)
+        for (what, v, is_input) in [
+            ("`hidden_size` (--hidden)", self.hidden_size, true),
+            (
+                "`intermediate_size` (--intermediate)",
+                self.intermediate_size,
+                true,
+            ),
+            (
+                "k/v projection width `num_key_value_heads × head dim` (--kv-heads)",
+                kv,
+                false,
+            ),
+        ] {
+            if v % multiple != 0 {
+                return Err(setting(
+                    what,
+                    format!(
+                        "a multiple of {multiple} for {}-bit packing (--branch {})",
+                        preset.bits, preset.name
+                    ),
+                    v,
+                ));
+            }
+            if is_input && preset.group_size > 0 && v % preset.group_size as usize != 0 {
+                return Err(setting(
+                    what,
+                    format!(
+                        "a multiple of the group size {} of --branch {} (each linear's inputs \
+                         split into whole groups)",
+                        preset.group_size, preset.name
+                    ),
+                    v,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `config.json` of the model, in transformers' sorted-key form (as the bundled fixture
+    /// and Mixtral-8x7B's own file have it), `torch_dtype` `bfloat16`.
+    pub fn config_json(&self) -> Value {
+        let mut m = Map::new();
+        let mut put = |k: &str, v: Value| {
+            m.insert(k.to_string(), v);
+        };
+        put("architectures", Value::from(vec!["MixtralForCausalLM"]));
+        put("attention_dropout", Value::from(0.0));
+        put("bos_token_id", Value::from(1));
+        put("eos_token_id", Value::from(2));
+        put("hidden_act", Value::from("silu"));
+        put("hidden_size", Value::from(self.hidden_size));
+        put("initializer_range", Value::from(0.02));
+        put("intermediate_size", Value::from(self.intermediate_size));
+        put(
+            "max_position_embeddings",
+            Value::from(self.max_position_embeddings),
+        );
+        put("model_type", Value::from("mixtral"));
+        put("num_attention_heads", Value::from(self.num_attention_heads));
+        put("num_experts_per_tok", Value::from(self.num_experts_per_tok));
+        put("num_hidden_layers", Value::from(self.num_hidden_layers));
+        put("num_key_value_heads", Value::from(self.num_key_value_heads));
+        put("num_local_experts", Value::from(self.num_local_experts));
+        put("output_router_logits", Value::from(false));
+        put("rms_norm_eps", Value::from(self.rms_norm_eps));
+        put("rope_theta", Value::from(self.rope_theta));
+        put("router_aux_loss_coef", Value::from(0.02));
+        put("sliding_window", Value::Null);
+        put("tie_word_embeddings", Value::from(false));
+        put("torch_dtype", Value::from("bfloat16"));
+        put("transformers_version", Value::from("4.36.0"));
+        put("use_cache", Value::from(true));
+        put("vocab_size", Value::from(self.vocab_size));
+        Value::Object(m)
+    }
+
+    /// Parameters of the dense model.
+    pub fn parameters(&self) -> u64 {
+        let (h, i, v) = (
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+            self.vocab_size as u64,
+        );
+        let q = (self.num_attention_heads * self.head_dim()) as u64;
+        let kv = (self.num_key_value_heads * self.head_dim()) as u64;
+        let e = self.num_local_experts as u64;
+        let layer = 2 * h + e * h + 2 * h * q + 2 * h * kv + e * 3 * h * i;
+        2 * v * h + h + self.num_hidden_layers as u64 * layer
+    }
+}
+
+/// What to write.
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    /// The model's dimensions.
+    pub shape: SynthShape,
+    /// A GPTQ branch of this preset, or `None` for the dense BF16 model.
+    pub preset: Option<Preset>,
+    /// Seed of every random draw.
+    pub seed: u64,
+    /// Split the safetensors into shards of at most this many bytes (with an index).
+    pub max_shard_size: Option<u64>,
+    /// Where the tokenizer files ([`TOKENIZER_FILES`]) are copied from when the vocabulary is
+    /// [`MIXTRAL_VOCAB`] (the bundled `fixtures/moe-s`).
+    pub tokenizer_dir: Option<PathBuf>,
+}
+
+/// Progress after one tensor was written.
+#[derive(Debug, Clone)]
+pub struct SynthProgress<'a> {
+    /// The tensor just written.
+    pub name: &'a str,
+    /// Its decoder layer, if it belongs to one.
+    pub layer: Option<usize>,
+    /// Tensors written so far.
+    pub tensors_done: usize,
+    /// Tensors in total.
+    pub tensors_total: usize,
+    /// Tensor bytes written so far.
+    pub bytes_done: u64,
+    /// Tensor bytes in total.
+    pub bytes_total: u64,
+}
+
+/// What [`write_synth`] wrote.
+#[derive(Debug, Clone)]
+pub struct SynthSummary {
+    /// The final directory.
+    pub dir: PathBuf,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes of every file in the directory.
+    pub bytes: u64,
+    /// Wall-clock seconds, from planning to the final rename.
+    pub seconds: f64,
+    /// Whether the tokenizer files were copied (so `eval` on text works).
+    pub tokenizer: bool,
+}
+
+/// Writes a random Mixtral to `out` (atomically: `<out>.partial`, renamed at the end; an existing
+/// `out` is replaced only then). `progress` is called after every tensor.
+///
+/// # Errors
+/// [`Error::Setting`] for an invalid shape ([`SynthShape::check`]); [`Error::Io`] and the
+/// [`BranchWriter`] errors on writing.
+pub fn write_synth(
+    out: &Path,
+    options: &SynthOptions,
+    mut progress: impl FnMut(&SynthProgress),
+) -> Result<SynthSummary> {
+    let start = Instant::now();
+    let shape = &options.shape;
+    shape.check(options.preset.as_ref())?;
+    let config = shape.config_json();
+    let config_path = out.join("config.json");
+    runtime::config::MixtralConfig::from_value(config.clone(), &config_path).map_err(|e| {
+        Error::Runtime {
+            context: "the synthetic config is not a valid Mixtral config".into(),
+            source: Box::new(e),
+        }
+    })?;
+    let dims = ModelDims::from_config(&config, &config_path)?;
+    let layout = match &options.preset {
+        Some(p) => BranchLayout::mixtral(&dims, p.bits, p.group_size)?,
+        None => dense_layout(&dims)?,
+    };
+    let tokenizer_dir = options
+        .tokenizer_dir
+        .as_deref()
+        .filter(|d| shape.vocab_size == MIXTRAL_VOCAB && d.join(TOKENIZER_FILES[0]).is_file());
+    let mut writer = BranchWriter::create_at(
+        out,
+        options.preset.as_ref(),
+        &config,
+        tokenizer_dir,
+        layout.clone(),
+        options.max_shard_size,
+    )?;
+    // Our own generation config (bos 1, eos 2: Mixtral's), whatever the tokenizer directory held.
+    writer.write_extra_file("generation_config.json", generation_config().as_bytes())?;
+    writer.write_extra_file("synth.json", synth_record(options).as_bytes())?;
+
+    let tensors_total = layout.tensors.len();
+    let bytes_total = layout.total_size();
+    let (mut tensors_done, mut bytes_done) = (0usize, 0u64);
+    let generator = Generator {
+        shape: *shape,
+        preset: options.preset,
+        seed: options.seed,
+    };
+    std::thread::scope(|s| -> Result<()> {
+        // Capacity 1: at most one tensor waits while one is drawn and one is written.
+        let (tx, rx) = sync_channel::<Drawn>(1);
+        let tensors = &layout.tensors;
+        let generator = &generator;
+        s.spawn(move || {
+            for spec in tensors {
+                for drawn in generator.draw(&spec.name, &spec.shape, spec.dtype) {
+                    if tx.send(drawn).is_err() {
+                        return; // the writer failed and hung up
+                    }
+                }
+            }
+        });
+        for drawn in rx {
+            writer.write_raw(&drawn.name, drawn.dtype, &drawn.shape, &drawn.bytes)?;
+            tensors_done += 1;
+            bytes_done += drawn.bytes.len() as u64;
+            progress(&SynthProgress {
+                name: &drawn.name,
+                layer: layer_of(&drawn.name),
+                tensors_done,
+                tensors_total,
+                bytes_done,
+                bytes_total,
+            });
+        }
+        Ok(())
+    })?;
+    let dir = writer.finish()?;
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(&dir).map_err(|source| Error::Io {
+        path: dir.clone(),
+        source,
+    })? {
+        let entry = entry.map_err(|source| Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+    }
+    Ok(SynthSummary {
+        dir,
+        tensors: tensors_done,
+        bytes,
+        seconds: start.elapsed().as_secs_f64(),
+        tokenizer: tokenizer_dir.is_some(),
+    })
+}
+
+/// Every tensor of the dense model, BF16, in model order (the branch layout with nothing quantized).
+fn dense_layout(dims: &ModelDims) -> Result<BranchLayout> {
+    // Bits and group size are unused when no module is quantized.
+    let mut layout = BranchLayout::plan(dims, 16, -1, &[])?;
+    for t in &mut layout.tensors {
+        t.dtype = Dtype::BF16;
+    }
+    Ok(layout)
+}
+
+/// Mixtral-8x7B-Instruct-v0.1's `generation_config.json`.
+fn generation_config() -> String {
+    "{\n  \"_from_model_config\": true,\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2,\n  \
+     \"transformers_version\": \"4.36.0\"\n}\n"
+        .to_string()
+}
+
+/// `synth.json`: how the weights were drawn, so a directory says it is not a trained model.
+fn synth_record(options: &SynthOptions) -> String {
+    let v = serde_json::json!({
+        "synthetic": true,
+        "seed": options.seed,
+        "branch": options.preset.map(|p| p.name).unwrap_or("bf16"),
+        "weights": "random, quantize::synth (embeddings N(0,1), norms 1, linears 1/sqrt(in), \
+                    o_proj and w2 further 1/sqrt(2 layers); GPTQ codes uniform)",
+    });
+    crate::config::to_python_json(&v) + "\n"
+}
+
+/// The decoder layer of a tensor name (`model.layers.{i}.…`).
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// One tensor's bytes, ready for the writer.
+struct Drawn {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+/// Draws the tensors of one model.
+struct Generator {
+    shape: SynthShape,
+    preset: Option<Preset>,
+    seed: u64,
+}
+
+impl Generator {
+    /// The tensors for planned tensor `name`: itself if dense, a module's four GPTQ tensors for its
+    /// `.qweight`, nothing for the other three (drawn with the `.qweight`).
+    fn draw(&self, name: &str, shape: &[usize], dtype: Dtype) -> Vec<Drawn> {
+        let dense = |bytes| {
+            vec![Drawn {
+                name: name.to_string(),
+                dtype,
+                shape: shape.to_vec(),
+                bytes,
+            }]
+        };
+        if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+            let one = match dtype {
+                Dtype::BF16 => bf16::ONE.to_bits(),
+                _ => f16::ONE.to_bits(),
+            };
+            return dense(one.to_le_bytes().repeat(shape.iter().product()));
+        }
+        let key = tensor_key(self.seed, name);
+        if let Some(module) = name.strip_suffix(".weight") {
+            let std = weight_std(&self.shape, module);
+            let n = shape.iter().product();
+            return dense(match dtype {
+                Dtype::BF16 => normal_bytes(key, n, std, |x| bf16::from_f32(x).to_bits()),
+                _ => normal_bytes(key, n, std, |x| f16::from_f32(x).to_bits()),
+            });
+        }
+        let (Some(module), Some(preset)) = (name.strip_suffix(".qweight"), self.preset) else {
+            return Vec::new(); // .qzeros, .scales, .g_idx: drawn with .qweight
+        };
+        let (k, n) = (shape[0] * 32 / preset.bits as usize, shape[1]);
+        let std = weight_std(&self.shape, module);
+        let w = synth_gptq(&preset, k, n, std, key);
+        let s = w.shapes();
+        let i32_bytes = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let part = |suffix: &str, dtype, shape: &[usize], bytes| Drawn {
+            name: format!("{module}.{suffix}"),
+            dtype,
+            shape: shape.to_vec(),
+            bytes,
+        };
+        vec![
+            part("qweight", Dtype::I32, &s.qweight, i32_bytes(&w.qweight)),
+            part("qzeros", Dtype::I32, &s.qzeros, i32_bytes(&w.qzeros)),
+            part(
+                "scales",
+                Dtype::F16,
+                &s.scales,
+                w.scales.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            part("g_idx", Dtype::I32, &s.g_idx, i32_bytes(&w.g_idx)),
+        ]
+    }
+}
+
+/// The std a dense weight named `module` (full name without `.weight`) is drawn with.
+pub fn weight_std(shape: &SynthShape, module: &str) -> f32 {
+    let residual = 1.0 / (2.0 * shape.num_hidden_layers.max(1) as f32).sqrt();
+    let last = module.rsplit('.').next().unwrap_or(module);
+    match last {
+        "embed_tokens" => 1.0,
+        "o_proj" => {
+            residual / ((shape.num_attention_heads * shape.head_dim()).max(1) as f32).sqrt()
+        }
+        "w2" => residual / (shape.intermediate_size.max(1) as f32).sqrt(),
+        // q/k/v, w1/w3, the router gate, lm_head: all read the hidden state.
+        _ => 1.0 / (shape.hidden_size.max(1) as f32).sqrt(),
+    }
+}
+
+/// A random GPTQ v1 layer `[K = k, N = n]` of `preset` whose dequantized weights have std `std`
+/// (see the module doc). Deterministic in `key`, whatever the number of threads.
+pub fn synth_gptq(preset: &Preset, k: usize, n: usize, std: f32, key: u64) -> GptqWeight {
+    let bits = preset.bits;
+    let groups = group_count(preset.group_size, k);
+    let qweight = synth_qweight(bits, k, n, key);
+    // Symmetric zero 2^(b-1), stored as zero − 1 in every field; all rows alike.
+    let stored_zero = (1u32 << (bits - 1)) - 1;
+    let row = pack_cols_with(1, n, bits, |_, _| stored_zero);
+    let qzeros = row.repeat(groups);
+    // Scales: q − zero is uniform over −m..=m, m = 2^(b−1) − 1, of std sqrt(m(m+1)/3).
+    let m = ((1u32 << (bits - 1)) - 1) as f32;
+    let base = std / (m * (m + 1.0) / 3.0).sqrt();
+    let scale_key = mix(key ^ 0x5CA1_E5);
+    let scales = (0..groups * n)
+        .into_par_iter()
+        .map(|i| {
+            let u = (draw(scale_key, i as u64) >> 40) as f32 / (1u64 << 24) as f32;
+            f16::from_f32(base * (0.75 + 0.5 * u) / SCALE_JITTER_RMS)
+        })
+        .collect();
+    let g_idx = synth_g_idx(preset, k, mix(key ^ 0x6_1D8));
+    GptqWeight {
+        bits,
+        group_size: preset.group_size,
+        in_features: k,
+        out_features: n,
+        qweight,
+        qzeros,
+        scales,
+        g_idx,
+    }
+}
+
+/// `qweight` `[K·b/32, N]` of codes uniform in `1..=maxq`, symmetric around the zero `2^(b−1)`
+/// as a real symmetric GPTQ layer's are (its scale is `2·max|w|/maxq`, so code 0 is all but
+/// unused). Codes `0..2^b` would have a mean of −½ step: a bias shared by every output that grows
+/// the residual stream layer after layer.
+///
+/// Each block of 32 inputs of one column (`b` words) comes from 8 draws (four 16-bit fields each,
+/// mapped onto `1..=maxq` by multiply-shift); blocks are independent, so threads do not matter.
+pub fn synth_qweight(bits: u32, k: usize, n: usize, key: u64) -> Vec<i32> {
+    let b = bits as usize;
+    let maxq = (1u64 << bits) - 1;
+    let mut qweight = vec![0i32; k * b / 32 * n];
+    if n == 0 {
+        return qweight;
+    }
+    qweight
+        .par_chunks_mut(b * n)
+        .enumerate()
+        .for_each(|(block, rows)| {
+            let words = rows.len() / n; // b, or fewer in a last partial block
+            let mut codes = [0u32; 32];
+            for col in 0..n {
+                let first = ((block * n + col) * 8) as u64;
+                for d in 0..8 {
+                    let r = draw(key, first + d as u64);
+                    for f in 0..4 {
+                        let u = (r >> (16 * f)) & 0xFFFF;
+                        codes[4 * d + f] = 1 + ((u * maxq) >> 16) as u32;
+                    }
+                }
+                for w in 0..words {
+                    rows[w * n + col] = pack_stream_word(|i| codes[i], w, bits) as i32;
+                }
+            }
+        });
+    qweight
+}
+
+/// `g_idx` of a `k`-input layer: all 0 without groups; with act-order `g_idx[perm[i]] = i / gs` for
+/// a random permutation `perm` (each group exactly `gs` inputs, the last possibly fewer), as
+/// GPTQ's act-order produces; without act-order `k / gs`.
+pub fn synth_g_idx(preset: &Preset, k: usize, key: u64) -> Vec<i32> {
+    if preset.group_size <= 0 {
+        return vec![0; k];
+    }
+    let gs = preset.group_size as usize;
+    let mut perm: Vec<usize> = (0..k).collect();
+    if preset.desc_act {
+        // Fisher–Yates with the tensor's own stream (Lemire's multiply-shift for the bound).
+        for i in (1..k).rev() {
+            let j = ((draw(key, i as u64) >> 32) * (i as u64 + 1)) >> 32;
+            perm.swap(i, j as usize);
+        }
+    }
+    let mut g_idx = vec![0i32; k];
+    for (rank, &col) in perm.iter().enumerate() {
+        g_idx[col] = (rank / gs) as i32;
+    }
+    g_idx
+}
+
+/// `n` values ~ N(0, std²) (Irwin–Hall, see the module doc) encoded by `encode` as little-endian
+/// 16-bit words. Deterministic in `key`, whatever the number of threads.
+pub fn normal_bytes(key: u64, n: usize, std: f32, encode: impl Fn(f32) -> u16 + Sync) -> Vec<u8> {
+    // Four 16-bit uniforms: mean 4·32767.5, std 65536/sqrt(3) (to 1e-9).
+    const MEAN: f32 = 131_070.0;
+    let scale = std * 3f32.sqrt() / 65536.0;
+    let mut out = vec![0u8; 2 * n];
+    out.par_chunks_mut(2 * CHUNK)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for (j, b) in dst.chunks_exact_mut(2).enumerate() {
+                let r = draw(key, (c * CHUNK + j) as u64);
+                let sum = (r & 0xFFFF) + ((r >> 16) & 0xFFFF) + ((r >> 32) & 0xFFFF) + (r >> 48);
+                let x = (sum as f32 - MEAN) * scale;
+                b.copy_from_slice(&encode(x).to_le_bytes());
+            }
+        });
+    out
+}
+
+/// The key of a tensor's random stream: the seed mixed with a hash (FNV-1a) of its name.
+pub fn tensor_key(seed: u64, name: &str) -> u64 {
+    let mut h = 0xCBF2_9CE4_8422_2325u64;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    mix(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ h)
+}
+
+/// Value `i` of the SplitMix64 stream with state `key`: `mix(key + (i+1)·γ)`.
+#[inline]
+fn draw(key: u64, i: u64) -> u64 {
+    mix(key.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+}
+
+/// SplitMix64's output function (Steele, Lea & Flood 2014).
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presets::PRESETS;
+
+    /// Std of the dequantized weights against the target: sampling error of ~1e5 values plus the
+    /// f16 rounding of the scales stays far below this.
+    const STD_REL_TOL: f64 = 0.03;
+
+    fn mean_std(v: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+        let n = v.clone().count() as f64;
+        let mean = v.clone().sum::<f64>() / n;
+        let var = v.map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+        (mean, var.sqrt())
+    }
+
+    #[test]
+    fn act_order_g_idx_has_exactly_group_size_members_per_group() {
+        let g128 = Preset::by_name("gptq-4bit-128g-actorder_True").unwrap();
+        let g = synth_g_idx(&g128, 1024, 7);
+        let mut counts = vec![0usize; 8];
+        for &x in &g {
+            counts[x as usize] += 1;
+        }
+        assert_eq!(counts, vec![128; 8]);
+        // Act-order: not the sequential k / 128 (and another key gives another permutation).
+        let sequential: Vec<i32> = (0..1024).map(|k| k / 128).collect();
+        assert_ne!(g, sequential);
+        assert_ne!(g, synth_g_idx(&g128, 1024, 8));
+        // Without act-order it is sequential; without groups all zero.
+        let no_act = Preset {
+            desc_act: false,
+            ..g128
+        };
+        assert_eq!(synth_g_idx(&no_act, 1024, 7), sequential);
+        let main = Preset::by_name("main").unwrap();
+        assert!(synth_g_idx(&main, 1024, 7).iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn stored_zeros_are_the_symmetric_words_of_the_spec() {
+        // Spec §2.3: constant qzeros for sym.
+        let expect: [(u32, Vec<i32>); 3] = [
+            (4, vec![0x7777_7777]),
+            (8, vec![0x7F7F_7F7F]),
+            (3, vec![-613_566_757, -1_227_133_514, 1_840_700_269]),
+        ];
+        for (bits, words) in expect {
+            let preset = PRESETS.iter().find(|p| p.bits == bits).unwrap();
+            let w = synth_gptq(preset, 256, 64, 0.01, 1);
+            let per_row = 64 * bits as usize / 32;
+            assert_eq!(w.qzeros.len(), w.groups() * per_row);
+            for row in w.qzeros.chunks(per_row) {
+                for (i, &word) in row.iter().enumerate() {
+                    assert_eq!(word, words[i % words.len()], "{bits}-bit word {i}");
+                }
+            }
+            assert!(w
+                .unpack_zeros()
+                .iter()
+                .all(|&z| z as u32 == (1 << (bits - 1)) - 1));
+        }
+    }
+
+    #[test]
+    fn dequantized_weights_have_the_target_std_in_every_preset() {
+        let (k, n, std) = (512, 256, 0.02f32);
+        for preset in PRESETS {
+            let w = synth_gptq(&preset, k, n, std, tensor_key(3, preset.name));
+            w.check().unwrap();
+            assert!(w.scales.iter().all(|s| s.is_finite() && s.to_f32() > 0.0));
+            let deq = w.dequantize();
+            let (mean, got) = mean_std(deq.iter().map(|&x| x as f64));
+            let rel = (got / std as f64 - 1.0).abs();
+            assert!(rel < STD_REL_TOL, "{}: std {got} vs {std}", preset.name);
+            // Codes symmetric around the zero 2^(b-1): no bias.
+            assert!(
+                mean.abs() < 0.02 * std as f64,
+                "{}: mean {mean}",
+                preset.name
+            );
+            // Codes cover 1..=maxq uniformly; 0 is never used.
+            let codes = w.unpack_codes();
+            let levels = 1usize << preset.bits;
+            let mut hist = vec![0usize; levels];
+            for &c in &codes {
+                hist[c as usize] += 1;
+            }
+            assert_eq!(hist[0], 0, "{}", preset.name);
+            let expected = codes.len() / (levels - 1);
+            for (c, &h) in hist.iter().enumerate().skip(1) {
+                assert!(
+                    h.abs_diff(expected) * 5 < expected,
+                    "{}: code {c} seen {h} times, expected about {expected}",
+                    preset.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dense_weights_are_normal_with_the_target_std() {
+        let std = 0.5f32;
+        let bytes = normal_bytes(11, 1 << 18, std, |x| bf16::from_f32(x).to_bits());
+        let v: Vec<f64> = bytes
+            .chunks(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect();
+        let (mean, got) = mean_std(v.iter().copied());
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((got / std as f64 - 1.0).abs() < 0.01, "std {got}");
+        // Irwin–Hall(4): bounded at sqrt(12)σ, excess kurtosis −6/20 (close to normal).
+        let max = v.iter().fold(0f64, |m, x| m.max(x.abs()));
+        assert!(
+            max <= 3.47 * std as f64 && max > 2.5 * std as f64,
+            "max {max}"
+        );
+        let kurt = v.iter().map(|x| (x - mean).powi(4)).sum::<f64>() / v.len() as f64 / got.powi(4);
+        assert!((kurt - 2.7).abs() < 0.05, "kurtosis {kurt}");
+    }
+
+    #[test]
+    fn draws_do_not_depend_on_the_number_of_threads() {
+        let preset = Preset::by_name("gptq-3bit-128g-actorder_True").unwrap();
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    (
+                        synth_gptq(&preset, 1024, 512, 0.01, 5),
+                        normal_bytes(5, 3 * CHUNK + 17, 1.0, |x| f16::from_f32(x).to_bits()),
+                    )
+                })
+        };
+        let one = run(1);
+        assert_eq!(one, run(3));
+        assert_eq!(one, run(8));
+        assert_ne!(one.0, synth_gptq(&preset, 1024, 512, 0.01, 6));
+        assert_ne!(tensor_key(0, "a.weight"), tensor_key(0, "b.weight"));
+        assert_ne!(tensor_key(0, "a.weight"), tensor_key(1, "a.weight"));
+    }
+
+    #[test]
+    fn named_shapes_match_the_fixture_and_mixtral_8x7b() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/moe-s/config.json");
+        let fixture = runtime::config::MixtralConfig::from_file(&path).unwrap();
+        let s = SynthShape::by_name("moe-s").unwrap();
+        assert_eq!(
+            (
+                s.hidden_size,
+                s.intermediate_size,
+                s.num_hidden_layers,
+                s.num_attention_heads,
+                s.num_key_value_heads,
+                s.num_local_experts,
+                s.num_experts_per_tok,
+                s.vocab_size,
+                s.max_position_embeddings,
+            ),
+            (
+                fixture.hidden_size,
+                fixture.intermediate_size,
+                fixture.num_hidden_layers,
+                fixture.num_attention_heads,
+                fixture.num_key_value_heads,
+                fixture.num_local_experts,
+                fixture.num_experts_per_tok,
+                fixture.vocab_size,
+                fixture.max_position_embeddings,
+            )
+        );
+        assert_eq!(
+            (s.rms_norm_eps, s.rope_theta),
+            (fixture.rms_norm_eps, fixture.rope_theta)
+        );
+        // The synthetic config has the fixture's keys, in its (sorted) order.
+        let fixture_keys: Vec<&String> = fixture.raw.as_object().unwrap().keys().collect();
+        let config = s.config_json();
+        assert_eq!(
+            config.as_object().unwrap().keys().collect::<Vec<_>>(),
+            fixture_keys
+        );
+        // Mixtral-8x7B: 46,702,792,704 parameters, head dim 128.
+        let m = SynthShape::by_name("8x7B").unwrap();
+        assert_eq!(m.parameters(), 46_702_792_704);
+        assert_eq!(m.head_dim(), 128);
+        let e = SynthShape::by_name("7x8b").unwrap_err().to_string();
+        assert!(
+            e.contains("--shape") && e.contains("8x7b") && e.contains("moe-s"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_shapes_name_the_flag_and_what_was_expected() {
+        let g128 = Preset::by_name("gptq-4bit-128g-actorder_True").unwrap();
+        let bad = SynthShape {
+            intermediate_size: 520,
+            ..SynthShape::MOE_S
+        };
+        bad.check(None).unwrap();
+        let e = bad.check(Some(&g128)).unwrap_err().to_string();
+        assert!(
+            e.contains("--intermediate") && e.contains("128") && e.contains("520"),
+            "{e}"
+        );
+        let three = Preset::by_name("gptq-3bit--1g-actorder_True").unwrap();
+        let e = SynthShape {
+            hidden_size: 272,
+            num_attention_heads: 8,
+            ..SynthShape::MOE_S
+        }
+        .check(Some(&three))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--hidden") && e.contains("multiple of 32"),
+            "{e}"
+        );
+        let e = SynthShape {
+            num_key_value_heads: 3,
+            ..SynthShape::MOE_S
+        }
+        .check(None)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--kv-heads") && e.contains('3'), "{e}");
+        let e = SynthShape {
+            num_experts_per_tok: 9,
+            ..SynthShape::MOE_S
+        }
+        .check(None)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--top-k"), "{e}");
+        let e = SynthShape {
+            num_hidden_layers: 0,
+            ..SynthShape::MOE_S
+        }
+        .check(None)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--layers"), "{e}");
+    }
+
+    fn options(preset: Option<&str>, layers: usize) -> SynthOptions {
+        SynthOptions {
+            shape: SynthShape {
+                num_hidden_layers: layers,
+                ..SynthShape::MOE_S
+            },
+            preset: preset.map(|p| Preset::by_name(p).unwrap()),
+            seed: 1,
+            max_shard_size: None,
+            tokenizer_dir: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/moe-s")),
+        }
+    }
+
+    #[test]
+    fn a_synthetic_branch_verifies_clean_and_is_deterministic() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = options(Some("gptq-3bit-128g-actorder_True"), 2);
+        let mut calls = 0;
+        let a = write_synth(&tmp.path().join("a"), &opts, |p| {
+            calls += 1;
+            assert!(p.tensors_done <= p.tensors_total && p.bytes_done <= p.bytes_total);
+        })
+        .unwrap();
+        assert_eq!(calls, a.tensors);
+        assert_eq!(a.tensors, 2 * (28 * 4 + 3) + 3);
+        assert!(a.tokenizer);
+        let report = crate::verify::verify_branch(&a.dir).unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
+        assert_eq!(report.quantized_modules, 2 * 28);
+        // Same seed, another thread count: the same bytes.
+        let b = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| write_synth(&tmp.path().join("b"), &opts, |_| {}).unwrap());
+        let model = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+        assert!(model(&a.dir) == model(&b.dir));
+        // The checkpoint loads and its dense tensors are F16 with the planned std.
+        let ckpt = runtime::Checkpoint::open(&a.dir).unwrap();
+        assert!(ckpt.is_quantized("model.layers.1.block_sparse_moe.experts.7.w2"));
+        assert!(!tmp.path().join("a.partial").exists());
+    }
+
+    #[test]
+    fn a_synthetic_dense_model_is_bf16_with_a_plain_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut opts = options(None, 1);
+        opts.shape.vocab_size = 1024;
+        opts.max_shard_size = Some(1 << 20);
+        let s = write_synth(&tmp.path().join("d"), &opts, |_| {}).unwrap();
+        assert!(!s.tokenizer, "vocab 1024: no tokenizer copied");
+        assert!(!s.dir.join("tokenizer.json").exists());
+        assert!(!s.dir.join("quantize_config.json").exists());
+        assert!(s.dir.join("model.safetensors.index.json").is_file());
+        let config = crate::config::read_json(&s.dir.join("config.json")).unwrap();
+        assert!(config.get("quantization_config").is_none());
+        assert_eq!(config["vocab_size"], 1024);
+        let ckpt = runtime::Checkpoint::open(&s.dir).unwrap();
+        let embed = ckpt.read("model.embed_tokens.weight").unwrap();
+        let q = ckpt.read("model.layers.0.self_attn.q_proj.weight").unwrap();
+        let norm = ckpt.read("model.layers.0.input_layernorm.weight").unwrap();
+        let stats = |t: &runtime::HostTensor| mean_std(t.data.iter().map(|&x| x as f64));
+        let (_, e) = stats(&embed);
+        let (_, qs) = stats(&q);
+        let (nm, ns) = stats(&norm);
+        assert!((e - 1.0).abs() < 0.02, "embedding std {e}");
+        assert!(
+            (qs * 16.0 - 1.0).abs() < 0.02,
+            "q_proj std {qs}, expected 1/sqrt(256)"
+        );
+        assert_eq!((nm, ns), (1.0, 0.0));
+    }
+
+    /// Residual RMS after each layer, tokens routed to each expert (all layers), mean NLL.
+    fn activations(dir: &Path, ids: &[u32]) -> (Vec<f64>, Vec<usize>, f64) {
+        use runtime::{Backend, LinearSite};
+        let model = runtime::Model::load(dir).unwrap();
+        let b = &model.arch.backend;
+        let mut x = model.arch.embed(&model.embed_tokens, ids).unwrap();
+        let rms = |t: &runtime::HostTensor| {
+            (t.data.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / t.data.len() as f64).sqrt()
+        };
+        let mut per_layer = vec![rms(&b.download(&x).unwrap())];
+        let mut routed = vec![0usize; model.config().num_local_experts];
+        for layer in &model.layers {
+            let mut observe = |site: LinearSite, t: &candle_core::Tensor| {
+                if let LinearSite::ExpertUp(e) = site {
+                    routed[e] += b.shape(t)[0];
+                }
+            };
+            x = model
+                .arch
+                .layer_forward(layer, &x, Some(&mut observe))
+                .unwrap();
+            per_layer.push(rms(&b.download(&x).unwrap()));
+        }
+        let nll = model.nll(ids).unwrap();
+        let mean = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
+        (per_layer, routed, mean)
+    }
+
+    #[test]
+    fn activations_stay_in_range_and_routing_is_spread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ids: Vec<u32> = (0..96u64).map(|i| (draw(9, i) % 32000) as u32).collect();
+        for branch in [None, Some("gptq-4bit-128g-actorder_True")] {
+            let s = write_synth(
+                &tmp.path().join(branch.unwrap_or("bf16")),
+                &options(branch, 4),
+                |_| {},
+            )
+            .unwrap();
+            let (rms, routed, nll) = activations(&s.dir, &ids);
+            // The embedding has RMS 1; each layer adds about 2 % (residual scaling 1/sqrt(2L)).
+            // Codes uniform over 0..2^b (mean −½ step) gave 1.20 after 4 layers instead.
+            for pair in rms.windows(2) {
+                assert!(
+                    pair[1] > pair[0] && pair[1] < pair[0] * 1.05,
+                    "{branch:?}: RMS per layer {rms:?}"
+                );
+            }
+            assert!(
+                rms[0] > 0.95 && rms[4] < 1.12,
+                "{branch:?}: RMS per layer {rms:?}"
+            );
+            // Top-2 of 8 over 96 tokens and 4 layers: 768 routings, 96 per expert on average.
+            assert_eq!(routed.iter().sum::<usize>(), 4 * 96 * 2);
+            assert!(
+                routed.iter().all(|&n| n > 30 && n < 200),
+                "{branch:?}: routed {routed:?}"
+            );
+            // Logits of std about 1 over 32000 tokens: NLL a little above ln(32000) = 10.37.
+            assert!(nll > 10.0 && nll < 12.0, "{branch:?}: mean NLL {nll}");
+        }
+    }
+}
