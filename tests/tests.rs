@@ -5,5 +5,6 @@ mod compare;
 mod eval;
 mod eval_device;
 mod quantize;
+mod synth;
 mod util;
 mod verify;

@@ -191,7 +191,7 @@ impl SynthShape {
             return Err(setting(
                 "`hidden_size` (--hidden)",
                 format!(
-                    "a multiple of `num_attention_heads` {} giving an even head dim (RoPE)",
+                    "a multiple of `num_attention_heads` (--heads) {} giving an even head dim (RoPE)",
                     self.num_attention_heads
                 ),
                 self.hidden_size,
@@ -201,7 +201,7 @@ impl SynthShape {
             return Err(setting(
                 "`num_key_value_heads` (--kv-heads)",
                 format!(
-                    "a divisor of `num_attention_heads` {}",
+                    "a divisor of `num_attention_heads` (--heads) {}",
                     self.num_attention_heads
                 ),
                 self.num_key_value_heads,
@@ -325,6 +325,9 @@ pub struct SynthOptions {
     /// Where the tokenizer files ([`TOKENIZER_FILES`]) are copied from when the vocabulary is
     /// [`MIXTRAL_VOCAB`] (the bundled `fixtures/moe-s`).
     pub tokenizer_dir: Option<PathBuf>,
+    /// Threads drawing the weights (`None`: rayon's global pool, all cores). The output is the
+    /// same for any number.
+    pub threads: Option<usize>,
 }
 
 /// Progress after one tensor was written.
@@ -410,18 +413,38 @@ pub fn write_synth(
         preset: options.preset,
         seed: options.seed,
     };
+    let pool = match options.threads {
+        None => None,
+        Some(n) => Some(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| Error::Setting {
+                    what: "threads (--threads)".into(),
+                    expected: "a thread pool that can be started".into(),
+                    got: format!("{n}: {e}"),
+                })?,
+        ),
+    };
     std::thread::scope(|s| -> Result<()> {
         // Capacity 1: at most one tensor waits while one is drawn and one is written.
         let (tx, rx) = sync_channel::<Drawn>(1);
         let tensors = &layout.tensors;
         let generator = &generator;
+        let pool = pool.as_ref();
         s.spawn(move || {
-            for spec in tensors {
-                for drawn in generator.draw(&spec.name, &spec.shape, spec.dtype) {
-                    if tx.send(drawn).is_err() {
-                        return; // the writer failed and hung up
+            let draw_all = || {
+                for spec in tensors {
+                    for drawn in generator.draw(&spec.name, &spec.shape, spec.dtype) {
+                        if tx.send(drawn).is_err() {
+                            return; // the writer failed and hung up
+                        }
                     }
                 }
+            };
+            match pool {
+                Some(pool) => pool.install(draw_all),
+                None => draw_all(),
             }
         });
         for drawn in rx {
@@ -978,6 +1001,7 @@ mod tests {
             seed: 1,
             max_shard_size: None,
             tokenizer_dir: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/moe-s")),
+            threads: None,
         }
     }
 
@@ -998,11 +1022,11 @@ mod tests {
         assert!(report.is_clean(), "{:?}", report.problems);
         assert_eq!(report.quantized_modules, 2 * 28);
         // Same seed, another thread count: the same bytes.
-        let b = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap()
-            .install(|| write_synth(&tmp.path().join("b"), &opts, |_| {}).unwrap());
+        let one_thread = SynthOptions {
+            threads: Some(1),
+            ..opts.clone()
+        };
+        let b = write_synth(&tmp.path().join("b"), &one_thread, |_| {}).unwrap();
         let model = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
         assert!(model(&a.dir) == model(&b.dir));
         // The checkpoint loads and its dense tensors are F16 with the planned std.
