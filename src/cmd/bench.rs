@@ -21,6 +21,51 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// CUDA GPTQ kernels: time, bandwidth, ratio to cuBLAS, per shape, bits, group size and M.
     Kernels(KernelArgs),
+    /// Layer-major perplexity throughput on a synthetic full-size Mixtral (or a branch on disk)
+    /// against the dense bf16 floor measured in the same run.
+    Eval(EvalBenchArgs),
+}
+
+/// Arguments of `mixtral-gptq bench eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalBenchArgs {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// Tokens of the evaluation to time (whole windows of --ctx; wikitext-2's test set is ~330k).
+    #[arg(long, default_value_t = 330_000)]
+    pub tokens: usize,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: usize,
+    /// Synthetic GPTQ variants as BITS:GROUP (group -1 = one group per row), comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "4:128,4:32,4:-1,3:128,8:128"
+    )]
+    pub variants: Vec<String>,
+    /// Act-order (`g_idx` a random permutation of the groups) in the synthetic layers.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub act_order: bool,
+    /// Decoder layers of the synthetic model (Mixtral-8x7B: 32).
+    #[arg(long, default_value_t = 32)]
+    pub layers: usize,
+    /// Full evaluations per variant (the median is reported).
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
+    /// Tokens per chunk of the layer-major pass.
+    #[arg(long, default_value_t = 65_536)]
+    pub chunk_tokens: usize,
+    /// Rows per expert GEMM call.
+    #[arg(long, default_value_t = 32_768)]
+    pub moe_rows: usize,
+    /// Use the f32 reference attention kernel instead of the tensor-core one.
+    #[arg(long)]
+    pub reference_attention: bool,
+    /// Time a model or branch directory instead of synthetic layers (random token ids).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<std::path::PathBuf>,
 }
 
 /// Arguments of `mixtral-gptq bench kernels`.
@@ -81,6 +126,7 @@ fn to_dtype<T: ActDtype>(v: &[f32]) -> Vec<T> {
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchWhat::Kernels(a) => kernels(a),
+        BenchWhat::Eval(a) => eval_bench(a),
     }
 }
 
@@ -281,4 +327,204 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Mixtral-8x7B's shape (config.json of mistralai/Mixtral-8x7B-Instruct-v0.1).
+fn mixtral_8x7b(layers: usize) -> anyhow::Result<runtime::MixtralConfig> {
+    let raw = serde_json::json!({
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": layers,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "vocab_size": 32000,
+        "max_position_embeddings": 32768, "sliding_window": null, "tie_word_embeddings": false,
+        "torch_dtype": "bfloat16"
+    });
+    Ok(runtime::MixtralConfig::from_value(
+        raw,
+        std::path::Path::new("<Mixtral-8x7B shape>"),
+    )?)
+}
+
+/// Parameters a token passes through: attention, top-k experts, router and `lm_head`.
+fn active_params(c: &runtime::MixtralConfig) -> f64 {
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let d = c.head_dim() as f64;
+    let attn = h * d * (2.0 * c.num_attention_heads as f64 + 2.0 * c.num_key_value_heads as f64);
+    let experts = c.num_experts_per_tok as f64 * 3.0 * h * i;
+    let router = c.num_local_experts as f64 * h;
+    c.num_hidden_layers as f64 * (attn + experts + router) + c.vocab_size as f64 * h
+}
+
+fn synthetic_layer(
+    dev: &std::sync::Arc<CudaDevice>,
+    c: &runtime::MixtralConfig,
+    bits: u32,
+    group: i32,
+    act_order: bool,
+) -> anyhow::Result<runtime::cuda::eval::DeviceLayer> {
+    use runtime::cuda::eval::{synthetic_f32, synthetic_gptq, DeviceLinear};
+    use std::sync::Arc;
+    let (h, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
+    let (qw, kw) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+    let mut seed = 100u64;
+    let mut lin = |k: usize, n: usize| -> anyhow::Result<DeviceLinear> {
+        seed += 1;
+        // Weights of standard deviation about 1/sqrt(K): (q - z) spans about 2^b / sqrt(6).
+        let scale = 6f32.sqrt() / ((1u32 << bits) as f32 * (k as f32).sqrt());
+        Ok(DeviceLinear::Gptq(Arc::new(synthetic_gptq(
+            dev, bits, group, k, n, act_order, scale, seed,
+        )?)))
+    };
+    let attn = [lin(h, qw)?, lin(h, kw)?, lin(h, kw)?, lin(qw, h)?];
+    let experts = (0..c.num_local_experts)
+        .map(|_| Ok([lin(h, inter)?, lin(inter, h)?, lin(h, inter)?]))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(runtime::cuda::eval::DeviceLayer {
+        input_layernorm: Arc::new(synthetic_f32(dev, h, 0.9, 1.1, 1)?),
+        post_attention_layernorm: Arc::new(synthetic_f32(dev, h, 0.9, 1.1, 2)?),
+        gate: Arc::new(synthetic_f32(dev, c.num_local_experts * h, -0.05, 0.05, 3)?),
+        attn,
+        experts,
+    })
+}
+
+fn eval_bench(a: EvalBenchArgs) -> anyhow::Result<ExitCode> {
+    use runtime::cuda::eval::{
+        evaluate_checkpoint, evaluate_windows, synthetic_bf16, synthetic_f32, time_dense_gemm,
+        AttentionKernel, DeviceHead, EvalOptions, EvalOutput,
+    };
+    let dev = CudaDevice::new(a.device).context("opening the CUDA device")?;
+    let checkpoint = a
+        .model
+        .as_ref()
+        .map(runtime::Checkpoint::open)
+        .transpose()
+        .context("opening --model")?;
+    let config = match &checkpoint {
+        Some(ck) => ck.config().clone(),
+        None => mixtral_8x7b(a.layers)?,
+    };
+    let windows_n = (a.tokens as f64 / a.ctx as f64).round().max(1.0) as usize;
+    let tokens = windows_n * a.ctx;
+    let mut rng = runtime::cuda::random::Rng::new(7);
+    let windows: Vec<Vec<u32>> = (0..windows_n)
+        .map(|_| {
+            (0..a.ctx)
+                .map(|_| rng.below(config.vocab_size as u64) as u32)
+                .collect()
+        })
+        .collect();
+    // The floor: dense bf16 GEMM rate at an expert's shape, measured now.
+    let (m, k, n) = (16_384, config.hidden_size, config.intermediate_size);
+    let gemm_ms = time_dense_gemm(&dev, m, k, n, 20).context("timing the dense GEMM")?;
+    let rate = 2.0 * (m * k * n) as f64 / (gemm_ms * 1e-3);
+    let params = active_params(&config);
+    let floor_s = 2.0 * params * tokens as f64 / rate;
+    println!(
+        "device: {} ({}, {} SMs)",
+        dev.name(),
+        dev.arch(),
+        dev.sm_count()
+    );
+    println!(
+        "dense bf16 cuBLAS [{m} x {k}] x [{k} x {n}]: {gemm_ms:.3} ms = {:.0} TFLOP/s (median of 20)",
+        rate / 1e12
+    );
+    println!(
+        "active parameters per token: {:.3} B; floor for {tokens} tokens ({windows_n} windows of {}): {floor_s:.2} s",
+        params / 1e9,
+        a.ctx
+    );
+    let opts = EvalOptions {
+        chunk_tokens: a.chunk_tokens,
+        moe_rows: a.moe_rows,
+        attention: if a.reference_attention {
+            AttentionKernel::Reference
+        } else {
+            AttentionKernel::Auto
+        },
+        phase_timing: true,
+        ..EvalOptions::default()
+    };
+    let report = |label: &str, runs: &[EvalOutput]| {
+        let mut totals: Vec<f64> = runs.iter().map(|r| r.total_ms).collect();
+        totals.sort_by(|x, y| x.total_cmp(y));
+        let med = totals[totals.len() / 2] / 1e3;
+        let r = &runs[runs.len() / 2];
+        let mut layers = r.layer_ms.clone();
+        layers.sort_by(|x, y| x.total_cmp(y));
+        let finite = r.nll.iter().flatten().all(|v| v.is_finite());
+        let mean_nll = r.nll.iter().flatten().map(|&v| v as f64).sum::<f64>()
+            / r.nll.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+        println!();
+        println!(
+            "## {label}: {tokens} tokens in {med:.2} s = {:.0} tokens/s; floor {floor_s:.2} s; ratio {:.2}x the floor (median of {} run(s); mean NLL {mean_nll:.3}, finite: {finite})",
+            tokens as f64 / med,
+            med / floor_s,
+            runs.len()
+        );
+        println!(
+            "layer time: median {:.1} ms, min {:.1}, max {:.1} ({} layers)",
+            layers[layers.len() / 2],
+            layers[0],
+            layers[layers.len() - 1],
+            layers.len()
+        );
+        println!("| phase | seconds | share |");
+        println!("|---|---|---|");
+        let sum: f64 = r.phase_ms.iter().map(|p| p.1).sum();
+        for (p, ms) in &r.phase_ms {
+            println!(
+                "| {} | {:.2} | {:.1} % |",
+                p.name(),
+                ms / 1e3,
+                100.0 * ms / sum.max(1e-9)
+            );
+        }
+        println!("| (GPU total) | {:.2} | |", sum / 1e3);
+    };
+    if let Some(ck) = &checkpoint {
+        let mut runs = Vec::new();
+        for _ in 0..a.repeats.max(1) {
+            runs.push(evaluate_checkpoint(&dev, ck, &windows, &opts)?);
+        }
+        report(&format!("{}", ck.dir().display()), &runs);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for v in &a.variants {
+        let (b, g) = v
+            .split_once(':')
+            .with_context(|| format!("--variants: `{v}` is not BITS:GROUP"))?;
+        let bits: u32 = b
+            .parse()
+            .with_context(|| format!("--variants `{v}`: bits"))?;
+        let group: i32 = g
+            .parse()
+            .with_context(|| format!("--variants `{v}`: group"))?;
+        let layer = synthetic_layer(&dev, &config, bits, group, a.act_order)
+            .with_context(|| format!("making a synthetic {bits}-bit g{group} layer"))?;
+        let (h, vocab) = (config.hidden_size, config.vocab_size);
+        let mut runs = Vec::new();
+        for _ in 0..a.repeats.max(1) {
+            let head = DeviceHead {
+                embed: synthetic_f32(&dev, vocab * h, -1.0, 1.0, 11)?,
+                norm: synthetic_f32(&dev, h, 0.9, 1.1, 12)?,
+                lm_head: synthetic_bf16(&dev, vocab * h, -0.03, 0.03, 13)?,
+            };
+            let mut feed = |_l: usize| Ok(layer.clone());
+            runs.push(evaluate_windows(
+                &dev, &config, &windows, head, &mut feed, &opts,
+            )?);
+        }
+        let act = if a.act_order {
+            "act-order"
+        } else {
+            "no act-order"
+        };
+        report(
+            &format!("synthetic Mixtral-8x7B shape, {bits}-bit g{group} {act}"),
+            &runs,
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -59,9 +59,48 @@ pub struct Evaluator {
     pub spec: String,
     /// The resolved local directory.
     pub dir: PathBuf,
-    model: Box<dyn evaluate::Scorer>,
+    model: Engine,
     tokenizer: evaluate::tokenize::Tokenizer,
     tokenizer_path: PathBuf,
+}
+
+/// Where the model runs.
+enum Engine {
+    /// The CPU reference, window by window.
+    Cpu(Box<dyn evaluate::Scorer>),
+    /// One GPU, layer-major over every window at once (runtime::cuda::eval).
+    Cuda {
+        dev: std::sync::Arc<runtime::cuda::CudaDevice>,
+        checkpoint: runtime::Checkpoint,
+    },
+}
+
+/// Records the windows a convention cuts, scoring each as zero (first pass of the GPU path).
+struct Recorder(Vec<Vec<u32>>);
+
+impl evaluate::Scorer for Recorder {
+    fn nll(&mut self, window: &[u32]) -> Result<Vec<f32>, evaluate::error::ScorerError> {
+        self.0.push(window.to_vec());
+        Ok(vec![0.0; window.len().saturating_sub(1)])
+    }
+}
+
+/// Hands out NLLs computed beforehand, checking that the windows come in the recorded order.
+struct Replay<'a> {
+    windows: &'a [Vec<u32>],
+    nll: &'a [Vec<f32>],
+    next: usize,
+}
+
+impl evaluate::Scorer for Replay<'_> {
+    fn nll(&mut self, window: &[u32]) -> Result<Vec<f32>, evaluate::error::ScorerError> {
+        let i = self.next;
+        self.next += 1;
+        match (self.windows.get(i), self.nll.get(i)) {
+            (Some(w), Some(n)) if w.as_slice() == window => Ok(n.clone()),
+            _ => Err(format!("window {i} was not the one evaluated on the GPU").into()),
+        }
+    }
 }
 
 impl Evaluator {
@@ -80,20 +119,17 @@ impl Evaluator {
         };
         let dir = runtime::resolve(spec, &runtime::HubOptions::from_env())
             .with_context(|| format!("resolving model {spec}"))?;
-        let model: Box<dyn evaluate::Scorer> = match ordinal {
-            None => Box::new(
+        let model = match ordinal {
+            None => Engine::Cpu(Box::new(
                 runtime::Model::load(&dir)
                     .with_context(|| format!("loading model {}", dir.display()))?,
-            ),
+            )),
             Some(n) => {
-                let backend = runtime::cuda::CudaBackend::new(n)
+                let dev = runtime::cuda::CudaDevice::new(n)
                     .with_context(|| format!("opening CUDA device {n}"))?;
                 let checkpoint = runtime::Checkpoint::open(&dir)
                     .with_context(|| format!("opening model {}", dir.display()))?;
-                Box::new(
-                    runtime::Model::from_checkpoint(backend, &checkpoint)
-                        .with_context(|| format!("loading model {} on cuda:{n}", dir.display()))?,
-                )
+                Engine::Cuda { dev, checkpoint }
             }
         };
         let tokenizer_path = dir.join("tokenizer.json");
@@ -107,6 +143,63 @@ impl Evaluator {
         })
     }
 
+    /// Evaluates several (text, ids, convention) jobs. On the CPU each job runs window by
+    /// window; on a GPU every window of every job goes through the model in one layer-major
+    /// pass, then each job's perplexity is assembled by the same convention code.
+    pub fn run_many(
+        &mut self,
+        jobs: &[(&EvalText, &[u32], Convention)],
+    ) -> anyhow::Result<Vec<Perplexity>> {
+        let Engine::Cuda { dev, checkpoint } = &self.model else {
+            return jobs
+                .iter()
+                .map(|&(text, ids, convention)| self.run(text, ids, convention))
+                .collect();
+        };
+        let mut recorded = Vec::with_capacity(jobs.len());
+        for &(text, ids, convention) in jobs {
+            let mut rec = Recorder(Vec::new());
+            evaluate::evaluate(&mut rec, ids, convention, &mut |_, _| {}).with_context(|| {
+                format!("evaluating {} on {} ({convention})", self.spec, text.name)
+            })?;
+            recorded.push(rec.0);
+        }
+        let all: Vec<Vec<u32>> = recorded.iter().flatten().cloned().collect();
+        let tokens: usize = all.iter().map(Vec::len).sum();
+        eprintln!(
+            "evaluating {} windows ({tokens} tokens) layer by layer on {}",
+            all.len(),
+            dev.name()
+        );
+        let out = runtime::cuda::eval::evaluate_checkpoint(
+            dev,
+            checkpoint,
+            &all,
+            &runtime::cuda::eval::EvalOptions::default(),
+        )
+        .with_context(|| format!("evaluating {} on the GPU", self.spec))?;
+        let mut results = Vec::with_capacity(jobs.len());
+        let mut first = 0;
+        for (&(text, ids, convention), windows) in jobs.iter().zip(&recorded) {
+            let n = windows.len();
+            let mut replay = Replay {
+                windows,
+                nll: &out.nll[first..first + n],
+                next: 0,
+            };
+            first += n;
+            let mut ppl = evaluate::evaluate(&mut replay, ids, convention, &mut |_, _| {})
+                .with_context(|| {
+                    format!("evaluating {} on {} ({convention})", self.spec, text.name)
+                })?;
+            // The pass was shared: each job gets its share of the time by tokens.
+            let own: usize = windows.iter().map(Vec::len).sum();
+            ppl.seconds = out.total_ms / 1e3 * own as f64 / tokens.max(1) as f64;
+            results.push(ppl);
+        }
+        Ok(results)
+    }
+
     /// Encodes `text` and evaluates it under `convention`, with a progress bar on stderr.
     pub fn run(
         &mut self,
@@ -114,6 +207,12 @@ impl Evaluator {
         ids: &[u32],
         convention: Convention,
     ) -> anyhow::Result<Perplexity> {
+        let Engine::Cpu(model) = &mut self.model else {
+            return Ok(self
+                .run_many(&[(text, ids, convention)])?
+                .pop()
+                .context("no result")?);
+        };
         let bar = ProgressBar::new(convention.windows(ids.len()) as u64);
         bar.set_style(
             ProgressStyle::with_template(
@@ -123,7 +222,7 @@ impl Evaluator {
             .progress_chars("=> "),
         );
         bar.set_message(format!("{} {convention}", text.name));
-        let result = evaluate::evaluate(self.model.as_mut(), ids, convention, &mut |done, _| {
+        let result = evaluate::evaluate(model.as_mut(), ids, convention, &mut |done, _| {
             bar.set_position(done as u64)
         })
         .with_context(|| format!("evaluating {} on {} ({convention})", self.spec, text.name));
@@ -174,8 +273,22 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     println!("model {} ({})", spec, evaluator.dir.display());
-    for text in &texts {
-        let ids = evaluator.encode(text)?;
+    let encoded = texts
+        .iter()
+        .map(|t| evaluator.encode(t))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let jobs: Vec<(&EvalText, &[u32], Convention)> = texts
+        .iter()
+        .zip(&encoded)
+        .flat_map(|(t, ids)| conventions.iter().map(move |&c| (t, ids.as_slice(), c)))
+        .collect();
+    // The GPU evaluates every job in one pass; the CPU one job at a time (progress bars).
+    let mut precomputed = if args.device == "cpu" {
+        None
+    } else {
+        Some(evaluator.run_many(&jobs)?.into_iter())
+    };
+    for (text, ids) in texts.iter().zip(&encoded) {
         println!(
             "text {}: {} | {} tokens (BOS included)",
             text.name,
@@ -183,7 +296,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             ids.len()
         );
         for &convention in &conventions {
-            let ppl = evaluator.run(text, &ids, convention)?;
+            let ppl = match precomputed.as_mut() {
+                Some(it) => it.next().context("missing GPU result")?,
+                None => evaluator.run(text, ids, convention)?,
+            };
             println!("  {}", ppl.summary());
             let entry = EvalEntry {
                 text: text.name.clone(),

@@ -32,7 +32,7 @@ pub const FORWARD: KernelSource = KernelSource {
 };
 
 /// Every kernel file, for the compile-everything test.
-pub const ALL: &[KernelSource] = &[GPTQ, FORWARD];
+pub const ALL: &[KernelSource] = &[GPTQ, FORWARD, super::eval::EVAL];
 
 /// Options passed to NVRTC besides the architecture and include folders.
 const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true", "-default-device"];

@@ -13,6 +13,7 @@ pub mod timing;
 pub use error::{CudaError, Result};
 pub mod backend;
 pub mod device;
+pub mod eval;
 pub mod gptq;
 
 pub use backend::{CudaBackend, CudaTensor};
