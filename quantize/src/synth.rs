@@ -560,7 +560,7 @@ impl Generator {
             let std = weight_std(&self.shape, module);
             let n = shape.iter().product();
             return dense(match dtype {
-                Dtype::BF16 => normal_bytes(key, n, std, |x| bf16::from_f32(x).to_bits()),
+                Dtype::BF16 => normal_bytes(key, n, std, bf16_bits),
                 _ => normal_bytes(key, n, std, |x| f16::from_f32(x).to_bits()),
             });
         }
@@ -571,7 +571,6 @@ impl Generator {
         let std = weight_std(&self.shape, module);
         let w = synth_gptq(&preset, k, n, std, key);
         let s = w.shapes();
-        let i32_bytes = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let part = |suffix: &str, dtype, shape: &[usize], bytes| Drawn {
             name: format!("{module}.{suffix}"),
             dtype,
@@ -579,17 +578,41 @@ impl Generator {
             bytes,
         };
         vec![
-            part("qweight", Dtype::I32, &s.qweight, i32_bytes(&w.qweight)),
-            part("qzeros", Dtype::I32, &s.qzeros, i32_bytes(&w.qzeros)),
+            part(
+                "qweight",
+                Dtype::I32,
+                &s.qweight,
+                le_bytes(&w.qweight, |x| x.to_le_bytes()),
+            ),
+            part(
+                "qzeros",
+                Dtype::I32,
+                &s.qzeros,
+                le_bytes(&w.qzeros, |x| x.to_le_bytes()),
+            ),
             part(
                 "scales",
                 Dtype::F16,
                 &s.scales,
-                w.scales.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                le_bytes(&w.scales, |x| x.to_le_bytes()),
             ),
-            part("g_idx", Dtype::I32, &s.g_idx, i32_bytes(&w.g_idx)),
+            part(
+                "g_idx",
+                Dtype::I32,
+                &s.g_idx,
+                le_bytes(&w.g_idx, |x| x.to_le_bytes()),
+            ),
         ]
     }
+}
+
+/// The little-endian bytes of `v` (a sized loop: `flat_map(..).collect()` grows its buffer).
+fn le_bytes<T: Copy, const N: usize>(v: &[T], bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * N);
+    for &x in v {
+        out.extend_from_slice(&bytes(x));
+    }
+    out
 }
 
 /// The std a dense weight named `module` (full name without `.weight`) is drawn with.
@@ -620,7 +643,7 @@ pub fn synth_gptq(preset: &Preset, k: usize, n: usize, std: f32, key: u64) -> Gp
     // Scales: q − zero is uniform over −m..=m, m = 2^(b−1) − 1, of std sqrt(m(m+1)/3).
     let m = ((1u32 << (bits - 1)) - 1) as f32;
     let base = std / (m * (m + 1.0) / 3.0).sqrt();
-    let scale_key = mix(key ^ 0x5CA1_E5);
+    let scale_key = mix(key ^ 0x005C_A1E5);
     let scales = (0..groups * n)
         .into_par_iter()
         .map(|i| {
@@ -628,7 +651,7 @@ pub fn synth_gptq(preset: &Preset, k: usize, n: usize, std: f32, key: u64) -> Gp
             f16::from_f32(base * (0.75 + 0.5 * u) / SCALE_JITTER_RMS)
         })
         .collect();
-    let g_idx = synth_g_idx(preset, k, mix(key ^ 0x6_1D8));
+    let g_idx = synth_g_idx(preset, k, mix(key ^ 0x0006_01D8));
     GptqWeight {
         bits,
         group_size: preset.group_size,
@@ -650,7 +673,6 @@ pub fn synth_gptq(preset: &Preset, k: usize, n: usize, std: f32, key: u64) -> Gp
 /// mapped onto `1..=maxq` by multiply-shift); blocks are independent, so threads do not matter.
 pub fn synth_qweight(bits: u32, k: usize, n: usize, key: u64) -> Vec<i32> {
     let b = bits as usize;
-    let maxq = (1u64 << bits) - 1;
     let mut qweight = vec![0i32; k * b / 32 * n];
     if n == 0 {
         return qweight;
@@ -658,24 +680,57 @@ pub fn synth_qweight(bits: u32, k: usize, n: usize, key: u64) -> Vec<i32> {
     qweight
         .par_chunks_mut(b * n)
         .enumerate()
-        .for_each(|(block, rows)| {
-            let words = rows.len() / n; // b, or fewer in a last partial block
-            let mut codes = [0u32; 32];
-            for col in 0..n {
-                let first = ((block * n + col) * 8) as u64;
-                for d in 0..8 {
-                    let r = draw(key, first + d as u64);
-                    for f in 0..4 {
-                        let u = (r >> (16 * f)) & 0xFFFF;
-                        codes[4 * d + f] = 1 + ((u * maxq) >> 16) as u32;
-                    }
-                }
-                for w in 0..words {
-                    rows[w * n + col] = pack_stream_word(|i| codes[i], w, bits) as i32;
-                }
-            }
+        .for_each(|(block, rows)| match bits {
+            // Constant bit widths let the packing loops unroll.
+            2 => qweight_block::<2>(key, block, n, rows),
+            4 => qweight_block::<4>(key, block, n, rows),
+            8 => qweight_block::<8>(key, block, n, rows),
+            _ => qweight_block_any(bits, key, block, n, rows),
         });
     qweight
+}
+
+/// The 32 codes of input block `block`, column `col` (see [`synth_qweight`]).
+#[inline]
+fn block_codes(maxq: u64, key: u64, block: usize, n: usize, col: usize) -> [u32; 32] {
+    let mut codes = [0u32; 32];
+    let first = ((block * n + col) * 8) as u64;
+    for d in 0..8 {
+        let r = draw(key, first + d as u64);
+        for f in 0..4 {
+            let u = (r >> (16 * f)) & 0xFFFF;
+            codes[4 * d + f] = 1 + ((u * maxq) >> 16) as u32;
+        }
+    }
+    codes
+}
+
+/// One block's `B` rows of `qweight` for bit widths dividing 32 (value `j` of a word at bits
+/// `[B·j, B·j + B)`); `rows` may hold fewer than `B` rows at the end of K.
+fn qweight_block<const B: usize>(key: u64, block: usize, n: usize, rows: &mut [i32]) {
+    let words = rows.len() / n;
+    let per = 32 / B;
+    for col in 0..n {
+        let codes = block_codes((1 << B) - 1, key, block, n, col);
+        for w in 0..words {
+            let mut word = 0u32;
+            for j in 0..per {
+                word |= codes[w * per + j] << (B * j);
+            }
+            rows[w * n + col] = word as i32;
+        }
+    }
+}
+
+/// [`qweight_block`] for any width, 3 bits included (fields straddle words).
+fn qweight_block_any(bits: u32, key: u64, block: usize, n: usize, rows: &mut [i32]) {
+    let words = rows.len() / n;
+    for col in 0..n {
+        let codes = block_codes((1 << bits) - 1, key, block, n, col);
+        for w in 0..words {
+            rows[w * n + col] = pack_stream_word(|i| codes[i], w, bits) as i32;
+        }
+    }
 }
 
 /// `g_idx` of a `k`-input layer: all 0 without groups; with act-order `g_idx[perm[i]] = i / gs` for
@@ -719,6 +774,14 @@ pub fn normal_bytes(key: u64, n: usize, std: f32, encode: impl Fn(f32) -> u16 + 
             }
         });
     out
+}
+
+/// `bf16::from_f32(x).to_bits()` for finite `x` (round to nearest even), without the NaN branch
+/// that keeps the generic conversion from vectorising.
+#[inline]
+fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
 }
 
 /// The key of a tensor's random stream: the seed mixed with a hash (FNV-1a) of its name.
@@ -863,6 +926,21 @@ mod tests {
         );
         let kurt = v.iter().map(|x| (x - mean).powi(4)).sum::<f64>() / v.len() as f64 / got.powi(4);
         assert!((kurt - 2.7).abs() < 0.05, "kurtosis {kurt}");
+    }
+
+    #[test]
+    fn bf16_rounding_matches_the_half_crate() {
+        for i in 0..200_000u64 {
+            let x = f32::from_bits(draw(4, i) as u32);
+            if x.is_finite() {
+                assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{x:e}");
+            }
+        }
+        // Ties round to even.
+        for bits in [0x3F80_8000u32, 0x3F81_8000, 0xBF80_8000, 0x3F80_7FFF] {
+            let x = f32::from_bits(bits);
+            assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{bits:#x}");
+        }
     }
 
     #[test]
