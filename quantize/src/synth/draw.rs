@@ -1,0 +1,368 @@
+//! The random draws behind [`super::write_synth`]: counter-based SplitMix64, approximately normal
+//! dense weights, and GPTQ layers generated directly in their packed form.
+//!
+//! Value `i` of a tensor's stream is `splitmix64(key + (i+1)·γ)`, the key derived from the seed and
+//! the tensor's name ([`tensor_key`]). Any chunk can be drawn by any thread, so the output is
+//! bit-identical for a given seed whatever the number of threads.
+//!
+//! "N(0, 1)" is Irwin–Hall: the centred sum of four 16-bit uniforms, scaled to unit variance
+//! (bounded at ±3.46σ, no outliers), which costs one draw per weight.
+//!
+//! A GPTQ layer: codes uniform in `1..2^bits`, symmetric around the zero ([`synth_qweight`]);
+//! zeros the symmetric `2^(bits-1)` stored as `zero − 1` (`0x77777777` at 4 bits); per-group F16
+//! scales the target std divided by the codes' std, times a jitter in `[0.75, 1.25)` normalised
+//! to keep the std; with act-order and a group size `g_idx[perm[i]] = i / group_size` for a random
+//! permutation, so each group has exactly `group_size` members as in a real act-order branch
+//! (spec §2.1–§2.3).
+
+use half::f16;
+use rayon::prelude::*;
+use runtime::qlinear::{group_count, GptqWeight};
+
+use crate::pack::{pack_cols_with, pack_stream_word};
+use crate::presets::Preset;
+
+/// Elements drawn per parallel task (values do not depend on it: only the scheduling does).
+const CHUNK: usize = 1 << 16;
+
+/// Jitter of the per-group scales: `0.75 + 0.5·u`, divided by `sqrt(E[(0.75 + 0.5·u)²])`
+/// `= sqrt(0.5625 + 0.375 + 0.25/3)` so it leaves the weights' std unchanged.
+const SCALE_JITTER_RMS: f32 = 1.010_363;
+
+/// A random GPTQ v1 layer `[K = k, N = n]` of `preset` whose dequantized weights have std `std`
+/// (see the module doc). Deterministic in `key`, whatever the number of threads.
+pub fn synth_gptq(preset: &Preset, k: usize, n: usize, std: f32, key: u64) -> GptqWeight {
+    let bits = preset.bits;
+    let groups = group_count(preset.group_size, k);
+    let qweight = synth_qweight(bits, k, n, key);
+    // Symmetric zero 2^(b-1), stored as zero − 1 in every field; all rows alike.
+    let stored_zero = (1u32 << (bits - 1)) - 1;
+    let row = pack_cols_with(1, n, bits, |_, _| stored_zero);
+    let qzeros = row.repeat(groups);
+    // Scales: q − zero is uniform over −m..=m, m = 2^(b−1) − 1, of std sqrt(m(m+1)/3).
+    let m = ((1u32 << (bits - 1)) - 1) as f32;
+    let base = std / (m * (m + 1.0) / 3.0).sqrt();
+    let scale_key = mix(key ^ 0x005C_A1E5);
+    let scales = (0..groups * n)
+        .into_par_iter()
+        .map(|i| {
+            let u = (draw(scale_key, i as u64) >> 40) as f32 / (1u64 << 24) as f32;
+            f16::from_f32(base * (0.75 + 0.5 * u) / SCALE_JITTER_RMS)
+        })
+        .collect();
+    let g_idx = synth_g_idx(preset, k, mix(key ^ 0x0006_01D8));
+    GptqWeight {
+        bits,
+        group_size: preset.group_size,
+        in_features: k,
+        out_features: n,
+        qweight,
+        qzeros,
+        scales,
+        g_idx,
+    }
+}
+
+/// `qweight` `[K·b/32, N]` of codes uniform in `1..=maxq`, symmetric around the zero `2^(b−1)`
+/// as a real symmetric GPTQ layer's are (its scale is `2·max|w|/maxq`, so code 0 is all but
+/// unused). Codes `0..2^b` would have a mean of −½ step: a bias shared by every output that grows
+/// the residual stream layer after layer.
+///
+/// Each block of 32 inputs of one column (`b` words) comes from 8 draws (four 16-bit fields each,
+/// mapped onto `1..=maxq` by multiply-shift); blocks are independent, so threads do not matter.
+pub fn synth_qweight(bits: u32, k: usize, n: usize, key: u64) -> Vec<i32> {
+    let b = bits as usize;
+    let mut qweight = vec![0i32; k * b / 32 * n];
+    if n == 0 {
+        return qweight;
+    }
+    qweight
+        .par_chunks_mut(b * n)
+        .enumerate()
+        .for_each(|(block, rows)| match bits {
+            // Constant bit widths let the packing loops unroll.
+            2 => qweight_block::<2>(key, block, n, rows),
+            4 => qweight_block::<4>(key, block, n, rows),
+            8 => qweight_block::<8>(key, block, n, rows),
+            _ => qweight_block_any(bits, key, block, n, rows),
+        });
+    qweight
+}
+
+/// The 32 codes of input block `block`, column `col` (see [`synth_qweight`]).
+#[inline]
+fn block_codes(maxq: u64, key: u64, block: usize, n: usize, col: usize) -> [u32; 32] {
+    let mut codes = [0u32; 32];
+    let first = ((block * n + col) * 8) as u64;
+    for d in 0..8 {
+        let r = draw(key, first + d as u64);
+        for f in 0..4 {
+            let u = (r >> (16 * f)) & 0xFFFF;
+            codes[4 * d + f] = 1 + ((u * maxq) >> 16) as u32;
+        }
+    }
+    codes
+}
+
+/// One block's `B` rows of `qweight` for bit widths dividing 32 (value `j` of a word at bits
+/// `[B·j, B·j + B)`); `rows` may hold fewer than `B` rows at the end of K.
+fn qweight_block<const B: usize>(key: u64, block: usize, n: usize, rows: &mut [i32]) {
+    let words = rows.len() / n;
+    let per = 32 / B;
+    for col in 0..n {
+        let codes = block_codes((1 << B) - 1, key, block, n, col);
+        for w in 0..words {
+            let mut word = 0u32;
+            for j in 0..per {
+                word |= codes[w * per + j] << (B * j);
+            }
+            rows[w * n + col] = word as i32;
+        }
+    }
+}
+
+/// [`qweight_block`] for any width, 3 bits included (fields straddle words).
+fn qweight_block_any(bits: u32, key: u64, block: usize, n: usize, rows: &mut [i32]) {
+    let words = rows.len() / n;
+    for col in 0..n {
+        let codes = block_codes((1 << bits) - 1, key, block, n, col);
+        for w in 0..words {
+            rows[w * n + col] = pack_stream_word(|i| codes[i], w, bits) as i32;
+        }
+    }
+}
+
+/// `g_idx` of a `k`-input layer: all 0 without groups; with act-order `g_idx[perm[i]] = i / gs` for
+/// a random permutation `perm` (each group exactly `gs` inputs, the last possibly fewer), as
+/// GPTQ's act-order produces; without act-order `k / gs`.
+pub fn synth_g_idx(preset: &Preset, k: usize, key: u64) -> Vec<i32> {
+    if preset.group_size <= 0 {
+        return vec![0; k];
+    }
+    let gs = preset.group_size as usize;
+    let mut perm: Vec<usize> = (0..k).collect();
+    if preset.desc_act {
+        // Fisher–Yates with the tensor's own stream (Lemire's multiply-shift for the bound).
+        for i in (1..k).rev() {
+            let j = ((draw(key, i as u64) >> 32) * (i as u64 + 1)) >> 32;
+            perm.swap(i, j as usize);
+        }
+    }
+    let mut g_idx = vec![0i32; k];
+    for (rank, &col) in perm.iter().enumerate() {
+        g_idx[col] = (rank / gs) as i32;
+    }
+    g_idx
+}
+
+/// `n` values ~ N(0, std²) (Irwin–Hall, see the module doc) encoded by `encode` as little-endian
+/// 16-bit words. Deterministic in `key`, whatever the number of threads.
+pub fn normal_bytes(key: u64, n: usize, std: f32, encode: impl Fn(f32) -> u16 + Sync) -> Vec<u8> {
+    // Four 16-bit uniforms: mean 4·32767.5, std 65536/sqrt(3) (to 1e-9).
+    const MEAN: f32 = 131_070.0;
+    let scale = std * 3f32.sqrt() / 65536.0;
+    let mut out = vec![0u8; 2 * n];
+    out.par_chunks_mut(2 * CHUNK)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for (j, b) in dst.chunks_exact_mut(2).enumerate() {
+                let r = draw(key, (c * CHUNK + j) as u64);
+                let sum = (r & 0xFFFF) + ((r >> 16) & 0xFFFF) + ((r >> 32) & 0xFFFF) + (r >> 48);
+                let x = (sum as f32 - MEAN) * scale;
+                b.copy_from_slice(&encode(x).to_le_bytes());
+            }
+        });
+    out
+}
+
+/// `bf16::from_f32(x).to_bits()` for finite `x` (round to nearest even), without the NaN branch
+/// that keeps the generic conversion from vectorising.
+#[inline]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// The key of a tensor's random stream: the seed mixed with a hash (FNV-1a) of its name.
+pub fn tensor_key(seed: u64, name: &str) -> u64 {
+    let mut h = 0xCBF2_9CE4_8422_2325u64;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    mix(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ h)
+}
+
+/// Value `i` of the SplitMix64 stream with state `key`: `mix(key + (i+1)·γ)`.
+#[inline]
+pub(crate) fn draw(key: u64, i: u64) -> u64 {
+    mix(key.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+}
+
+/// SplitMix64's output function (Steele, Lea & Flood 2014).
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presets::PRESETS;
+    use half::bf16;
+
+    /// Std of the dequantized weights against the target: sampling error of ~1e5 values plus the
+    /// f16 rounding of the scales stays far below this.
+    const STD_REL_TOL: f64 = 0.03;
+
+    fn mean_std(v: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+        let n = v.clone().count() as f64;
+        let mean = v.clone().sum::<f64>() / n;
+        let var = v.map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+        (mean, var.sqrt())
+    }
+
+    #[test]
+    fn act_order_g_idx_has_exactly_group_size_members_per_group() {
+        let g128 = Preset::by_name("gptq-4bit-128g-actorder_True").unwrap();
+        let g = synth_g_idx(&g128, 1024, 7);
+        let mut counts = vec![0usize; 8];
+        for &x in &g {
+            counts[x as usize] += 1;
+        }
+        assert_eq!(counts, vec![128; 8]);
+        // Act-order: not the sequential k / 128 (and another key gives another permutation).
+        let sequential: Vec<i32> = (0..1024).map(|k| k / 128).collect();
+        assert_ne!(g, sequential);
+        assert_ne!(g, synth_g_idx(&g128, 1024, 8));
+        // Without act-order it is sequential; without groups all zero.
+        let no_act = Preset {
+            desc_act: false,
+            ..g128
+        };
+        assert_eq!(synth_g_idx(&no_act, 1024, 7), sequential);
+        let main = Preset::by_name("main").unwrap();
+        assert!(synth_g_idx(&main, 1024, 7).iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn stored_zeros_are_the_symmetric_words_of_the_spec() {
+        // Spec §2.3: constant qzeros for sym.
+        let expect: [(u32, Vec<i32>); 3] = [
+            (4, vec![0x7777_7777]),
+            (8, vec![0x7F7F_7F7F]),
+            (3, vec![-613_566_757, -1_227_133_514, 1_840_700_269]),
+        ];
+        for (bits, words) in expect {
+            let preset = PRESETS.iter().find(|p| p.bits == bits).unwrap();
+            let w = synth_gptq(preset, 256, 64, 0.01, 1);
+            let per_row = 64 * bits as usize / 32;
+            assert_eq!(w.qzeros.len(), w.groups() * per_row);
+            for row in w.qzeros.chunks(per_row) {
+                for (i, &word) in row.iter().enumerate() {
+                    assert_eq!(word, words[i % words.len()], "{bits}-bit word {i}");
+                }
+            }
+            assert!(w
+                .unpack_zeros()
+                .iter()
+                .all(|&z| z as u32 == (1 << (bits - 1)) - 1));
+        }
+    }
+
+    #[test]
+    fn dequantized_weights_have_the_target_std_in_every_preset() {
+        let (k, n, std) = (512, 256, 0.02f32);
+        for preset in PRESETS {
+            let w = synth_gptq(&preset, k, n, std, tensor_key(3, preset.name));
+            w.check().unwrap();
+            assert!(w.scales.iter().all(|s| s.is_finite() && s.to_f32() > 0.0));
+            let deq = w.dequantize();
+            let (mean, got) = mean_std(deq.iter().map(|&x| x as f64));
+            let rel = (got / std as f64 - 1.0).abs();
+            assert!(rel < STD_REL_TOL, "{}: std {got} vs {std}", preset.name);
+            // Codes symmetric around the zero 2^(b-1): no bias.
+            assert!(
+                mean.abs() < 0.02 * std as f64,
+                "{}: mean {mean}",
+                preset.name
+            );
+            // Codes cover 1..=maxq uniformly; 0 is never used.
+            let codes = w.unpack_codes();
+            let levels = 1usize << preset.bits;
+            let mut hist = vec![0usize; levels];
+            for &c in &codes {
+                hist[c as usize] += 1;
+            }
+            assert_eq!(hist[0], 0, "{}", preset.name);
+            let expected = codes.len() / (levels - 1);
+            for (c, &h) in hist.iter().enumerate().skip(1) {
+                assert!(
+                    h.abs_diff(expected) * 5 < expected,
+                    "{}: code {c} seen {h} times, expected about {expected}",
+                    preset.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dense_weights_are_normal_with_the_target_std() {
+        let std = 0.5f32;
+        let bytes = normal_bytes(11, 1 << 18, std, |x| bf16::from_f32(x).to_bits());
+        let v: Vec<f64> = bytes
+            .chunks(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect();
+        let (mean, got) = mean_std(v.iter().copied());
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((got / std as f64 - 1.0).abs() < 0.01, "std {got}");
+        // Irwin–Hall(4): bounded at sqrt(12)σ, excess kurtosis −6/20 (close to normal).
+        let max = v.iter().fold(0f64, |m, x| m.max(x.abs()));
+        assert!(
+            max <= 3.47 * std as f64 && max > 2.5 * std as f64,
+            "max {max}"
+        );
+        let kurt = v.iter().map(|x| (x - mean).powi(4)).sum::<f64>() / v.len() as f64 / got.powi(4);
+        assert!((kurt - 2.7).abs() < 0.05, "kurtosis {kurt}");
+    }
+
+    #[test]
+    fn bf16_rounding_matches_the_half_crate() {
+        for i in 0..200_000u64 {
+            let x = f32::from_bits(draw(4, i) as u32);
+            if x.is_finite() {
+                assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{x:e}");
+            }
+        }
+        // Ties round to even.
+        for bits in [0x3F80_8000u32, 0x3F81_8000, 0xBF80_8000, 0x3F80_7FFF] {
+            let x = f32::from_bits(bits);
+            assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{bits:#x}");
+        }
+    }
+
+    #[test]
+    fn draws_do_not_depend_on_the_number_of_threads() {
+        let preset = Preset::by_name("gptq-3bit-128g-actorder_True").unwrap();
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    (
+                        synth_gptq(&preset, 1024, 512, 0.01, 5),
+                        normal_bytes(5, 3 * CHUNK + 17, 1.0, |x| f16::from_f32(x).to_bits()),
+                    )
+                })
+        };
+        let one = run(1);
+        assert_eq!(one, run(3));
+        assert_eq!(one, run(8));
+        assert_ne!(one.0, synth_gptq(&preset, 1024, 512, 0.01, 6));
+        assert_ne!(tensor_key(0, "a.weight"), tensor_key(0, "b.weight"));
+        assert_ne!(tensor_key(0, "a.weight"), tensor_key(1, "a.weight"));
+    }
+}
