@@ -247,10 +247,10 @@ ATT_F32_ENTRY(bf16, __nv_bfloat16)
 
 // Tensor-core kernel (mma.sync m16n8k16, f16 inputs from eval_rope_qkv's copy, f32 accumulation),
 // flash-attention-2 style: 4 warps x 16 query rows = 64 queries per block, key/value tiles of 64
-// in shared memory (V transposed). Each warp keeps its Q fragments, S = Q K^T and O in registers;
+// in shared memory. Each warp keeps its Q fragments, S = Q K^T and O in registers;
 // the fragment layouts are those of the PTX ISA for m16n8k16 (g = lane / 4, c = lane % 4: A holds
 // rows g, g+8 and columns 2c, 2c+1, 2c+8, 2c+9; B columns n = g, rows 2c.. ; C rows g, g+8,
-// columns 2c, 2c+1).
+// columns 2c, 2c+1), loaded with ldmatrix (V with .trans).
 #define TC_WARPS 4
 #define TC_Q 64
 #define TC_K 64
@@ -263,6 +263,21 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Four 8x8 b16 matrices from shared memory: lane l gives the address of row l % 8 of matrix l / 8;
+// register i receives row lane / 4, columns 2 (lane % 4) .. +1 of matrix i (transposed with .trans).
+__device__ __forceinline__ void ldsm_x4(u32* r, const void* p) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(u32* r, const void* p) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 __device__ __forceinline__ u32 pack_half2(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *(u32*)&h;
@@ -272,25 +287,27 @@ template <int D, typename T>
 __device__ void attention_tc(const __half* __restrict__ qkv, int ld, int q_off, int k_off, int v_off,
                              const int4* __restrict__ blocks, int n_heads, int n_kv_heads, int window,
                              float scale, T* __restrict__ out, int ldo) {
-    constexpr int LDH = D + 8;     // halves per Q/K row
-    constexpr int LDV = TC_K + 8;  // halves per transposed V row
+    constexpr int LDH = D + 8;     // halves per Q/K/V row (16-byte rows, conflict-free ldmatrix)
     constexpr int NT = TC_K / 8;   // key n-tiles of S
     constexpr int DT = D / 8;      // d n-tiles of O
     extern __shared__ __align__(16) unsigned char tc_smem[];
     __half* Qs = (__half*)tc_smem;
     __half* Ks = Qs + TC_Q * LDH;
-    __half* Vt = Ks + TC_K * LDH;
+    __half* Vs = Ks + TC_K * LDH;
 
     const int4 blk = blocks[blockIdx.x];
     const int start = blk.x, T_ = blk.y, q0 = blk.z;
     const int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
     const int gr = lane / 4, gc = lane % 4;
+    const int lr = lane % 8, lm = lane / 8;  // ldmatrix: row and matrix this lane addresses
     const int h = blockIdx.y;
     const int kvh = h / (n_heads / n_kv_heads);
     const __half* base = qkv + (size_t)start * ld;
     const int q_last = min(q0 + TC_Q, T_) - 1;
     const int k_lo = window > 0 ? max(0, q0 + 1 - window) : 0;
     constexpr int CH = D / 8;
+    // Scores in log2 units: exp(x * scale) = exp2(x * scale * log2(e)).
+    const float sl2 = scale * 1.4426950408889634f;
 
     for (int i = threadIdx.x; i < TC_Q * CH; i += blockDim.x) {
         int r = i / CH, c = (i % CH) * 8;
@@ -303,11 +320,8 @@ __device__ void attention_tc(const __half* __restrict__ qkv, int ld, int q_off, 
     u32 qf[D / 16][4];
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-        const __half* qa = Qs + (wid * 16 + gr) * LDH + kk * 16 + gc * 2;
-        qf[kk][0] = *(const u32*)qa;
-        qf[kk][1] = *(const u32*)(qa + 8 * LDH);
-        qf[kk][2] = *(const u32*)(qa + 8);
-        qf[kk][3] = *(const u32*)(qa + 8 * LDH + 8);
+        // matrices: rows 0-7 / 8-15 x columns kk*16 + 0-7 / 8-15, in the order a0..a3 wants.
+        ldsm_x4(qf[kk], Qs + (wid * 16 + (lm % 2) * 8 + lr) * LDH + kk * 16 + (lm / 2) * 8);
     }
     float o[DT][4];
 #pragma unroll
@@ -329,9 +343,7 @@ __device__ void attention_tc(const __half* __restrict__ qkv, int ld, int q_off, 
                 vv = *(const uint4*)(row + v_off);
             }
             *(uint4*)(Ks + rr * LDH + c) = kv;
-            const __half* vh = (const __half*)&vv;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) Vt[(c + e) * LDV + rr] = vh[e];
+            *(uint4*)(Vs + rr * LDH + c) = vv;
         }
         __syncthreads();
         if (w0 >= T_ || j0 > w0 + 15 || j0 + TC_K <= w_lo) continue;
@@ -339,22 +351,29 @@ __device__ void attention_tc(const __half* __restrict__ qkv, int ld, int q_off, 
 #pragma unroll
         for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < D / 16; kk += 2) {
 #pragma unroll
             for (int n = 0; n < NT; ++n) {
-                const __half* kb = Ks + (n * 8 + gr) * LDH + kk * 16 + gc * 2;
-                mma16816(s[n], qf[kk], *(const u32*)kb, *(const u32*)(kb + 8));
+                // b0, b1 of k-steps kk and kk + 1 for keys n*8 .. n*8+7.
+                u32 b[4];
+                ldsm_x4(b, Ks + (n * 8 + lr) * LDH + kk * 16 + lm * 8);
+                mma16816(s[n], qf[kk], b[0], b[1]);
+                mma16816(s[n], qf[kk + 1], b[2], b[3]);
             }
         }
+        // Masking only where the tile reaches the diagonal, the window's start or its end.
+        const bool need_mask = j0 + TC_K - 1 > w0 || window > 0 || w0 + 15 >= T_;
         float tmax[2] = {NEG_INF, NEG_INF};
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 int r = i / 2;
-                int j = j0 + n * 8 + gc * 2 + (i & 1);
-                bool ok = qi[r] < T_ && j <= qi[r] && j >= lo[r];
-                float v = ok ? s[n][i] * scale : NEG_INF;
+                float v = s[n][i] * sl2;
+                if (need_mask) {
+                    int j = j0 + n * 8 + gc * 2 + (i & 1);
+                    if (!(qi[r] < T_ && j <= qi[r] && j >= lo[r])) v = NEG_INF;
+                }
                 s[n][i] = v;
                 tmax[r] = fmaxf(tmax[r], v);
             }
@@ -364,16 +383,18 @@ __device__ void attention_tc(const __half* __restrict__ qkv, int ld, int q_off, 
             tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
             tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
             float mn = fmaxf(m[r], tmax[r]);
-            corr[r] = mn == NEG_INF ? 1.f : (m[r] == NEG_INF ? 0.f : expf(m[r] - mn));
+            corr[r] = mn == NEG_INF ? 1.f : (m[r] == NEG_INF ? 0.f : exp2f(m[r] - mn));
             m[r] = mn;
         }
+        // A row whose keys are all masked so far has m = -inf: its p are 0 (not exp2(-inf + inf)).
+        const float mb[2] = {m[0] == NEG_INF ? 0.f : m[0], m[1] == NEG_INF ? 0.f : m[1]};
         float psum[2] = {0.f, 0.f};
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 int r = i / 2;
-                float p = s[n][i] == NEG_INF ? 0.f : expf(s[n][i] - m[r]);
+                float p = exp2f(s[n][i] - mb[r]);
                 s[n][i] = p;
                 psum[r] += p;
             }
@@ -398,9 +419,12 @@ __device__ void attention_tc(const __half* __restrict__ qkv, int ld, int q_off, 
             pa[2] = pack_half2(s[2 * ks + 1][0], s[2 * ks + 1][1]);
             pa[3] = pack_half2(s[2 * ks + 1][2], s[2 * ks + 1][3]);
 #pragma unroll
-            for (int n = 0; n < DT; ++n) {
-                const __half* vb = Vt + (n * 8 + gr) * LDV + ks * 16 + gc * 2;
-                mma16816(o[n], pa, *(const u32*)vb, *(const u32*)(vb + 8));
+            for (int n = 0; n < DT; n += 2) {
+                // b0, b1 of d-tiles n and n + 1: keys ks*16 + 0-7 / 8-15, transposed.
+                u32 b[4];
+                ldsm_x4_trans(b, Vs + (ks * 16 + (lm % 2) * 8 + lr) * LDH + (n + lm / 2) * 8);
+                mma16816(o[n], pa, b[0], b[1]);
+                mma16816(o[n + 1], pa, b[2], b[3]);
             }
         }
     }
@@ -446,21 +470,31 @@ extern "C" __global__ void eval_gather_u16(const unsigned short* __restrict__ sr
 
 // g[r, c] = silu(h[r, c]) * h[r, inter + c] from the fused [rows, 2 * inter] f32 output of w1|w3,
 // written as in cpu.rs so that the exponential's argument is never positive.
-template <typename T>
-__device__ void silu_mul_rows(const float* __restrict__ h, int inter, size_t n, T* __restrict__ g) {
+__device__ __forceinline__ float load_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load_f32(const __half* p) { return __half2float(*p); }
+
+template <typename S, typename T>
+__device__ void silu_mul_rows(const S* __restrict__ h, int inter, size_t n, T* __restrict__ g) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         size_t r = i / inter, c = i - r * inter;
-        float x = h[r * 2 * inter + c], u = h[r * 2 * inter + inter + c];
+        float x = load_f32(h + r * 2 * inter + c), u = load_f32(h + r * 2 * inter + inter + c);
         float e = expf(-fabsf(x));
         float num = x >= 0.f ? x : x * e;
         g[i] = from_f32<T>(num / (1.f + e) * u);
     }
 }
 extern "C" __global__ void eval_silu_mul_f16(const float* h, int inter, size_t n, __half* g) {
-    silu_mul_rows<__half>(h, inter, n, g);
+    silu_mul_rows<float, __half>(h, inter, n, g);
 }
 extern "C" __global__ void eval_silu_mul_bf16(const float* h, int inter, size_t n, __nv_bfloat16* g) {
-    silu_mul_rows<__nv_bfloat16>(h, inter, n, g);
+    silu_mul_rows<float, __nv_bfloat16>(h, inter, n, g);
+}
+// The same from an f16 [rows, 2 * inter] (f16 experts write their w1|w3 products in f16).
+extern "C" __global__ void eval_silu_mul_h16_f16(const __half* h, int inter, size_t n, __half* g) {
+    silu_mul_rows<__half, __half>(h, inter, n, g);
+}
+extern "C" __global__ void eval_silu_mul_h16_bf16(const __half* h, int inter, size_t n, __nv_bfloat16* g) {
+    silu_mul_rows<__half, __nv_bfloat16>(h, inter, n, g);
 }
 
 // x[rows[i], :] += wts[i] * y[i, :]; rows are distinct within one launch. One block per i.

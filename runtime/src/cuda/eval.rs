@@ -757,6 +757,21 @@ fn gemm(
     ldy: usize,
     beta: f32,
 ) -> CudaResult<()> {
+    gemm_to(dev, x, m, w, y, ldy, beta, false)
+}
+
+/// [`gemm`] with an f16 output when `f16_out` (f16 operands only).
+#[allow(clippy::too_many_arguments)]
+fn gemm_to(
+    dev: &CudaDevice,
+    x: u64,
+    m: usize,
+    w: &Ready,
+    y: u64,
+    ldy: usize,
+    beta: f32,
+    f16_out: bool,
+) -> CudaResult<()> {
     if m == 0 {
         return Ok(());
     }
@@ -786,7 +801,11 @@ fn gemm(
             w.k as i32,
             &beta as *const f32 as *const _,
             y as *mut _,
-            cublas_sys::cudaDataType::CUDA_R_32F,
+            if f16_out {
+                cublas_sys::cudaDataType::CUDA_R_16F
+            } else {
+                cublas_sys::cudaDataType::CUDA_R_32F
+            },
             ldy as i32,
             cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -906,8 +925,8 @@ pub fn evaluate_windows(
             "the attention kernels handle head widths up to 128",
         ));
     }
-    // Q and K tiles of rows d + 8 halves, V transposed in rows of 64 + 8 (eval.cu, attention_tc).
-    let tc_smem = 2 * TC_Q * (d + 8) * 2 + d * (64 + 8) * 2;
+    // Q, K and V tiles of 64 rows of d + 8 halves (eval.cu, attention_tc).
+    let tc_smem = 3 * TC_Q * (d + 8) * 2;
     let mut clock = Clock::new(dev, opts.phase_timing)?;
 
     // Windows -> chunks.
@@ -1249,19 +1268,20 @@ pub fn evaluate_windows(
                             .map_err(launch_err("eval_gather_u16"))?;
                     }
                     clock.lap(dev, Phase::MoeOther)?;
-                    gemm(dev, xep, rows, r1, h13p, 2 * inter, 0.0)?;
-                    gemm(
-                        dev,
-                        xep,
-                        rows,
-                        r3,
-                        h13p + inter as u64 * f32b,
-                        2 * inter,
-                        0.0,
-                    )?;
+                    // f16 experts write w1|w3 in f16 (half the traffic of the widest tensor).
+                    let h16 = r1.dtype == Half::F16;
+                    let hb = if h16 { u16b } else { f32b };
+                    gemm_to(dev, xep, rows, r1, h13p, 2 * inter, 0.0, h16)?;
+                    let h3 = h13p + inter as u64 * hb;
+                    gemm_to(dev, xep, rows, r3, h3, 2 * inter, 0.0, h16)?;
                     clock.lap(dev, Phase::MoeGemm)?;
                     {
-                        let f = func(dev, &format!("eval_silu_mul_{}", r2.dtype.suffix()))?;
+                        let entry = format!(
+                            "eval_silu_mul_{}{}",
+                            if h16 { "h16_" } else { "" },
+                            r2.dtype.suffix()
+                        );
+                        let f = func(dev, &entry)?;
                         let (ii, n) = (inter as i32, rows * inter);
                         let mut b = dev.stream().launch_builder(&f);
                         b.arg(&h13p).arg(&ii).arg(&n).arg(&gp);
@@ -1293,7 +1313,6 @@ pub fn evaluate_windows(
         dev.synchronize()?;
         clock.collect()?;
         layer_ms.push(drv("reading an event", layer_ev.0.elapsed_ms(&layer_ev.1))? as f64);
-        let _ = u16b;
     }
 
     // Head: final norm, lm_head in row blocks, NLL on the device.
