@@ -39,9 +39,11 @@ pub fn synth_gptq(preset: &Preset, k: usize, n: usize, std: f32, key: u64) -> Gp
     let stored_zero = (1u32 << (bits - 1)) - 1;
     let row = pack_cols_with(1, n, bits, |_, _| stored_zero);
     let qzeros = row.repeat(groups);
-    // Scales: q − zero is uniform over −m..=m, m = 2^(b−1) − 1, of std sqrt(m(m+1)/3).
-    let m = ((1u32 << (bits - 1)) - 1) as f32;
-    let base = std / (m * (m + 1.0) / 3.0).sqrt();
+    // Scales: q − zero takes each of ±1..=±m with probability 1/M and 0 with 2/M (M = 2^b,
+    // m = M/2 − 1), so its variance is Σ j²/M = m(m+1)(2m+1)/(3M).
+    let levels = (1u32 << bits) as f32;
+    let m = levels / 2.0 - 1.0;
+    let base = std / (m * (m + 1.0) * (2.0 * m + 1.0) / (3.0 * levels)).sqrt();
     let scale_key = mix(key ^ 0x005C_A1E5);
     let scales = (0..groups * n)
         .into_par_iter()
@@ -63,71 +65,69 @@ pub fn synth_gptq(preset: &Preset, k: usize, n: usize, std: f32, key: u64) -> Gp
     }
 }
 
-/// `qweight` `[K·b/32, N]` of codes uniform in `1..=maxq`, symmetric around the zero `2^(b−1)`
-/// as a real symmetric GPTQ layer's are (its scale is `2·max|w|/maxq`, so code 0 is all but
-/// unused). Codes `0..2^b` would have a mean of −½ step: a bias shared by every output that grows
-/// the residual stream layer after layer.
+/// `qweight` `[K·b/32, N]` of codes uniform over `0..2^b`, with code 0 replaced by the zero
+/// `2^(b−1)`: `q − zero` is symmetric over `−m..=m` (`m = 2^(b−1) − 1`, 0 twice as likely), as in a
+/// real symmetric GPTQ layer, whose scale `2·max|w|/maxq` leaves code 0 all but unused and whose
+/// codes peak at the zero. Plain codes `0..2^b` would have a mean of −½ step: a bias shared by
+/// every output that grows the residual stream layer after layer.
 ///
-/// Each block of 32 inputs of one column (`b` words) comes from 8 draws (four 16-bit fields each,
-/// mapped onto `1..=maxq` by multiply-shift); blocks are independent, so threads do not matter.
+/// For 2/4/8 bits word `i` is the low half of draw `i` with its zero fields set to the zero point
+/// (a few bit operations per word); for 3 bits each block of 32 inputs of one column (3 words,
+/// fields straddling words) comes from 2 draws. Either way a word depends only on its position.
 pub fn synth_qweight(bits: u32, k: usize, n: usize, key: u64) -> Vec<i32> {
     let b = bits as usize;
     let mut qweight = vec![0i32; k * b / 32 * n];
     if n == 0 {
         return qweight;
     }
-    qweight
-        .par_chunks_mut(b * n)
-        .enumerate()
-        .for_each(|(block, rows)| match bits {
-            // Constant bit widths let the packing loops unroll.
-            2 => qweight_block::<2>(key, block, n, rows),
-            4 => qweight_block::<4>(key, block, n, rows),
-            8 => qweight_block::<8>(key, block, n, rows),
-            _ => qweight_block_any(bits, key, block, n, rows),
-        });
+    if 32 % b == 0 {
+        qweight
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                for (j, w) in dst.iter_mut().enumerate() {
+                    let word = draw(key, (c * CHUNK + j) as u64) as u32;
+                    *w = zero_fields_to_zero_point(word, bits) as i32;
+                }
+            });
+    } else {
+        qweight
+            .par_chunks_mut(b * n)
+            .enumerate()
+            .for_each(|(block, rows)| qweight_block(bits, key, block, n, rows));
+    }
     qweight
 }
 
-/// The 32 codes of input block `block`, column `col` (see [`synth_qweight`]).
+/// `word` (fields of `bits` bits, `bits` dividing 32) with every field equal to 0 set to
+/// `2^(bits−1)`: OR-ing a field's bits into its lowest bit finds the zero fields.
 #[inline]
-fn block_codes(maxq: u64, key: u64, block: usize, n: usize, col: usize) -> [u32; 32] {
-    let mut codes = [0u32; 32];
-    let first = ((block * n + col) * 8) as u64;
-    for d in 0..8 {
-        let r = draw(key, first + d as u64);
-        for f in 0..4 {
-            let u = (r >> (16 * f)) & 0xFFFF;
-            codes[4 * d + f] = 1 + ((u * maxq) >> 16) as u32;
-        }
+fn zero_fields_to_zero_point(word: u32, bits: u32) -> u32 {
+    // The lowest bit of every field: 0x11111111 at 4 bits, 0x01010101 at 8, 0x55555555 at 2.
+    let lows = u32::MAX / ((1u32 << bits) - 1);
+    let mut any = word;
+    for j in 1..bits {
+        any |= word >> j;
     }
-    codes
+    word | ((!any & lows) << (bits - 1))
 }
 
-/// One block's `B` rows of `qweight` for bit widths dividing 32 (value `j` of a word at bits
-/// `[B·j, B·j + B)`); `rows` may hold fewer than `B` rows at the end of K.
-fn qweight_block<const B: usize>(key: u64, block: usize, n: usize, rows: &mut [i32]) {
+/// One block of 32 inputs (`bits` rows) of `qweight` for widths not dividing 32 (3 bits):
+/// per column, 32 codes from two draws, zero codes replaced as in [`synth_qweight`], packed as
+/// an LSB-first stream. `rows` may hold fewer than `bits` rows at the end of K.
+fn qweight_block(bits: u32, key: u64, block: usize, n: usize, rows: &mut [i32]) {
     let words = rows.len() / n;
-    let per = 32 / B;
+    let mask = (1u128 << bits) - 1;
+    let zero = 1u32 << (bits - 1);
     for col in 0..n {
-        let codes = block_codes((1 << B) - 1, key, block, n, col);
+        let first = ((block * n + col) * 2) as u64;
+        let r = draw(key, first) as u128 | (draw(key, first + 1) as u128) << 64;
+        let code = |i: usize| match ((r >> (i as u32 * bits)) & mask) as u32 {
+            0 => zero,
+            c => c,
+        };
         for w in 0..words {
-            let mut word = 0u32;
-            for j in 0..per {
-                word |= codes[w * per + j] << (B * j);
-            }
-            rows[w * n + col] = word as i32;
-        }
-    }
-}
-
-/// [`qweight_block`] for any width, 3 bits included (fields straddle words).
-fn qweight_block_any(bits: u32, key: u64, block: usize, n: usize, rows: &mut [i32]) {
-    let words = rows.len() / n;
-    for col in 0..n {
-        let codes = block_codes((1 << bits) - 1, key, block, n, col);
-        for w in 0..words {
-            rows[w * n + col] = pack_stream_word(|i| codes[i], w, bits) as i32;
+            rows[w * n + col] = pack_stream_word(code, w, bits) as i32;
         }
     }
 }
@@ -247,6 +247,28 @@ mod tests {
     }
 
     #[test]
+    fn zero_fields_become_the_zero_point_and_nothing_else_changes() {
+        for bits in [2u32, 4, 8] {
+            let mask = (1u32 << bits) - 1;
+            for i in 0..20_000u64 {
+                // Sparse words too, so that many fields are zero.
+                let word = draw(1, i) as u32
+                    & if i % 2 == 0 {
+                        u32::MAX
+                    } else {
+                        draw(2, i) as u32
+                    };
+                let got = zero_fields_to_zero_point(word, bits);
+                for f in 0..32 / bits {
+                    let (before, after) = ((word >> (f * bits)) & mask, (got >> (f * bits)) & mask);
+                    let expected = if before == 0 { 1 << (bits - 1) } else { before };
+                    assert_eq!(after, expected, "{bits}-bit word {word:#x} field {f}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn stored_zeros_are_the_symmetric_words_of_the_spec() {
         // Spec §2.3: constant qzeros for sym.
         let expect: [(u32, Vec<i32>); 3] = [
@@ -288,7 +310,7 @@ mod tests {
                 "{}: mean {mean}",
                 preset.name
             );
-            // Codes cover 1..=maxq uniformly; 0 is never used.
+            // Codes cover 1..=maxq uniformly, the zero twice as often; 0 is never used.
             let codes = w.unpack_codes();
             let levels = 1usize << preset.bits;
             let mut hist = vec![0usize; levels];
@@ -296,7 +318,9 @@ mod tests {
                 hist[c as usize] += 1;
             }
             assert_eq!(hist[0], 0, "{}", preset.name);
-            let expected = codes.len() / (levels - 1);
+            let zero = levels / 2;
+            hist[zero] /= 2;
+            let expected = codes.len() / levels;
             for (c, &h) in hist.iter().enumerate().skip(1) {
                 assert!(
                     h.abs_diff(expected) * 5 < expected,
@@ -346,6 +370,7 @@ mod tests {
     #[test]
     fn draws_do_not_depend_on_the_number_of_threads() {
         let preset = Preset::by_name("gptq-3bit-128g-actorder_True").unwrap();
+        let g32 = Preset::by_name("gptq-4bit-32g-actorder_True").unwrap();
         let run = |threads: usize| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -354,6 +379,8 @@ mod tests {
                 .install(|| {
                     (
                         synth_gptq(&preset, 1024, 512, 0.01, 5),
+                        // 4 bits: 5.5 chunks of words.
+                        synth_gptq(&g32, 2816, 1024, 0.01, 5),
                         normal_bytes(5, 3 * CHUNK + 17, 1.0, |x| f16::from_f32(x).to_bits()),
                     )
                 })
