@@ -490,7 +490,7 @@ fn synth_record(options: &SynthOptions) -> String {
         "seed": options.seed,
         "branch": options.preset.map(|p| p.name).unwrap_or("bf16"),
         "weights": "random, quantize::synth (embeddings N(0,1), norms 1, linears 1/sqrt(in), \
-                    o_proj and w2 further 1/sqrt(2 layers); GPTQ codes uniform)",
+                    o_proj and w2 further 1/sqrt(2 layers); GPTQ codes uniform, 0 mapped to the zero point)",
     });
     crate::config::to_python_json(&v) + "\n"
 }
