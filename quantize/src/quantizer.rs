@@ -3,7 +3,8 @@
 //! Per output row over a range of columns: the range always contains 0; symmetric mode mirrors the
 //! larger magnitude (a row with no negative weight keeps `xmin = 0`, as the reference does); an
 //! all-zero row gets `(-1, +1)`; `zero = (maxq + 1) / 2` when symmetric, `round(-xmin / scale)`
-//! otherwise. Rounding is half-to-even, like `torch.round`.
+//! otherwise. Rounding is half-to-even, like `torch.round`. The scale is `(xmax - xmin)` times the f32
+//! reciprocal of `maxq`, as PyTorch computes `tensor / scalar` on CUDA.
 
 /// A configured quantizer: bit width and symmetry.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,7 +48,11 @@ impl Quantizer {
             xmin = -1.0;
             xmax = 1.0;
         }
-        let scale = (xmax - xmin) / self.maxq;
+        // PyTorch on CUDA (where AutoGPTQ and the reference figures run) divides a tensor by a
+        // scalar through the scalar's f32 reciprocal; true division rounds the scale differently in
+        // the last bit, which decides whether the most negative weight of a row (at exactly
+        // -maxq/2 scales) rounds to the lowest code or one above: worth 0.3 % of perplexity at 3 bits.
+        let scale = (xmax - xmin) * (1.0 / self.maxq);
         let zero = if self.sym {
             (self.maxq + 1.0) / 2.0
         } else {
@@ -91,17 +96,37 @@ pub fn quantize(x: f32, scale: f32, zero: f32, maxq: f32) -> f32 {
 mod tests {
     use super::*;
 
+    /// `range * fl32(1 / maxq)`, the scale PyTorch computes on CUDA.
+    fn scale_of(range: f32, maxq: f32) -> f32 {
+        range * (1.0 / maxq)
+    }
+
     #[test]
     fn symmetric_4bit_extremes_clip_positive_side() {
         let q = Quantizer::new(4, true);
         let (s, z) = q.params_of([-1.5, 0.3, 1.5]);
         assert_eq!(z, 8.0);
-        assert_eq!(s, 3.0 / 15.0);
-        // +max: round(7.5) = 8 -> 16 -> clamped to 15 -> +7 s; -max -> 0 -> -8 s.
+        assert_eq!(s, scale_of(3.0, 15.0));
+        // +max: round(7.5) = 8 -> 16 -> clamped to 15 -> +7 s.
         assert_eq!(code(1.5, s, z, q.maxq), 15.0);
         assert_eq!(quantize(1.5, s, z, q.maxq), 7.0 * s);
-        assert_eq!(code(-1.5, s, z, q.maxq), 0.0);
-        assert_eq!(quantize(-1.5, s, z, q.maxq), -8.0 * s);
+        // -max lands on -7.5 (± one ulp, depending on the scale's last bit): code 0 or 1.
+        assert!(code(-1.5, s, z, q.maxq) <= 1.0);
+    }
+
+    #[test]
+    fn scale_is_range_times_reciprocal_not_true_division() {
+        // For xmax = 1.2 (3 bits) the two roundings of 2.4 / 7 differ in the last bit, and so does
+        // the code of the row's most negative weight: the reciprocal's scale gives -3.4999998 -> -3
+        // (code 1), true division gives exactly -3.5 -> -4 (code 0).
+        let q = Quantizer::new(3, true);
+        let (s, z) = q.params_of([-1.2f32, 0.5]);
+        let true_div = 2.4f32 / 7.0;
+        assert_eq!(s, 2.4f32 * (1.0 / 7.0));
+        assert_ne!(s, true_div, "the test needs a range where the two roundings differ");
+        assert_eq!(z, 4.0);
+        assert_eq!(code(-1.2, s, z, q.maxq), 1.0);
+        assert_eq!(code(-1.2, true_div, z, q.maxq), 0.0);
     }
 
     #[test]
@@ -111,16 +136,16 @@ mod tests {
         // All weights >= 0: xmin stays 0, scale = xmax / maxq, zero still 8, so only 7 positive levels.
         let q = Quantizer::new(4, true);
         let (s, z) = q.params_of([0.0, 0.5, 1.5]);
-        assert_eq!((s, z), (1.5 / 15.0, 8.0));
+        assert_eq!((s, z), (scale_of(1.5, 15.0), 8.0));
         assert_eq!(quantize(1.5, s, z, q.maxq), 7.0 * s);
     }
 
     #[test]
     fn all_zero_row_gets_unit_range() {
         let (s, z) = Quantizer::new(4, true).params_of([0.0f32; 5]);
-        assert_eq!((s, z), (2.0 / 15.0, 8.0));
+        assert_eq!((s, z), (scale_of(2.0, 15.0), 8.0));
         let (s, z) = Quantizer::new(4, false).params_of([0.0f32; 5]);
-        assert_eq!(s, 2.0 / 15.0);
+        assert_eq!(s, scale_of(2.0, 15.0));
         assert_eq!(z, (1.0f32 / s).round_ties_even());
     }
 
@@ -128,7 +153,7 @@ mod tests {
     fn asymmetric_zero_and_ties_to_even() {
         let q = Quantizer::new(4, false);
         let (s, z) = q.params_of([-1.0, 2.0]);
-        assert_eq!(s, 3.0 / 15.0);
+        assert_eq!(s, scale_of(3.0, 15.0));
         assert_eq!(z, (1.0f32 / s).round_ties_even());
         // 2.5 rounds to 2, 3.5 to 4 (half to even).
         assert_eq!(code(2.5, 1.0, 0.0, 15.0), 2.0);
@@ -141,9 +166,9 @@ mod tests {
         let q = Quantizer::new(4, true);
         let w = [1.0, -4.0, 2.0, 0.0, 0.0, 3.0];
         let (s, z) = q.find_params(&w, 3, 0..1);
-        assert_eq!(s, vec![1.0 / 15.0, 2.0 / 15.0]);
+        assert_eq!(s, vec![scale_of(1.0, 15.0), scale_of(2.0, 15.0)]);
         assert_eq!(z, vec![8.0, 8.0]);
         let (s, _) = q.find_params(&w, 3, 1..3);
-        assert_eq!(s, vec![8.0 / 15.0, 3.0 / 15.0]);
+        assert_eq!(s, vec![scale_of(8.0, 15.0), scale_of(3.0, 15.0)]);
     }
 }
