@@ -39,6 +39,7 @@ extern "C" __global__ void eval_embed_f32(const float* __restrict__ table, const
 // y = w * (x * rsqrt(mean(x^2) + eps)) (sum of squares in f64 as cpu.rs); when `gate` is set
 // (n_exp rows of `cols` f32), logits[row, e] = sum_c y_c * gate[e, c] with y in f32, as the CPU
 // router sees it. One block (256 threads) per row; n_exp <= 64.
+#define RMS_V 16  // values per thread kept in registers (rows up to 256 * 16 = 4096 wide)
 template <typename T>
 __device__ void rms_norm_rows(const float* __restrict__ x, const float* __restrict__ w, T* __restrict__ out,
                               int cols, float eps, const float* __restrict__ gate, int n_exp,
@@ -47,26 +48,54 @@ __device__ void rms_norm_rows(const float* __restrict__ x, const float* __restri
     __shared__ float gpart[64][8];
     const float* r = x + (size_t)blockIdx.x * cols;
     T* o = out + (size_t)blockIdx.x * cols;
+    const bool regs = cols <= (int)blockDim.x * RMS_V;
+    float v[RMS_V];
     double ss = 0.0;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += (double)r[c] * (double)r[c];
+    if (regs) {
+#pragma unroll
+        for (int j = 0; j < RMS_V; ++j) {
+            int c = threadIdx.x + j * blockDim.x;
+            v[j] = c < cols ? r[c] : 0.f;
+            ss += (double)v[j] * (double)v[j];
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += (double)r[c] * (double)r[c];
+    }
     for (int off = WARP / 2; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
     int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
     if (lane == 0) part[wid] = ss;
     __syncthreads();
     if (wid == 0) {
         int nw = blockDim.x / WARP;
-        double v = lane < nw ? part[lane] : 0.0;
-        for (int off = WARP / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0) part[0] = v;
+        double s = lane < nw ? part[lane] : 0.0;
+        for (int off = WARP / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == 0) part[0] = s;
     }
     __syncthreads();
     float inv = 1.f / sqrtf((float)(part[0] / cols) + eps);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = from_f32<T>(w[c] * (r[c] * inv));
+    if (regs) {
+#pragma unroll
+        for (int j = 0; j < RMS_V; ++j) {
+            int c = threadIdx.x + j * blockDim.x;
+            v[j] = c < cols ? w[c] * (v[j] * inv) : 0.f;
+            if (c < cols) o[c] = from_f32<T>(v[j]);
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = from_f32<T>(w[c] * (r[c] * inv));
+    }
     if (gate == nullptr) return;
     for (int e = 0; e < n_exp; ++e) {
         const float* g = gate + (size_t)e * cols;
         float acc = 0.f;
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) acc = fmaf(w[c] * (r[c] * inv), g[c], acc);
+        if (regs) {
+#pragma unroll
+            for (int j = 0; j < RMS_V; ++j) {
+                int c = threadIdx.x + j * blockDim.x;
+                if (c < cols) acc = fmaf(v[j], g[c], acc);
+            }
+        } else {
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) acc = fmaf(w[c] * (r[c] * inv), g[c], acc);
+        }
         acc = warp_sum(acc);
         if (lane == 0) gpart[e][wid] = acc;
     }
@@ -278,6 +307,13 @@ __device__ __forceinline__ void ldsm_x4_trans(u32* r, const void* p) {
                  : "r"(a));
 }
 
+// 16-byte global -> shared copy that bypasses registers; zeros when !ok.
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool ok) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    int n = ok ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(n) : "memory");
+}
+
 __device__ __forceinline__ u32 pack_half2(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *(u32*)&h;
@@ -292,8 +328,7 @@ __device__ void attention_tc(const __half* __restrict__ qkv, int ld, int q_off, 
     constexpr int DT = D / 8;      // d n-tiles of O
     extern __shared__ __align__(16) unsigned char tc_smem[];
     __half* Qs = (__half*)tc_smem;
-    __half* Ks = Qs + TC_Q * LDH;
-    __half* Vs = Ks + TC_K * LDH;
+    __half* Ks = Qs + TC_Q * LDH;  // two buffers of [K tile | V tile]
 
     const int4 blk = blocks[blockIdx.x];
     const int start = blk.x, T_ = blk.y, q0 = blk.z;
@@ -332,21 +367,32 @@ __device__ void attention_tc(const __half* __restrict__ qkv, int ld, int q_off, 
     for (int r = 0; r < 2; ++r) lo[r] = window > 0 ? max(0, qi[r] + 1 - window) : 0;
     const int w_lo = window > 0 ? max(0, w0 + 1 - window) : 0;
 
-    for (int j0 = k_lo; j0 <= q_last; j0 += TC_K) {
-        __syncthreads();
+    // K/V tiles stream through two buffers with cp.async: tile t + 1 loads while tile t computes.
+    auto load_tile = [&](int j0, int buf) {
+        __half* kd = Ks + buf * 2 * TC_K * LDH;
+        __half* vd = kd + TC_K * LDH;
         for (int i = threadIdx.x; i < TC_K * CH; i += blockDim.x) {
             int rr = i / CH, c = (i % CH) * 8;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (j0 + rr <= q_last) {
-                const __half* row = base + (size_t)(j0 + rr) * ld + kvh * D + c;
-                kv = *(const uint4*)(row + k_off);
-                vv = *(const uint4*)(row + v_off);
-            }
-            *(uint4*)(Ks + rr * LDH + c) = kv;
-            *(uint4*)(Vs + rr * LDH + c) = vv;
+            bool ok = j0 + rr <= q_last;
+            const __half* row = base + (size_t)(ok ? j0 + rr : q_last) * ld + kvh * D + c;
+            cp_async16_zfill(kd + rr * LDH + c, row + k_off, ok);
+            cp_async16_zfill(vd + rr * LDH + c, row + v_off, ok);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    if (k_lo <= q_last) load_tile(k_lo, 0);
+    int buf = 0;
+    for (int j0 = k_lo; j0 <= q_last; j0 += TC_K, buf ^= 1) {
+        if (j0 + TC_K <= q_last) {
+            load_tile(j0 + TC_K, buf ^ 1);
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;" ::: "memory");
         }
         __syncthreads();
-        if (w0 >= T_ || j0 > w0 + 15 || j0 + TC_K <= w_lo) continue;
+        const __half* Kt = Ks + buf * 2 * TC_K * LDH;
+        const __half* Vt = Kt + TC_K * LDH;
+        if (!(w0 >= T_ || j0 > w0 + 15 || j0 + TC_K <= w_lo)) {
         float s[NT][4];
 #pragma unroll
         for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
@@ -356,7 +402,7 @@ __device__ void attention_tc(const __half* __restrict__ qkv, int ld, int q_off, 
             for (int n = 0; n < NT; ++n) {
                 // b0, b1 of k-steps kk and kk + 1 for keys n*8 .. n*8+7.
                 u32 b[4];
-                ldsm_x4(b, Ks + (n * 8 + lr) * LDH + kk * 16 + lm * 8);
+                ldsm_x4(b, Kt + (n * 8 + lr) * LDH + kk * 16 + lm * 8);
                 mma16816(s[n], qf[kk], b[0], b[1]);
                 mma16816(s[n], qf[kk + 1], b[2], b[3]);
             }
@@ -422,11 +468,13 @@ __device__ void attention_tc(const __half* __restrict__ qkv, int ld, int q_off, 
             for (int n = 0; n < DT; n += 2) {
                 // b0, b1 of d-tiles n and n + 1: keys ks*16 + 0-7 / 8-15, transposed.
                 u32 b[4];
-                ldsm_x4_trans(b, Vs + (ks * 16 + (lm % 2) * 8 + lr) * LDH + (n + lm / 2) * 8);
+                ldsm_x4_trans(b, Vt + (ks * 16 + (lm % 2) * 8 + lr) * LDH + (n + lm / 2) * 8);
                 mma16816(o[n], pa, b[0], b[1]);
                 mma16816(o[n + 1], pa, b[2], b[3]);
             }
         }
+        }
+        __syncthreads();  // every warp is done with `buf` before the next load overwrites it
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -474,27 +522,33 @@ __device__ __forceinline__ float load_f32(const float* p) { return *p; }
 __device__ __forceinline__ float load_f32(const __half* p) { return __half2float(*p); }
 
 template <typename S, typename T>
-__device__ void silu_mul_rows(const S* __restrict__ h, int inter, size_t n, T* __restrict__ g) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / inter, c = i - r * inter;
-        float x = load_f32(h + r * 2 * inter + c), u = load_f32(h + r * 2 * inter + inter + c);
+__device__ void silu_mul_rows(const S* __restrict__ h, int inter, T* __restrict__ g) {
+    // Row blockIdx.y, two columns per thread.
+    const int c = (blockIdx.x * blockDim.x + threadIdx.x) * 2;
+    if (c >= inter) return;
+    const S* hr = h + (size_t)blockIdx.y * 2 * inter;
+    T* gr = g + (size_t)blockIdx.y * inter;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (c + i >= inter) break;
+        float x = load_f32(hr + c + i), u = load_f32(hr + inter + c + i);
         float e = expf(-fabsf(x));
         float num = x >= 0.f ? x : x * e;
-        g[i] = from_f32<T>(num / (1.f + e) * u);
+        gr[c + i] = from_f32<T>(num / (1.f + e) * u);
     }
 }
-extern "C" __global__ void eval_silu_mul_f16(const float* h, int inter, size_t n, __half* g) {
-    silu_mul_rows<float, __half>(h, inter, n, g);
+extern "C" __global__ void eval_silu_mul_f16(const float* h, int inter, __half* g) {
+    silu_mul_rows<float, __half>(h, inter, g);
 }
-extern "C" __global__ void eval_silu_mul_bf16(const float* h, int inter, size_t n, __nv_bfloat16* g) {
-    silu_mul_rows<float, __nv_bfloat16>(h, inter, n, g);
+extern "C" __global__ void eval_silu_mul_bf16(const float* h, int inter, __nv_bfloat16* g) {
+    silu_mul_rows<float, __nv_bfloat16>(h, inter, g);
 }
 // The same from an f16 [rows, 2 * inter] (f16 experts write their w1|w3 products in f16).
-extern "C" __global__ void eval_silu_mul_h16_f16(const __half* h, int inter, size_t n, __half* g) {
-    silu_mul_rows<__half, __half>(h, inter, n, g);
+extern "C" __global__ void eval_silu_mul_h16_f16(const __half* h, int inter, __half* g) {
+    silu_mul_rows<__half, __half>(h, inter, g);
 }
-extern "C" __global__ void eval_silu_mul_h16_bf16(const __half* h, int inter, size_t n, __nv_bfloat16* g) {
-    silu_mul_rows<__half, __nv_bfloat16>(h, inter, n, g);
+extern "C" __global__ void eval_silu_mul_h16_bf16(const __half* h, int inter, __nv_bfloat16* g) {
+    silu_mul_rows<__half, __nv_bfloat16>(h, inter, g);
 }
 
 // x[rows[i], :] += wts[i] * y[i, :]; rows are distinct within one launch. One block per i.
@@ -504,7 +558,19 @@ extern "C" __global__ void eval_scatter_add(float* __restrict__ x, const float* 
     float w = wts[blockIdx.x];
     float* o = x + (size_t)rows[blockIdx.x] * cols;
     const float* s = y + (size_t)blockIdx.x * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] += w * s[c];
+    if (cols % 4 == 0) {
+        for (int c = threadIdx.x; c < cols / 4; c += blockDim.x) {
+            float4 a = ((float4*)o)[c];
+            const float4 b = ((const float4*)s)[c];
+            a.x += w * b.x;
+            a.y += w * b.y;
+            a.z += w * b.z;
+            a.w += w * b.w;
+            ((float4*)o)[c] = a;
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] += w * s[c];
+    }
 }
 
 // ---- GPTQ v1 dequantization straight from the checkpoint tensors (no act-order sorting) ----

@@ -27,8 +27,10 @@ const WINDOW_PPL_TOL: f64 = 3e-3;
 const LOGITS_TOL: f64 = 1e-2;
 /// Dequantized values are f16: half an ulp of f16 relative to the largest value.
 const DEQUANT_TOL: f64 = 1e-3;
-/// Two GPU runs that differ only in chunking / kernel choice (GEMM shapes, f16 vs f32 attention).
-const RERUN_TOL: f64 = 2e-3;
+/// Mean NLL of a window, two GPU runs that differ only in chunking and attention kernel (GEMM
+/// shapes, f16 tensor-core vs f32 attention). Single tokens can move more: a near-tied router
+/// choice flips (1.85e-2 of the largest NLL seen on an H100).
+const RERUN_TOL: f64 = 1e-3;
 
 fn gpu() -> Option<&'static Arc<CudaDevice>> {
     static D: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
@@ -203,9 +205,12 @@ fn fixture_dense_matches_cpu_and_chunking_changes_nothing() {
     };
     let small = evaluate_checkpoint(dev, &ck, windows(), &opts).unwrap();
     for (i, (a, b)) in small.nll.iter().zip(&out.nll).enumerate() {
-        let e = rel_max(a, b);
-        eprintln!("window {i}: chunked + reference attention vs default: max rel {e:.2e}");
-        assert!(e < RERUN_TOL, "window {i}: {e:.2e}");
+        let r = (mean(a) / mean(b) - 1.0).abs();
+        eprintln!(
+            "window {i}: chunked + reference attention vs default: mean NLL rel {r:.2e}, largest token difference {:.2e} (relative to the largest NLL)",
+            rel_max(a, b)
+        );
+        assert!(r < RERUN_TOL, "window {i}: {r:.2e}");
     }
 }
 
@@ -219,5 +224,39 @@ fn fixture_branches_match_cpu() {
     };
     for dir in std::env::split_paths(&list) {
         compare_with_cpu(dev, &dir);
+    }
+}
+
+/// With a sliding window (Mistral-style; Mixtral has none) the tensor-core and the reference
+/// attention kernels agree, and the window changes the result.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn sliding_window_kernels_agree() {
+    use runtime::cuda::eval::{evaluate_windows, read_layer, upload_head, upload_layer};
+    let Some(dev) = gpu() else { return };
+    let ck = Checkpoint::open(fixture_dir()).unwrap();
+    let run = |window: Option<usize>, attention: AttentionKernel| {
+        let mut c = ck.config().clone();
+        c.sliding_window = window;
+        let head = upload_head(dev, &ck).unwrap();
+        let mut feed = |l: usize| upload_layer(dev, &read_layer(&ck, l)?);
+        let opts = EvalOptions {
+            attention,
+            ..EvalOptions::default()
+        };
+        evaluate_windows(dev, &c, windows(), head, &mut feed, &opts).unwrap()
+    };
+    let tc = run(Some(100), AttentionKernel::Auto);
+    let reference = run(Some(100), AttentionKernel::Reference);
+    let full = run(None, AttentionKernel::Auto);
+    for i in 0..windows().len() {
+        let r = (mean(&tc.nll[i]) / mean(&reference.nll[i]) - 1.0).abs();
+        let moved = (mean(&tc.nll[i]) / mean(&full.nll[i]) - 1.0).abs();
+        eprintln!("window {i}: sliding window 100, tensor cores vs reference: {r:.2e}; vs no window: {moved:.2e}");
+        assert!(r < RERUN_TOL, "window {i}: {r:.2e}");
+        assert!(
+            moved > RERUN_TOL,
+            "window {i}: the sliding window changed nothing"
+        );
     }
 }

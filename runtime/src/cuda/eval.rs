@@ -925,8 +925,8 @@ pub fn evaluate_windows(
             "the attention kernels handle head widths up to 128",
         ));
     }
-    // Q, K and V tiles of 64 rows of d + 8 halves (eval.cu, attention_tc).
-    let tc_smem = 3 * TC_Q * (d + 8) * 2;
+    // A Q tile and two buffers of K and V tiles, 64 rows of d + 8 halves each (eval.cu, attention_tc).
+    let tc_smem = 5 * TC_Q * (d + 8) * 2;
     let mut clock = Clock::new(dev, opts.phase_timing)?;
 
     // Windows -> chunks.
@@ -989,7 +989,8 @@ pub fn evaluate_windows(
     let qkv = alloc::<f32>(dev, max_chunk * ld)?;
     let qkv16 = alloc::<u16>(dev, max_chunk * ld)?;
     let ao = alloc::<u16>(dev, max_chunk * qw)?;
-    let moe_rows = opts.moe_rows.max(1).min(max_chunk * topk);
+    // At most 65,535 rows: the SwiGLU kernel puts rows on the grid's y axis.
+    let moe_rows = opts.moe_rows.clamp(1, 65_535).min(max_chunk * topk);
     let xe = alloc::<u16>(dev, moe_rows * h)?;
     let h13 = alloc::<f32>(dev, moe_rows * 2 * inter)?;
     let g = alloc::<u16>(dev, moe_rows * inter)?;
@@ -1282,11 +1283,16 @@ pub fn evaluate_windows(
                             r2.dtype.suffix()
                         );
                         let f = func(dev, &entry)?;
-                        let (ii, n) = (inter as i32, rows * inter);
+                        let ii = inter as i32;
                         let mut b = dev.stream().launch_builder(&f);
-                        b.arg(&h13p).arg(&ii).arg(&n).arg(&gp);
-                        // SAFETY: h13 holds rows·2·inter values, g rows·inter.
-                        unsafe { b.launch(grid_1d(n)) }.map_err(launch_err("eval_silu_mul"))?;
+                        b.arg(&h13p).arg(&ii).arg(&gp);
+                        let cfg = LaunchConfig {
+                            grid_dim: ((inter.div_ceil(2)).div_ceil(256) as u32, rows as u32, 1),
+                            block_dim: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        // SAFETY: h13 holds rows·2·inter values, g rows·inter; rows ≤ 65,535.
+                        unsafe { b.launch(cfg) }.map_err(launch_err("eval_silu_mul"))?;
                     }
                     clock.lap(dev, Phase::MoeOther)?;
                     gemm(dev, gp, rows, r2, yp, h, 0.0)?;
