@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::cublas::{result as cublas_result, sys as cublas_sys};
-use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -410,6 +412,15 @@ fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
     Ok(dev.upload(v)?)
 }
 
+/// Copies `v` to a new buffer on `stream` (the upload stream of [`evaluate_checkpoint`]).
+fn upload_to<T: DeviceRepr>(stream: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
+    if v.is_empty() {
+        // SAFETY: a one-element placeholder nobody reads.
+        return Ok(drv("allocating", unsafe { stream.alloc::<T>(1) })?);
+    }
+    Ok(drv("copying to the device", stream.clone_htod(v))?)
+}
+
 fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
     v.par_iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
 }
@@ -447,18 +458,25 @@ pub fn read_layer(ck: &Checkpoint, layer: usize) -> Result<HostLayer> {
         )));
     }
     let p = format!("model.layers.{layer}");
-    let attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    // All linears of the layer in parallel (copying and checking the packed tensors).
+    let mut names: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"]
         .iter()
-        .map(|m| host_linear(ck, &format!("{p}.self_attn.{m}")))
-        .collect::<Result<Vec<_>>>()?;
+        .map(|m| format!("{p}.self_attn.{m}"))
+        .collect();
+    for e in 0..c.num_local_experts {
+        for w in ["w1", "w2", "w3"] {
+            names.push(format!("{p}.block_sparse_moe.experts.{e}.{w}"));
+        }
+    }
+    let mut linears = names
+        .par_iter()
+        .map(|n| host_linear(ck, n))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter();
+    let attn: Vec<HostLinear> = linears.by_ref().take(4).collect();
     let experts = (0..c.num_local_experts)
-        .map(|e| {
-            ["w1", "w2", "w3"]
-                .iter()
-                .map(|w| host_linear(ck, &format!("{p}.block_sparse_moe.experts.{e}.{w}")))
-                .collect::<Result<Vec<_>>>()
-        })
-        .collect::<Result<Vec<_>>>()?;
+        .map(|_| linears.by_ref().take(3).collect())
+        .collect();
     Ok(HostLayer {
         input_layernorm: ck.read(&format!("{p}.input_layernorm.weight"))?.data,
         post_attention_layernorm: ck
@@ -470,7 +488,7 @@ pub fn read_layer(ck: &Checkpoint, layer: usize) -> Result<HostLayer> {
     })
 }
 
-fn upload_linear(dev: &CudaDevice, l: &HostLinear) -> Result<DeviceLinear> {
+fn upload_linear(st: &Arc<CudaStream>, l: &HostLinear) -> Result<DeviceLinear> {
     Ok(match l {
         HostLinear::Dense {
             out_features,
@@ -478,7 +496,7 @@ fn upload_linear(dev: &CudaDevice, l: &HostLinear) -> Result<DeviceLinear> {
             w,
         } => DeviceLinear::Dense {
             w: Arc::new(HalfBuf {
-                buf: upload(dev, w)?,
+                buf: upload_to(st, w)?,
                 dtype: Half::Bf16,
             }),
             out_features: *out_features,
@@ -488,10 +506,10 @@ fn upload_linear(dev: &CudaDevice, l: &HostLinear) -> Result<DeviceLinear> {
             bits: g.bits,
             in_features: g.in_features,
             out_features: g.out_features,
-            qweight: upload(dev, &g.qweight)?,
-            qzeros: upload(dev, &g.qzeros)?,
-            scales: upload(dev, &g.scales)?,
-            g_idx: upload(dev, &g.g_idx)?,
+            qweight: upload_to(st, &g.qweight)?,
+            qzeros: upload_to(st, &g.qzeros)?,
+            scales: upload_to(st, &g.scales)?,
+            g_idx: upload_to(st, &g.g_idx)?,
         })),
     })
 }
@@ -506,10 +524,16 @@ fn linear3(v: Vec<DeviceLinear>) -> Result<[DeviceLinear; 3]> {
 /// # Errors
 /// Driver errors (out of memory).
 pub fn upload_layer(dev: &CudaDevice, h: &HostLayer) -> Result<DeviceLayer> {
+    upload_layer_on(dev.stream(), h)
+}
+
+/// [`upload_layer`] on `st` (asynchronous with respect to other streams; the caller
+/// synchronizes `st` before the main stream uses the layer).
+fn upload_layer_on(st: &Arc<CudaStream>, h: &HostLayer) -> Result<DeviceLayer> {
     let attn: Vec<DeviceLinear> = h
         .attn
         .iter()
-        .map(|l| upload_linear(dev, l))
+        .map(|l| upload_linear(st, l))
         .collect::<Result<_>>()?;
     let attn: [DeviceLinear; 4] = attn
         .try_into()
@@ -520,15 +544,15 @@ pub fn upload_layer(dev: &CudaDevice, h: &HostLayer) -> Result<DeviceLayer> {
         .map(|e| {
             linear3(
                 e.iter()
-                    .map(|l| upload_linear(dev, l))
+                    .map(|l| upload_linear(st, l))
                     .collect::<Result<_>>()?,
             )
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(DeviceLayer {
-        input_layernorm: Arc::new(upload(dev, &h.input_layernorm)?),
-        post_attention_layernorm: Arc::new(upload(dev, &h.post_attention_layernorm)?),
-        gate: Arc::new(upload(dev, &h.gate)?),
+        input_layernorm: Arc::new(upload_to(st, &h.input_layernorm)?),
+        post_attention_layernorm: Arc::new(upload_to(st, &h.post_attention_layernorm)?),
+        gate: Arc::new(upload_to(st, &h.gate)?),
         attn,
         experts,
     })
@@ -555,7 +579,7 @@ pub fn upload_head(dev: &CudaDevice, ck: &Checkpoint) -> Result<DeviceHead> {
 }
 
 /// Evaluates `windows` on `ck` layer by layer: a helper thread reads layer `l + 1` from the
-/// memory-mapped files while the GPU runs layer `l`.
+/// memory-mapped files and copies it to the device on its own stream while the GPU runs layer `l`.
 ///
 /// # Errors
 /// Loader, driver and shape errors.
@@ -567,11 +591,17 @@ pub fn evaluate_checkpoint(
 ) -> Result<EvalOutput> {
     let head = upload_head(dev, ck)?;
     let layers = ck.config().num_hidden_layers;
+    let up = drv("creating an upload stream", dev.context().new_stream())?;
     std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<HostLayer>>(1);
+        // One layer in the channel, one being read: the copy engine works while the GPU computes.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<DeviceLayer>>(1);
         s.spawn(move || {
             for l in 0..layers {
-                let r = read_layer(ck, l);
+                let r = read_layer(ck, l).and_then(|h| {
+                    let d = upload_layer_on(&up, &h)?;
+                    drv("waiting for a layer upload", up.synchronize())?;
+                    Ok(d)
+                });
                 let failed = r.is_err();
                 if tx.send(r).is_err() || failed {
                     break;
@@ -579,10 +609,8 @@ pub fn evaluate_checkpoint(
             }
         });
         let mut feed = |_l: usize| -> Result<DeviceLayer> {
-            let host = rx
-                .recv()
-                .map_err(|_| Error::Input("the layer reader stopped early".into()))??;
-            upload_layer(dev, &host)
+            rx.recv()
+                .map_err(|_| Error::Input("the layer reader stopped early".into()))?
         };
         evaluate_windows(dev, ck.config(), windows, head, &mut feed, opts)
     })
@@ -893,7 +921,7 @@ pub fn evaluate_windows(
             "the router kernel handles up to 64 experts and top-8",
         ));
     }
-    if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+    if c.num_key_value_heads == 0 || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
         return Err(unsupported(
             "heads",
             format!("{}/{}", c.num_attention_heads, c.num_key_value_heads),
@@ -1581,7 +1609,7 @@ pub fn time_dense_gemm(
 /// # Errors
 /// Driver errors; [`Error::Cuda`] for layers the kernel does not handle.
 pub fn dequantize_on_device(dev: &Arc<CudaDevice>, w: &GptqWeight) -> Result<Vec<f32>> {
-    let lin = upload_linear(dev, &HostLinear::Gptq(w.clone()))?;
+    let lin = upload_linear(dev.stream(), &HostLinear::Gptq(w.clone()))?;
     let mut pool = DequantPool::default();
     let r = ready(dev, &lin, Half::F16, &mut pool)?;
     let bits = drv(
