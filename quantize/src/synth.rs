@@ -416,7 +416,7 @@ pub fn write_synth(
         let generator = &generator;
         let pool = pool.as_ref();
         s.spawn(move || {
-            let draw_all = || {
+            let draw_all = move || {
                 for spec in tensors {
                     for drawn in generator.draw(&spec.name, &spec.shape, spec.dtype) {
                         if tx.send(drawn).is_err() {
@@ -521,7 +521,8 @@ struct Generator {
 
 impl Generator {
     /// The tensors for planned tensor `name`: itself if dense, a module's four GPTQ tensors for its
-    /// `.qweight`, nothing for the other three (drawn with the `.qweight`).
+    /// `.qweight`, nothing for the other three (drawn with the `.qweight`). Large tensors are
+    /// drawn straight into their little-endian bytes.
     fn draw(&self, name: &str, shape: &[usize], dtype: Dtype) -> Vec<Drawn> {
         let dense = |bytes| {
             vec![Drawn {
@@ -531,6 +532,7 @@ impl Generator {
                 bytes,
             }]
         };
+        let len: usize = shape.iter().product::<usize>() * dtype.bitsize() / 8;
         if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
             let one = match dtype {
                 Dtype::BF16 => bf16::ONE.to_bits(),
@@ -541,18 +543,20 @@ impl Generator {
         let key = tensor_key(self.seed, name);
         if let Some(module) = name.strip_suffix(".weight") {
             let std = weight_std(&self.shape, module);
-            let n = shape.iter().product();
-            return dense(match dtype {
-                Dtype::BF16 => normal_bytes(key, n, std, draw::bf16_bits),
-                _ => normal_bytes(key, n, std, |x| f16::from_f32(x).to_bits()),
-            });
+            let mut bytes = vec![0u8; len];
+            match dtype {
+                Dtype::BF16 => draw::normal_into(key, std, draw::bf16_bits, &mut bytes),
+                _ => draw::normal_into(key, std, |x| f16::from_f32(x).to_bits(), &mut bytes),
+            }
+            return dense(bytes);
         }
         let (Some(module), Some(preset)) = (name.strip_suffix(".qweight"), self.preset) else {
             return Vec::new(); // .qzeros, .scales, .g_idx: drawn with .qweight
         };
         let (k, n) = (shape[0] * 32 / preset.bits as usize, shape[1]);
-        let std = weight_std(&self.shape, module);
-        let w = synth_gptq(&preset, k, n, std, key);
+        let mut qweight = vec![0u8; len];
+        draw::synth_qweight_into(preset.bits, k, n, key, &mut qweight);
+        let w = draw::gptq_params(&preset, k, n, weight_std(&self.shape, module), key);
         let s = w.shapes();
         let part = |suffix: &str, dtype, shape: &[usize], bytes| Drawn {
             name: format!("{module}.{suffix}"),
@@ -561,12 +565,7 @@ impl Generator {
             bytes,
         };
         vec![
-            part(
-                "qweight",
-                Dtype::I32,
-                &s.qweight,
-                le_bytes(&w.qweight, |x| x.to_le_bytes()),
-            ),
+            part("qweight", Dtype::I32, &s.qweight, qweight),
             part(
                 "qzeros",
                 Dtype::I32,

@@ -32,9 +32,17 @@ const SCALE_JITTER_RMS: f32 = 1.010_363;
 /// A random GPTQ v1 layer `[K = k, N = n]` of `preset` whose dequantized weights have std `std`
 /// (see the module doc). Deterministic in `key`, whatever the number of threads.
 pub fn synth_gptq(preset: &Preset, k: usize, n: usize, std: f32, key: u64) -> GptqWeight {
+    GptqWeight {
+        qweight: synth_qweight(preset.bits, k, n, key),
+        ..gptq_params(preset, k, n, std, key)
+    }
+}
+
+/// [`synth_gptq`] without its `qweight` (left empty): the small tensors `qzeros`, `scales` and
+/// `g_idx`, for a caller that draws `qweight` into its own buffer ([`synth_qweight_into`]).
+pub fn gptq_params(preset: &Preset, k: usize, n: usize, std: f32, key: u64) -> GptqWeight {
     let bits = preset.bits;
     let groups = group_count(preset.group_size, k);
-    let qweight = synth_qweight(bits, k, n, key);
     // Symmetric zero 2^(b-1), stored as zero − 1 in every field; all rows alike.
     let stored_zero = (1u32 << (bits - 1)) - 1;
     let row = pack_cols_with(1, n, bits, |_, _| stored_zero);
@@ -58,7 +66,7 @@ pub fn synth_gptq(preset: &Preset, k: usize, n: usize, std: f32, key: u64) -> Gp
         group_size: preset.group_size,
         in_features: k,
         out_features: n,
-        qweight,
+        qweight: Vec::new(),
         qzeros,
         scales,
         g_idx,
@@ -75,28 +83,36 @@ pub fn synth_gptq(preset: &Preset, k: usize, n: usize, std: f32, key: u64) -> Gp
 /// (a few bit operations per word); for 3 bits each block of 32 inputs of one column (3 words,
 /// fields straddling words) comes from 2 draws. Either way a word depends only on its position.
 pub fn synth_qweight(bits: u32, k: usize, n: usize, key: u64) -> Vec<i32> {
+    let mut bytes = vec![0u8; k * bits as usize / 32 * n * 4];
+    synth_qweight_into(bits, k, n, key, &mut bytes);
+    bytes
+        .chunks_exact(4)
+        .map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+        .collect()
+}
+
+/// [`synth_qweight`] as little-endian bytes into `out` (`K·b/32·N·4` bytes), the form the file
+/// holds.
+pub fn synth_qweight_into(bits: u32, k: usize, n: usize, key: u64, out: &mut [u8]) {
     let b = bits as usize;
-    let mut qweight = vec![0i32; k * b / 32 * n];
+    debug_assert_eq!(out.len(), k * b / 32 * n * 4);
     if n == 0 {
-        return qweight;
+        return;
     }
     if 32 % b == 0 {
-        qweight
-            .par_chunks_mut(CHUNK)
+        out.par_chunks_mut(4 * CHUNK)
             .enumerate()
             .for_each(|(c, dst)| {
-                for (j, w) in dst.iter_mut().enumerate() {
+                for (j, w) in dst.chunks_exact_mut(4).enumerate() {
                     let word = draw(key, (c * CHUNK + j) as u64) as u32;
-                    *w = zero_fields_to_zero_point(word, bits) as i32;
+                    w.copy_from_slice(&zero_fields_to_zero_point(word, bits).to_le_bytes());
                 }
             });
     } else {
-        qweight
-            .par_chunks_mut(b * n)
+        out.par_chunks_mut(4 * b * n)
             .enumerate()
             .for_each(|(block, rows)| qweight_block(bits, key, block, n, rows));
     }
-    qweight
 }
 
 /// `word` (fields of `bits` bits, `bits` dividing 32) with every field equal to 0 set to
@@ -115,8 +131,8 @@ fn zero_fields_to_zero_point(word: u32, bits: u32) -> u32 {
 /// One block of 32 inputs (`bits` rows) of `qweight` for widths not dividing 32 (3 bits):
 /// per column, 32 codes from two draws, zero codes replaced as in [`synth_qweight`], packed as
 /// an LSB-first stream. `rows` may hold fewer than `bits` rows at the end of K.
-fn qweight_block(bits: u32, key: u64, block: usize, n: usize, rows: &mut [i32]) {
-    let words = rows.len() / n;
+fn qweight_block(bits: u32, key: u64, block: usize, n: usize, rows: &mut [u8]) {
+    let words = rows.len() / 4 / n;
     let mask = (1u128 << bits) - 1;
     let zero = 1u32 << (bits - 1);
     for col in 0..n {
@@ -127,7 +143,8 @@ fn qweight_block(bits: u32, key: u64, block: usize, n: usize, rows: &mut [i32]) 
             c => c,
         };
         for w in 0..words {
-            rows[w * n + col] = pack_stream_word(code, w, bits) as i32;
+            let at = 4 * (w * n + col);
+            rows[at..at + 4].copy_from_slice(&pack_stream_word(code, w, bits).to_le_bytes());
         }
     }
 }
@@ -158,10 +175,16 @@ pub fn synth_g_idx(preset: &Preset, k: usize, key: u64) -> Vec<i32> {
 /// `n` values ~ N(0, std²) (Irwin–Hall, see the module doc) encoded by `encode` as little-endian
 /// 16-bit words. Deterministic in `key`, whatever the number of threads.
 pub fn normal_bytes(key: u64, n: usize, std: f32, encode: impl Fn(f32) -> u16 + Sync) -> Vec<u8> {
+    let mut out = vec![0u8; 2 * n];
+    normal_into(key, std, encode, &mut out);
+    out
+}
+
+/// [`normal_bytes`] into `out` (two bytes per value).
+pub fn normal_into(key: u64, std: f32, encode: impl Fn(f32) -> u16 + Sync, out: &mut [u8]) {
     // Four 16-bit uniforms: mean 4·32767.5, std 65536/sqrt(3) (to 1e-9).
     const MEAN: f32 = 131_070.0;
     let scale = std * 3f32.sqrt() / 65536.0;
-    let mut out = vec![0u8; 2 * n];
     out.par_chunks_mut(2 * CHUNK)
         .enumerate()
         .for_each(|(c, dst)| {
@@ -172,7 +195,6 @@ pub fn normal_bytes(key: u64, n: usize, std: f32, encode: impl Fn(f32) -> u16 + 
                 b.copy_from_slice(&encode(x).to_le_bytes());
             }
         });
-    out
 }
 
 /// `bf16::from_f32(x).to_bits()` for finite `x` (round to nearest even), without the NaN branch
