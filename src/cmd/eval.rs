@@ -71,7 +71,7 @@ enum Engine {
     /// One GPU, layer-major over every window at once (runtime::cuda::eval).
     Cuda {
         dev: std::sync::Arc<runtime::cuda::CudaDevice>,
-        checkpoint: runtime::Checkpoint,
+        checkpoint: Box<runtime::Checkpoint>,
     },
 }
 
@@ -129,7 +129,10 @@ impl Evaluator {
                     .with_context(|| format!("opening CUDA device {n}"))?;
                 let checkpoint = runtime::Checkpoint::open(&dir)
                     .with_context(|| format!("opening model {}", dir.display()))?;
-                Engine::Cuda { dev, checkpoint }
+                Engine::Cuda {
+                    dev,
+                    checkpoint: Box::new(checkpoint),
+                }
             }
         };
         let tokenizer_path = dir.join("tokenizer.json");
@@ -208,10 +211,10 @@ impl Evaluator {
         convention: Convention,
     ) -> anyhow::Result<Perplexity> {
         let Engine::Cpu(model) = &mut self.model else {
-            return Ok(self
+            return self
                 .run_many(&[(text, ids, convention)])?
                 .pop()
-                .context("no result")?);
+                .context("no result");
         };
         let bar = ProgressBar::new(convention.windows(ids.len()) as u64);
         bar.set_style(

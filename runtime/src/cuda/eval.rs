@@ -1621,3 +1621,27 @@ pub fn dequantize_on_device(dev: &Arc<CudaDevice>, w: &GptqWeight) -> Result<Vec
         .map(|b| f16::from_bits(b).to_f32())
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every query of every window is covered by exactly one block, the latest blocks first.
+    #[test]
+    fn attention_blocks_cover_each_window_once() {
+        let windows = [(0usize, 130usize), (130, 64), (194, 1)];
+        let flat = attention_blocks(&windows, 64);
+        let blocks: Vec<&[i32]> = flat.chunks(4).collect();
+        assert_eq!(blocks.len(), 3 + 1 + 1);
+        let mut seen = vec![0u32; 195];
+        for b in &blocks {
+            let (start, len, q0) = (b[0] as usize, b[1] as usize, b[2] as usize);
+            for q in q0..(q0 + 64).min(len) {
+                seen[start + q] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1), "{seen:?}");
+        let q0s: Vec<i32> = blocks.iter().map(|b| b[2]).collect();
+        assert!(q0s.windows(2).all(|w| w[0] >= w[1]), "{q0s:?}");
+    }
+}
