@@ -19,7 +19,7 @@ use half::f16;
 use rayon::prelude::*;
 use runtime::qlinear::{group_count, GptqWeight};
 
-use crate::pack::{pack_cols_with, pack_stream_word};
+use crate::pack::pack_cols_with;
 use crate::presets::Preset;
 
 /// Elements drawn per parallel task (values do not depend on it: only the scheduling does).
@@ -128,23 +128,28 @@ fn zero_fields_to_zero_point(word: u32, bits: u32) -> u32 {
     word | ((!any & lows) << (bits - 1))
 }
 
-/// One block of 32 inputs (`bits` rows) of `qweight` for widths not dividing 32 (3 bits):
-/// per column, 32 codes from two draws, zero codes replaced as in [`synth_qweight`], packed as
-/// an LSB-first stream. `rows` may hold fewer than `bits` rows at the end of K.
+/// One block of 32 inputs (`bits` rows) of `qweight` for widths not dividing 32 (3 bits): per
+/// column the 32 codes are the low `32·bits` bits of two draws read as an LSB-first stream (the
+/// packing's own layout, fields straddling words), with zero fields set to the zero point as in
+/// [`synth_qweight`]; word `w` is bits `[32·w, 32·w + 32)` of the stream. `rows` may hold fewer
+/// than `bits` rows at the end of K.
 fn qweight_block(bits: u32, key: u64, block: usize, n: usize, rows: &mut [u8]) {
+    debug_assert!(bits <= 4, "32 codes of {bits} bits must fit two draws");
     let words = rows.len() / 4 / n;
-    let mask = (1u128 << bits) - 1;
-    let zero = 1u32 << (bits - 1);
+    let width = 32 * bits;
+    let lows = (0..32).fold(0u128, |acc, i| acc | 1 << (bits * i));
     for col in 0..n {
         let first = ((block * n + col) * 2) as u64;
         let r = draw(key, first) as u128 | (draw(key, first + 1) as u128) << 64;
-        let code = |i: usize| match ((r >> (i as u32 * bits)) & mask) as u32 {
-            0 => zero,
-            c => c,
-        };
+        let codes = r & ((1u128 << width) - 1);
+        let mut any = codes;
+        for j in 1..bits {
+            any |= codes >> j;
+        }
+        let stream = codes | ((!any & lows) << (bits - 1));
         for w in 0..words {
             let at = 4 * (w * n + col);
-            rows[at..at + 4].copy_from_slice(&pack_stream_word(code, w, bits).to_le_bytes());
+            rows[at..at + 4].copy_from_slice(&((stream >> (32 * w)) as u32).to_le_bytes());
         }
     }
 }
