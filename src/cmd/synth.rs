@@ -116,11 +116,15 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
             bundled(BUNDLED_MODEL).display()
         );
     } else {
-        println!(
-            "tokenizer: none (vocab {} is not the bundled tokenizer's {MIXTRAL_VOCAB}); `eval` \
-             on text and `verify` need one",
-            shape.vocab_size
-        );
+        let why = if shape.vocab_size == MIXTRAL_VOCAB {
+            format!("{} not found", bundled(BUNDLED_MODEL).display())
+        } else {
+            format!(
+                "vocab {} is not the bundled tokenizer's {MIXTRAL_VOCAB}",
+                shape.vocab_size
+            )
+        };
+        println!("tokenizer: none ({why}); `eval` on text and `verify` need one");
     }
     println!(
         "wrote {} ({what}, {} tensors): {} bytes ({:.2} GB) in {:.1}s ({:.0} MB/s)",
