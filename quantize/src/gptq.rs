@@ -336,10 +336,12 @@ pub fn fasterquant(
 
 /// Round-to-nearest with the same quantizer per row (and per group of `group_size` consecutive
 /// columns), no error feedback; `g_idx[k] = k / group_size`. Used for starved experts and `--rtn`.
+/// The scales go through the reciprocal of `maxq`, as the reference's round-to-nearest computes
+/// them ([`Quantizer::rtn`]).
 pub fn rtn(w: &[f32], rows: usize, cols: usize, cfg: &GptqConfig) -> Result<QuantizedLinear> {
     cfg.check()?;
     check_weight(w, rows, cols)?;
-    let quant = Quantizer::new(cfg.bits, cfg.sym);
+    let quant = Quantizer::rtn(cfg.bits, cfg.sym);
     let gw = cfg.group_width(cols);
     let groups: Vec<(Vec<f32>, Vec<f32>)> = (0..cols)
         .step_by(gw)

@@ -3,24 +3,51 @@
 //! Per output row over a range of columns: the range always contains 0; symmetric mode mirrors the
 //! larger magnitude (a row with no negative weight keeps `xmin = 0`, as the reference does); an
 //! all-zero row gets `(-1, +1)`; `zero = (maxq + 1) / 2` when symmetric, `round(-xmin / scale)`
-//! otherwise. Rounding is half-to-even, like `torch.round`. The scale is `(xmax - xmin)` times the f32
-//! reciprocal of `maxq`, as PyTorch computes `tensor / scalar` on CUDA.
+//! otherwise. Rounding is half-to-even, like `torch.round`.
+//!
+//! The scale's last bit depends on how the reference divides by `maxq` ([`ScaleDivision`]), and
+//! that bit decides whether a row's most negative weight (exactly `-maxq/2` scales away) rounds to
+//! the lowest code or one above: worth up to 0.3 % of perplexity at 3 bits on the fixture.
 
-/// A configured quantizer: bit width and symmetry.
+/// How `(xmax - xmin) / maxq` is rounded, i.e. how the reference implementation divides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleDivision {
+    /// IEEE division: AutoGPTQ's `Quantizer` keeps `maxq` as a tensor, and PyTorch divides by a
+    /// tensor exactly. GPTQ uses this.
+    True,
+    /// `range * fl32(1 / maxq)`: PyTorch on CUDA divides a tensor by a Python number through the
+    /// number's reciprocal. The reference's round-to-nearest figures are computed this way
+    /// (checked: 3-bit g128 on python.txt gives 22.3686 this way, the reference's figure, and
+    /// 22.4159 with true division).
+    Reciprocal,
+}
+
+/// A configured quantizer: bit width, symmetry and scale rounding.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Quantizer {
     /// Largest code, `2^bits - 1`, as f32 (the reference keeps it as a float).
     pub maxq: f32,
     /// Symmetric mode: the zero point is fixed at `(maxq + 1) / 2`.
     pub sym: bool,
+    /// How the scale is divided by `maxq`.
+    pub division: ScaleDivision,
 }
 
 impl Quantizer {
-    /// A quantizer with `bits` bits per code (2..=8).
+    /// AutoGPTQ's quantizer with `bits` bits per code (2..=8): true division.
     pub fn new(bits: u32, sym: bool) -> Self {
         Quantizer {
             maxq: ((1u32 << bits) - 1) as f32,
             sym,
+            division: ScaleDivision::True,
+        }
+    }
+
+    /// The round-to-nearest quantizer of the reference: scales through the reciprocal of `maxq`.
+    pub fn rtn(bits: u32, sym: bool) -> Self {
+        Quantizer {
+            division: ScaleDivision::Reciprocal,
+            ..Self::new(bits, sym)
         }
     }
 
@@ -48,11 +75,10 @@ impl Quantizer {
             xmin = -1.0;
             xmax = 1.0;
         }
-        // PyTorch on CUDA (where AutoGPTQ and the reference figures run) divides a tensor by a
-        // scalar through the scalar's f32 reciprocal; true division rounds the scale differently in
-        // the last bit, which decides whether the most negative weight of a row (at exactly
-        // -maxq/2 scales) rounds to the lowest code or one above: worth 0.3 % of perplexity at 3 bits.
-        let scale = (xmax - xmin) * (1.0 / self.maxq);
+        let scale = match self.division {
+            ScaleDivision::True => (xmax - xmin) / self.maxq,
+            ScaleDivision::Reciprocal => (xmax - xmin) * (1.0 / self.maxq),
+        };
         let zero = if self.sym {
             (self.maxq + 1.0) / 2.0
         } else {
@@ -96,9 +122,8 @@ pub fn quantize(x: f32, scale: f32, zero: f32, maxq: f32) -> f32 {
 mod tests {
     use super::*;
 
-    /// `range * fl32(1 / maxq)`, the scale PyTorch computes on CUDA.
     fn scale_of(range: f32, maxq: f32) -> f32 {
-        range * (1.0 / maxq)
+        range / maxq
     }
 
     #[test]
@@ -110,23 +135,25 @@ mod tests {
         // +max: round(7.5) = 8 -> 16 -> clamped to 15 -> +7 s.
         assert_eq!(code(1.5, s, z, q.maxq), 15.0);
         assert_eq!(quantize(1.5, s, z, q.maxq), 7.0 * s);
-        // -max lands on -7.5 (± one ulp, depending on the scale's last bit): code 0 or 1.
-        assert!(code(-1.5, s, z, q.maxq) <= 1.0);
+        // -max -> round(-7.5) = -8 -> 0 -> -8 s.
+        assert_eq!(code(-1.5, s, z, q.maxq), 0.0);
+        assert_eq!(quantize(-1.5, s, z, q.maxq), -8.0 * s);
     }
 
     #[test]
-    fn scale_is_range_times_reciprocal_not_true_division() {
+    fn rtn_scale_is_range_times_reciprocal_gptq_divides() {
         // For xmax = 1.2 (3 bits) the two roundings of 2.4 / 7 differ in the last bit, and so does
         // the code of the row's most negative weight: the reciprocal's scale gives -3.4999998 -> -3
         // (code 1), true division gives exactly -3.5 -> -4 (code 0).
-        let q = Quantizer::new(3, true);
-        let (s, z) = q.params_of([-1.2f32, 0.5]);
-        let true_div = 2.4f32 / 7.0;
-        assert_eq!(s, 2.4f32 * (1.0 / 7.0));
-        assert_ne!(s, true_div, "the test needs a range where the two roundings differ");
+        let (rtn, gptq) = (Quantizer::rtn(3, true), Quantizer::new(3, true));
+        let (s_rtn, z) = rtn.params_of([-1.2f32, 0.5]);
+        let (s_gptq, _) = gptq.params_of([-1.2f32, 0.5]);
+        assert_eq!(s_rtn, 2.4f32 * (1.0 / 7.0));
+        assert_eq!(s_gptq, 2.4f32 / 7.0);
+        assert_ne!(s_rtn, s_gptq, "the test needs a range where the two roundings differ");
         assert_eq!(z, 4.0);
-        assert_eq!(code(-1.2, s, z, q.maxq), 1.0);
-        assert_eq!(code(-1.2, true_div, z, q.maxq), 0.0);
+        assert_eq!(code(-1.2, s_rtn, z, rtn.maxq), 1.0);
+        assert_eq!(code(-1.2, s_gptq, z, gptq.maxq), 0.0);
     }
 
     #[test]

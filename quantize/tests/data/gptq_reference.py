@@ -2,8 +2,6 @@
 """Independent reference for the Rust GPTQ solver: a faithful numpy (float32) port of AutoGPTQ v0.6
 `GPTQ.add_batch` / `GPTQ.fasterquant` and `Quantizer` (auto_gptq/quantization/{gptq,quantizer}.py).
 
-The scale is (xmax - xmin) times the f32 reciprocal of maxq, as PyTorch computes it on CUDA.
-
 Deviation from the original, on purpose: act-order uses a STABLE descending argsort of diag(H)
 (torch.argsort is not stable), as the Rust solver does.
 
@@ -40,9 +38,7 @@ class Quantizer:
         both = (xmin == 0) & (xmax == 0)
         xmin[both] = F32(-1)
         xmax[both] = F32(1)
-        # PyTorch on CUDA divides a tensor by a scalar through the scalar's reciprocal; the reference
-        # figures (and AutoGPTQ runs on a GPU) therefore get (xmax - xmin) * fl32(1 / maxq).
-        self.scale = ((xmax - xmin) * (F32(1) / self.maxq)).astype(F32)
+        self.scale = ((xmax - xmin) / self.maxq).astype(F32)
         if self.sym:
             self.zero = np.full_like(self.scale, (self.maxq + 1) / 2)
         else:
