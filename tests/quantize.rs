@@ -136,7 +136,11 @@ fn regenerate_rtn_matches_reference_perplexity() {
     let result = regenerate(tmp.path(), &extra);
     let reference = reference();
     let rtn = &reference["recipes"]["32x512"]["rtn"];
-    assert_eq!(result["branches"].as_array().unwrap().len(), 7, "all seven branches");
+    assert_eq!(
+        result["branches"].as_array().unwrap().len(),
+        7,
+        "all seven branches"
+    );
     let failures = check_ppl(&result, rtn, RTN_REL);
     assert!(
         failures.is_empty(),

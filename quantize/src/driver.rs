@@ -26,6 +26,7 @@ use crate::hessian::Hessian;
 use crate::linalg::Conditioning;
 use crate::mixtral::{layer_modules, subset_modules, Module, SUBSETS};
 use crate::module::QuantizedLinear;
+use crate::quantizer::ScaleDivision;
 use crate::report::{calibration_json, LayerTiming, Method, ModuleReport, QuantReport};
 use crate::Preset;
 
@@ -353,7 +354,14 @@ fn solve_module(
                 "starved: {tokens} tokens < threshold {threshold:.1}; original weights, not zeroed"
             )
         });
-        rtn(&w.data, rows, cols, cfg)?
+        // `--rtn` reproduces the reference's RTN baseline (scales through 1/maxq); a starved
+        // module is part of a GPTQ run and uses GPTQ's quantizer (IEEE division).
+        let division = if all_rtn {
+            ScaleDivision::Reciprocal
+        } else {
+            ScaleDivision::True
+        };
+        rtn(&w.data, rows, cols, cfg, division)?
     } else {
         let h = h
             .map(|h| h.matrix().to_owned())
@@ -592,6 +600,26 @@ mod tests {
             .quantized
             .iter()
             .all(|(_, q)| q.bits == 4 && q.group_size == 128));
+        // A starved expert is round-to-nearest from its original weights with GPTQ's quantizer.
+        let starved = report
+            .modules
+            .iter()
+            .find(|m| m.method == Method::Rtn)
+            .expect("the fixture has experts that get no token");
+        let (name, q) = sink
+            .quantized
+            .iter()
+            .find(|(n, _)| n.contains(starved.module.as_str()))
+            .unwrap_or_else(|| panic!("{} not written", starved.module));
+        let w = ck.linear(name).unwrap();
+        let cfg = GptqConfig::from_preset(&preset);
+        let by = |d| rtn(&w.data, w.shape[0], w.shape[1], &cfg, d).unwrap();
+        assert_eq!(q, &by(ScaleDivision::True));
+        assert_ne!(
+            q,
+            &by(ScaleDivision::Reciprocal),
+            "this weight tells the two apart"
+        );
     }
 
     #[test]
@@ -613,6 +641,16 @@ mod tests {
         let (name, q) = &sink.quantized[5];
         let w = ck.linear(name).unwrap();
         let cfg = GptqConfig::from_preset(&preset);
-        assert_eq!(q, &rtn(&w.data, w.shape[0], w.shape[1], &cfg).unwrap());
+        assert_eq!(
+            q,
+            &rtn(
+                &w.data,
+                w.shape[0],
+                w.shape[1],
+                &cfg,
+                ScaleDivision::Reciprocal
+            )
+            .unwrap()
+        );
     }
 }

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::hessian::{dead_columns, fix_dead_diagonal};
 use crate::linalg::{hessian_inverse, Conditioning};
 use crate::module::QuantizedLinear;
-use crate::quantizer::{code, Quantizer};
+use crate::quantizer::{code, Quantizer, ScaleDivision};
 use crate::Preset;
 
 /// The reference's block size for lazy batch updates.
@@ -335,13 +335,22 @@ pub fn fasterquant(
 }
 
 /// Round-to-nearest with the same quantizer per row (and per group of `group_size` consecutive
-/// columns), no error feedback; `g_idx[k] = k / group_size`. Used for starved experts and `--rtn`.
-/// The scales go through the reciprocal of `maxq`, as the reference's round-to-nearest computes
-/// them ([`Quantizer::rtn`]).
-pub fn rtn(w: &[f32], rows: usize, cols: usize, cfg: &GptqConfig) -> Result<QuantizedLinear> {
+/// columns), no error feedback; `g_idx[k] = k / group_size`. Used for starved experts (with
+/// GPTQ's quantizer, [`ScaleDivision::True`]) and for `--rtn` (with the reference's round-to-nearest
+/// scales, [`ScaleDivision::Reciprocal`]).
+pub fn rtn(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    cfg: &GptqConfig,
+    division: ScaleDivision,
+) -> Result<QuantizedLinear> {
     cfg.check()?;
     check_weight(w, rows, cols)?;
-    let quant = Quantizer::rtn(cfg.bits, cfg.sym);
+    let quant = Quantizer {
+        division,
+        ..Quantizer::new(cfg.bits, cfg.sym)
+    };
     let gw = cfg.group_width(cols);
     let groups: Vec<(Vec<f32>, Vec<f32>)> = (0..cols)
         .step_by(gw)

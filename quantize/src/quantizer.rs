@@ -150,7 +150,10 @@ mod tests {
         let (s_gptq, _) = gptq.params_of([-1.2f32, 0.5]);
         assert_eq!(s_rtn, 2.4f32 * (1.0 / 7.0));
         assert_eq!(s_gptq, 2.4f32 / 7.0);
-        assert_ne!(s_rtn, s_gptq, "the test needs a range where the two roundings differ");
+        assert_ne!(
+            s_rtn, s_gptq,
+            "the test needs a range where the two roundings differ"
+        );
         assert_eq!(z, 4.0);
         assert_eq!(code(-1.2, s_rtn, z, rtn.maxq), 1.0);
         assert_eq!(code(-1.2, s_gptq, z, gptq.maxq), 0.0);

@@ -257,7 +257,7 @@ fn gptq_beats_rtn_on_correlated_inputs() {
             blocksize: BLOCKSIZE,
         };
         let g = fasterquant(&w, rows, cols, h.matrix().to_owned(), &cfg).unwrap();
-        let r = rtn(&w, rows, cols, &cfg).unwrap();
+        let r = rtn(&w, rows, cols, &cfg, ScaleDivision::True).unwrap();
         let eg = output_error(&w, &dequantize(&g.quantized), &x, rows, cols);
         let er = output_error(&w, &dequantize(&r), &x, rows, cols);
         assert!(eg < er, "bits {bits} gs {gs}: GPTQ {eg} vs RTN {er}");
@@ -313,7 +313,7 @@ fn rtn_layout_and_starved_input_is_not_zeroed() {
         percdamp: 0.1,
         blocksize: BLOCKSIZE,
     };
-    let r = rtn(&w, rows, cols, &cfg).unwrap();
+    let r = rtn(&w, rows, cols, &cfg, ScaleDivision::True).unwrap();
     assert_eq!(r.groups(), 3);
     assert_eq!(
         r.g_idx,
@@ -342,10 +342,14 @@ fn bad_settings_are_errors() {
         percdamp: 0.1,
         blocksize: BLOCKSIZE,
     };
-    let e = rtn(&[0.0; 8], 2, 4, &cfg).unwrap_err().to_string();
+    let e = rtn(&[0.0; 8], 2, 4, &cfg, ScaleDivision::True)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("bits") && e.contains('5'), "{e}");
     let cfg = GptqConfig { bits: 4, ..cfg };
-    let e = rtn(&[0.0; 7], 2, 4, &cfg).unwrap_err().to_string();
+    let e = rtn(&[0.0; 7], 2, 4, &cfg, ScaleDivision::True)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("2 x 4") && e.contains("7 values"), "{e}");
     let e = fasterquant(&[0.0; 8], 2, 4, Mat::zeros(3, 3), &cfg)
         .unwrap_err()
