@@ -616,7 +616,8 @@ pub fn weight_std(shape: &SynthShape, module: &str) -> f32 {
 mod tests {
     use super::*;
 
-    fn mean_std(v: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+    /// Mean and (population) standard deviation; shared with `draw`'s tests.
+    pub(super) fn mean_std(v: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
         let n = v.clone().count() as f64;
         let mean = v.clone().sum::<f64>() / n;
         let var = v.map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;

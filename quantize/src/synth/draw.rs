@@ -243,12 +243,7 @@ mod tests {
     /// f16 rounding of the scales stays far below this.
     const STD_REL_TOL: f64 = 0.03;
 
-    fn mean_std(v: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
-        let n = v.clone().count() as f64;
-        let mean = v.clone().sum::<f64>() / n;
-        let var = v.map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
-        (mean, var.sqrt())
-    }
+    use crate::synth::tests::mean_std;
 
     #[test]
     fn act_order_g_idx_has_exactly_group_size_members_per_group() {
