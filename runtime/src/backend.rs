@@ -133,6 +133,47 @@ pub fn route_rows(logits: &[f32], n_experts: usize, k: usize) -> Routing {
 /// `LM_HEAD_CHUNK · vocab` floats (16 MB for Mixtral's 32000).
 pub const LM_HEAD_CHUNK: usize = 128;
 
+/// Checks that every index in `rows` is below `n` (the rows of the tensor `what` reads).
+///
+/// # Errors
+/// [`Error::Input`] naming the first row out of range.
+pub(crate) fn check_rows(rows: &[u32], n: usize, what: &str) -> Result<()> {
+    match rows.iter().find(|&&r| r as usize >= n) {
+        Some(bad) => Err(Error::Input(format!(
+            "{what}: row {bad} of a tensor with {n} rows"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Checks the arguments of [`Backend::scatter_add_rows`] from the accumulator's and the source's
+/// `[rows, cols]`: one weight per row, one source row per index, equal widths, indices in range.
+///
+/// # Errors
+/// [`Error::Input`] saying which of these fails.
+pub(crate) fn check_scatter_add(
+    acc: (usize, usize),
+    src: (usize, usize),
+    rows: &[u32],
+    weights: &[f32],
+) -> Result<()> {
+    if weights.len() != rows.len() {
+        return Err(Error::Input(format!(
+            "scatter_add_rows: {} rows but {} weights",
+            rows.len(),
+            weights.len()
+        )));
+    }
+    let ((n, cols), (n_src, src_cols)) = (acc, src);
+    if n_src != rows.len() || src_cols != cols {
+        return Err(Error::Input(format!(
+            "scatter_add_rows: source [{n_src}, {src_cols}] for {} rows of width {cols}",
+            rows.len()
+        )));
+    }
+    check_rows(rows, n, "scatter_add_rows")
+}
+
 /// The operations the Mixtral forward pass needs from a device.
 ///
 /// Shapes are given as `[rows, columns]`; every tensor the forward pass handles is 2-D

@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::backend::{AttentionShape, Backend, HostTensor};
+use crate::backend::{check_rows, check_scatter_add, AttentionShape, Backend, HostTensor};
 use crate::error::{Error, Result};
 use crate::sgemm::{self, MatRef};
 
@@ -535,11 +535,7 @@ impl Backend for CpuBackend {
 
     fn gather_rows(&self, x: &Tensor, rows: &[u32]) -> Result<Tensor> {
         let (n, cols) = dims2(x, "gather_rows input")?;
-        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
-            return Err(Error::Input(format!(
-                "gather_rows: row {bad} of a tensor with {n} rows"
-            )));
-        }
+        check_rows(rows, n, "gather_rows")?;
         let out = with_f32(x, |xs| {
             let mut out = Vec::with_capacity(rows.len() * cols);
             for &r in rows {
@@ -557,26 +553,9 @@ impl Backend for CpuBackend {
         rows: &[u32],
         weights: &[f32],
     ) -> Result<Tensor> {
-        if weights.len() != rows.len() {
-            return Err(Error::Input(format!(
-                "scatter_add_rows: {} rows but {} weights",
-                rows.len(),
-                weights.len()
-            )));
-        }
         let (n, cols) = dims2(acc, "scatter_add_rows accumulator")?;
-        let (n_src, src_cols) = dims2(src, "scatter_add_rows source")?;
-        if n_src != rows.len() || src_cols != cols {
-            return Err(Error::Input(format!(
-                "scatter_add_rows: source [{n_src}, {src_cols}] for {} rows of width {cols}",
-                rows.len()
-            )));
-        }
-        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
-            return Err(Error::Input(format!(
-                "scatter_add_rows: row {bad} of a tensor with {n} rows"
-            )));
-        }
+        let src_dims = dims2(src, "scatter_add_rows source")?;
+        check_scatter_add((n, cols), src_dims, rows, weights)?;
         let out = with_f32(acc, |a| {
             with_f32(src, |s| {
                 let mut out = a.to_vec();

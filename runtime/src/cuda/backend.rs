@@ -14,7 +14,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::device::CudaDevice;
 use super::error::{drv, CudaError};
 use super::kernels::FORWARD;
-use crate::backend::{AttentionShape, Backend, HostTensor};
+use crate::backend::{check_rows, check_scatter_add, AttentionShape, Backend, HostTensor};
 use crate::error::{Error, Result};
 
 /// Threads per block of the row kernels.
@@ -98,15 +98,6 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (ROW_THREADS, 1, 1),
         shared_mem_bytes: 0,
-    }
-}
-
-fn check_rows(rows: &[u32], n: usize, what: &str) -> Result<()> {
-    match rows.iter().find(|&&r| r as usize >= n) {
-        Some(bad) => Err(Error::Input(format!(
-            "{what}: row {bad} of a tensor with {n} rows"
-        ))),
-        None => Ok(()),
     }
 }
 
@@ -409,22 +400,9 @@ impl Backend for CudaBackend {
         rows: &[u32],
         weights: &[f32],
     ) -> Result<CudaTensor> {
-        if weights.len() != rows.len() {
-            return Err(Error::Input(format!(
-                "scatter_add_rows: {} rows but {} weights",
-                rows.len(),
-                weights.len()
-            )));
-        }
         let (n, cols) = acc.dims2("scatter_add_rows accumulator")?;
-        let (n_src, src_cols) = src.dims2("scatter_add_rows source")?;
-        if n_src != rows.len() || src_cols != cols {
-            return Err(Error::Input(format!(
-                "scatter_add_rows: source [{n_src}, {src_cols}] for {} rows of width {cols}",
-                rows.len()
-            )));
-        }
-        check_rows(rows, n, "scatter_add_rows")?;
+        let src_dims = src.dims2("scatter_add_rows source")?;
+        check_scatter_add((n, cols), src_dims, rows, weights)?;
         let mut out = drv("copying a tensor", self.dev.stream().clone_dtod(&*acc.buf))?;
         if !rows.is_empty() && cols > 0 {
             let mut seen = vec![false; n];
