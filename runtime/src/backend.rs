@@ -146,6 +146,35 @@ pub(crate) fn check_rows(rows: &[u32], n: usize, what: &str) -> Result<()> {
     }
 }
 
+/// Checks that every id is below `vocab`; `what` names the ids in the error ("token", "target").
+///
+/// # Errors
+/// [`Error::Input`] naming the first id outside the vocabulary.
+pub(crate) fn check_ids(ids: &[u32], vocab: usize, what: &str) -> Result<()> {
+    match ids.iter().find(|&&i| i as usize >= vocab) {
+        Some(bad) => Err(Error::Input(format!(
+            "{what} id {bad} is outside the vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Checks the arguments of [`Backend::nll`] from the logits' `[rows, vocab]`: one target per row,
+/// each inside the vocabulary.
+///
+/// # Errors
+/// [`Error::Input`] saying which of these fails.
+pub(crate) fn check_nll(logits: (usize, usize), targets: &[u32]) -> Result<()> {
+    let (n, vocab) = logits;
+    if n != targets.len() {
+        return Err(Error::Input(format!(
+            "nll: {n} rows of logits, {} targets",
+            targets.len()
+        )));
+    }
+    check_ids(targets, vocab, "target")
+}
+
 /// Checks the arguments of [`Backend::scatter_add_rows`] from the accumulator's and the source's
 /// `[rows, cols]`: one weight per row, one source row per index, equal widths, indices in range.
 ///

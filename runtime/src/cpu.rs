@@ -7,7 +7,9 @@
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::backend::{check_rows, check_scatter_add, AttentionShape, Backend, HostTensor};
+use crate::backend::{
+    check_ids, check_nll, check_rows, check_scatter_add, AttentionShape, Backend, HostTensor,
+};
 use crate::error::{Error, Result};
 use crate::sgemm::{self, MatRef};
 
@@ -378,11 +380,7 @@ impl Backend for CpuBackend {
 
     fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
         let (vocab, _) = dims2(table, "embedding table")?;
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::Input(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        check_ids(ids, vocab, "token")?;
         Ok(table.index_select(&index_tensor(ids)?, 0)?)
     }
 
@@ -584,11 +582,7 @@ impl Backend for CpuBackend {
                 targets.len()
             )));
         }
-        if let Some(&bad) = targets.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::Input(format!(
-                "target id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        check_ids(targets, vocab, "target")?;
         with_f32(hidden, |x| {
             with_f32(lm_head, |w| lm_head_nll_f32(x, w, h, vocab, targets))
         })?
@@ -596,17 +590,7 @@ impl Backend for CpuBackend {
 
     fn nll(&self, logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
         let (n, vocab) = dims2(logits, "nll logits")?;
-        if n != targets.len() {
-            return Err(Error::Input(format!(
-                "nll: {n} rows of logits, {} targets",
-                targets.len()
-            )));
-        }
-        if let Some(&bad) = targets.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::Input(format!(
-                "target id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        check_nll((n, vocab), targets)?;
         with_f32(logits, |s| {
             s.par_chunks(vocab)
                 .zip(targets.par_iter())

@@ -14,7 +14,9 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::device::CudaDevice;
 use super::error::{drv, CudaError};
 use super::kernels::FORWARD;
-use crate::backend::{check_rows, check_scatter_add, AttentionShape, Backend, HostTensor};
+use crate::backend::{
+    check_ids, check_nll, check_rows, check_scatter_add, AttentionShape, Backend, HostTensor,
+};
 use crate::error::{Error, Result};
 
 /// Threads per block of the row kernels.
@@ -215,11 +217,7 @@ impl Backend for CudaBackend {
 
     fn embedding(&self, table: &CudaTensor, ids: &[u32]) -> Result<CudaTensor> {
         let (vocab, _) = table.dims2("embedding table")?;
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::Input(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        check_ids(ids, vocab, "token")?;
         self.gather(table, ids, "embedding")
     }
 
@@ -438,17 +436,7 @@ impl Backend for CudaBackend {
 
     fn nll(&self, logits: &CudaTensor, targets: &[u32]) -> Result<Vec<f32>> {
         let (n, vocab) = logits.dims2("nll logits")?;
-        if n != targets.len() {
-            return Err(Error::Input(format!(
-                "nll: {n} rows of logits, {} targets",
-                targets.len()
-            )));
-        }
-        if let Some(&bad) = targets.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::Input(format!(
-                "target id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        check_nll((n, vocab), targets)?;
         if n == 0 {
             return Ok(Vec::new());
         }

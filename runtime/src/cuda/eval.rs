@@ -27,6 +27,7 @@ use rayon::prelude::*;
 use super::device::CudaDevice;
 use super::error::{drv, CudaError, Result as CudaResult};
 use super::kernels::KernelSource;
+use crate::backend::check_ids;
 use crate::config::MixtralConfig;
 use crate::error::{Error, Result};
 use crate::load::Checkpoint;
@@ -934,15 +935,8 @@ pub fn evaluate_windows(
             w.len()
         )));
     }
-    if let Some(&bad) = windows
-        .iter()
-        .flatten()
-        .find(|&&t| t as usize >= c.vocab_size)
-    {
-        return Err(Error::Input(format!(
-            "token id {bad} is outside the vocabulary of {}",
-            c.vocab_size
-        )));
+    for w in windows {
+        check_ids(w, c.vocab_size, "token")?;
     }
     let tensor_cores = opts.attention == AttentionKernel::Auto && TC_HEAD_DIMS.contains(&d);
     let ref_smem = (ATT_TILE * (d + 1) + ATT_TILE * d + ATT_WARPS * d) * 4;
