@@ -94,18 +94,14 @@ impl SynthShape {
     };
 
     /// The bundled fixture `fixtures/moe-s` (29.6 M parameters, head dim 32).
+    /// The rest (experts, routing, vocabulary, norm, RoPE, positions) is Mixtral-8x7B's.
     pub const MOE_S: SynthShape = SynthShape {
         hidden_size: 256,
         intermediate_size: 512,
         num_hidden_layers: 4,
         num_attention_heads: 8,
         num_key_value_heads: 2,
-        num_local_experts: 8,
-        num_experts_per_tok: 2,
-        vocab_size: MIXTRAL_VOCAB,
-        rms_norm_eps: 1e-5,
-        rope_theta: 1e6,
-        max_position_embeddings: 32768,
+        ..SynthShape::MIXTRAL_8X7B
     };
 
     /// The named shapes, for `--shape`.
