@@ -30,7 +30,8 @@ pub struct EvalArgs {
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Device: `cpu` (f32 reference) or `cuda` (f32 on GPU 0; `cuda:N` for GPU N).
+    /// Device: `cpu` (f32 reference) or `cuda` (GPU 0, layer by layer: f32 hidden states, f16/bf16
+    /// tensor-core products with f32 accumulation; `cuda:N` for GPU N).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Don't store the results in the branch directory's `eval.json`.
