@@ -1,7 +1,9 @@
 // GPTQ "v1" matrix products, compiled at run time by NVRTC (runtime/src/cuda/kernels.rs).
 //
 // Layout the kernels see (prepared once at load by runtime/src/cuda/gptq.rs):
-// * qweight: u32 [K*b/32, N], rows already sorted by g_idx for act-order checkpoints, so that every
+// * qweight: u32 [R = K*b/32, N] (row-major), or strip-major [N/32][R][32] when `strip_rows` = R > 0
+//   (chosen at upload for the layers the tensor-core GEMV runs: each warp's 32-column strip is then
+//   one contiguous stream), rows already sorted by g_idx for act-order checkpoints, so that every
 //   "unit" (8 k-rows at 4 bits, 4 at 8 bits, 32 at 3 bits: the rows held by one packed word, or by
 //   three words at 3 bits) belongs to a single group;
 // * ugroup: i32 [K/unit_k], the group of each unit;
@@ -179,9 +181,16 @@ template <int MT> __device__ __forceinline__ void load_x(const float* p, float* 
     }
 }
 
+// The packed word at (word row `row`, column n): row-major [R, N], or strip-major [N/32][R][32] when
+// strip_rows = R > 0. Four consecutive columns from a multiple of 4 are consecutive in both.
+__device__ __forceinline__ const u32* qw_at(const u32* qw, int strip_rows, size_t row, int n, int N) {
+    return strip_rows ? qw + ((size_t)(n >> 5) * strip_rows + row) * 32 + (n & 31) : qw + row * N + n;
+}
+
 // One quantized matrix as the kernels read it.
 struct QMat {
     const u32* qweight;
+    int strip_rows; // 0: row-major qweight; R: strip-major (see the top of this file)
     const __half* scales;
     const void* zeros;
     const int* ugroup;
@@ -316,7 +325,7 @@ __device__ __forceinline__ void gemv_block(const QMat q, const T* __restrict__ X
 #pragma unroll
             for (int w = 0; w < L::WORDS; ++w)
                 cp_async16(ring + (slot * L::WORDS + w) * GEMV_THREADS + tid,
-                           q.qweight + ((size_t)u * L::WORDS + w) * N + n0);
+                           qw_at(q.qweight, q.strip_rows, (size_t)u * L::WORDS + w, n0, N));
         };
         const int nw = wu_end - wu_begin;
         if (active) {
@@ -356,7 +365,7 @@ __device__ __forceinline__ void gemv_block(const QMat q, const T* __restrict__ X
                 if (u0 + r < wu_end) {
 #pragma unroll
                     for (int w = 0; w < L::WORDS; ++w)
-                        nxt[r][w] = ld_stream(q.qweight + ((size_t)(u0 + r) * L::WORDS + w) * N + n0);
+                        nxt[r][w] = ld_stream(qw_at(q.qweight, q.strip_rows, (size_t)(u0 + r) * L::WORDS + w, n0, N));
                 }
             }
         };
@@ -435,10 +444,10 @@ __device__ __forceinline__ void gemv_block(const QMat q, const T* __restrict__ X
 // Dense: Y[M, N] (f32) = X[M, K] . dequant(W), M <= MT.
 // grid = (ceil(N/128), nsplit), block = 256, dynamic shared memory = gemv_smem_bytes(...).
 template <int BITS, typename T, int MT>
-__device__ __forceinline__ void gemv_dense(const u32* qweight, const __half* scales, const void* zeros,
+__device__ __forceinline__ void gemv_dense(const u32* qweight, int strip_rows, const __half* scales, const void* zeros,
                                            const int* ugroup, const int* perm, const T* X, int M, int K, int N,
                                            int units_per_split, float* ws, u32* counters, float* Y) {
-    QMat q = {qweight, scales, zeros, ugroup, perm};
+    QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};
     gemv_block<BITS, T, MT>(q, X, K, M, K, N, units_per_split, gridDim.y, ws, counters, Y, N, 1.0f);
 }
 
@@ -446,13 +455,14 @@ __device__ __forceinline__ void gemv_dense(const u32* qweight, const __half* sca
 // with e = expert_ids[p]; `table` holds 5 device pointers per expert (qweight, scales, zeros,
 // ugroup, perm-or-0). One launch covers every pair: no host round-trip per expert.
 template <int BITS, typename T>
-__device__ __forceinline__ void gemv_moe(const unsigned long long* table, const int* expert_ids,
+__device__ __forceinline__ void gemv_moe(const unsigned long long* table, int strip_rows, const int* expert_ids,
                                          const float* pair_scale, const T* X, int x_div, int K, int N,
                                          int units_per_split, float* ws, u32* counters, float* Y) {
     const int p = blockIdx.z;
     const int e = expert_ids[p];
     const unsigned long long* t = table + 5 * (size_t)e;
-    QMat q = {(const u32*)t[0], (const __half*)t[1], (const void*)t[2], (const int*)t[3], (const int*)t[4]};
+    QMat q = {(const u32*)t[0], strip_rows, (const __half*)t[1], (const void*)t[2], (const int*)t[3],
+              (const int*)t[4]};
     const int nsplit = gridDim.y;
     const int ntiles = gridDim.x;
     gemv_block<BITS, T, 1>(q, X + (size_t)(p / x_div) * K, K, 1, K, N, units_per_split, nsplit,
@@ -460,10 +470,399 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, const 
                            pair_scale ? pair_scale[p] : 1.0f);
 }
 
+// ---- Tensor-core GEMV for M <= 8 (4 and 8 bits) ----
+//
+// One warp computes 32 output columns for up to 8 rows of X with mma.sync m16n8k16 and fp32
+// accumulation: A = the codes minus the zero, (q - z), for 16 output columns (small integers, so
+// exact in f16 and bf16), B = X (column m of the n8 tile is row m of X; columns M..7 are zero). The
+// group scale is applied in fp32 when a group ends (acc += s * group_acc), as in the scalar GEMV:
+// the result is as exact as that kernel's, for about one instruction per weight instead of five.
+//
+// Per 32-row k-tile, lane (g = lane / 4, c = lane % 4) reads 16 bytes of packed codes for columns
+// n0 + 4g .. n0 + 4g + 3: at 4 bits the word of rows 8c..8c+7, at 8 bits the two words of rows
+// 8c..8c+3 and 8c+4..8c+7. Two codes at bits p and p + 16 of a word become one f16x2 (or bf16x2)
+// with one LOP3 (or PRMT) against an exponent "magic", and one HSUB2 removes the magic and the zero.
+// In A, row g is column 4g + 2i and row g + 8 column 4g + 2i + 1 (i = 0, 1: two MMAs per 16 k). The
+// k order inside each 8-row block that the pairs produce is undone by storing X in shared memory in
+// the same order (`mma_order`), so that lane (g, c) reads its B fragment of X row g with one 16-byte
+// load.
+//
+// Requirements (checked on the host, runtime/src/cuda/gptq.rs `mma_eligible`): K and N multiples of
+// 32, and every 32-row tile (after the act-order sort) inside one group. qweight is strip-major
+// (q.strip_rows = R): with the row-major layout a warp's 32 columns are 128-byte pieces 4N bytes
+// apart, and DRAM pages, not bytes, bound the speed (measured: 4- and 8-bit took the same time).
+
+#ifndef MMA_WARPS // warps per block (independent: each has its own strip and k-run)
+#define MMA_WARPS 4
+#endif
+#ifndef MMA_STAGES // slots of the per-lane cp.async ring: tiles in flight + 1 (runtime/src/cuda/gptq.rs reads it)
+#define MMA_STAGES 4
+#endif
+#ifndef MMA_MIN_BLOCKS // resident blocks per SM asked of ptxas (runtime/src/cuda/gptq.rs reads it too)
+#define MMA_MIN_BLOCKS 6
+#endif
+#define MMA_THREADS (MMA_WARPS * 32)
+
+template <typename T> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
+
+// Halves between rows of a warp's X area: the 32-row tiles plus 32 or 64 halves, so that rows are
+// 64 bytes apart modulo 128 and the 16-byte fragment loads of rows g and g + 1 use different banks.
+// runtime/src/cuda/gptq.rs (`mma_plan`) computes the same.
+__host__ __device__ __forceinline__ int mma_xstride(int tiles_per_warp) {
+    return tiles_per_warp * 32 + ((tiles_per_warp & 1) ? 64 : 32);
+}
+
+// Bytes of shared memory per warp of the tensor-core GEMV: X, the tiles' groups, the ring.
+// runtime/src/cuda/gptq.rs (`mma_warp_smem`) computes the same.
+__host__ __device__ __forceinline__ int mma_warp_smem(int M, int tiles_per_warp, int bits) {
+    return M * mma_xstride(tiles_per_warp) * 2 + ((tiles_per_warp * 4 + 15) & ~15) +
+           MMA_STAGES * (bits == 4 ? 1 : 2) * 32 * 16;
+}
+
+// X of one 8-row block (words w0..w3 = (x0,x1) (x2,x3) (x4,x5) (x6,x7)) in the order the B
+// fragments pair the codes: 4 bits (x0,x4) (x1,x5) (x2,x6) (x3,x7); 8 bits (x0,x2) (x1,x3) (x4,x6) (x5,x7).
+template <int BITS> __device__ __forceinline__ uint4 mma_order(u32 w0, u32 w1, u32 w2, u32 w3) {
+    if (BITS == 4)
+        return make_uint4(__byte_perm(w0, w2, 0x5410), __byte_perm(w0, w2, 0x7632), __byte_perm(w1, w3, 0x5410),
+                          __byte_perm(w1, w3, 0x7632));
+    return make_uint4(__byte_perm(w0, w1, 0x5410), __byte_perm(w0, w1, 0x7632), __byte_perm(w2, w3, 0x5410),
+                      __byte_perm(w2, w3, 0x7632));
+}
+
+// acc (4 floats) += A . B for one m16n8k16: A = 16 output columns x 16 k of (q - z) codes
+// (a0: row g, k 2c..2c+1; a1: row g + 8; a2, a3: the same rows at k + 8), B = 16 k x 8 rows of X
+// (b0: k 2c..2c+1 of X row g; b1: k + 8). acc: (column row g, X rows 2c, 2c + 1), then row g + 8.
+__device__ __forceinline__ void mma_16816(float* acc, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1, bool bf) {
+    if (bf) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+}
+
+__device__ __forceinline__ u32 h2_sub(u32 a, u32 b) {
+    const __half2 r = __hsub2(*(const __half2*)&a, *(const __half2*)&b);
+    return *(const u32*)&r;
+}
+__device__ __forceinline__ u32 h2_fma(u32 a, u32 b, u32 c) {
+    const __half2 r = __hfma2(*(const __half2*)&a, *(const __half2*)&b, *(const __half2*)&c);
+    return *(const u32*)&r;
+}
+__device__ __forceinline__ u32 b2_sub(u32 a, u32 b) {
+    const __nv_bfloat162 r = __hsub2(*(const __nv_bfloat162*)&a, *(const __nv_bfloat162*)&b);
+    return *(const u32*)&r;
+}
+__device__ __forceinline__ u32 f2_to_b2(float lo, float hi) {
+    const __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+    return *(const u32*)&r;
+}
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    const __half2 r = __floats2half2_rn(lo, hi);
+    return *(const u32*)&r;
+}
+
+// Per-column constants of the current group for the B operand (lane's 4 columns).
+template <int BITS, bool BF> struct MmaZero {
+    u32 lo[4]; // magic + z, as x2 (f16/bf16); at 8-bit bf16: unused
+    u32 hi[4]; // 4-bit f16: -(64 + z) for the shifted nibbles; 8-bit bf16: (2^23 + z) as float bits
+    // w: the lane's four stored (zero - 1) codes at bits BITS * j.
+    __device__ __forceinline__ void set(u32 w) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float z = (float)((w >> (BITS * j)) & ((1u << BITS) - 1u)) + 1.0f;
+            if (BITS == 4 && !BF) {
+                lo[j] = pack_h2(1024.0f + z, 1024.0f + z);
+                hi[j] = pack_h2(-(64.0f + z), -(64.0f + z));
+            } else if (BITS == 4) {
+                lo[j] = f2_to_b2(128.0f + z, 128.0f + z);
+            } else if (!BF) {
+                lo[j] = pack_h2(1024.0f + z, 1024.0f + z);
+            } else {
+                hi[j] = __float_as_uint(8388608.0f + z);
+            }
+        }
+    }
+};
+
+// The (q - z) pairs of one packed word as f16x2/bf16x2 (4 bits: (q0,q4) (q1,q5) (q2,q6) (q3,q7);
+// 8 bits: (q0,q2) (q1,q3), the other two left unset), for the lane's column j.
+template <int BITS, bool BF>
+__device__ __forceinline__ void mma_pairs(u32 w, const MmaZero<BITS, BF>& zc, int j, u32* p) {
+    if (BITS == 4 && !BF) {
+        u32 mh;
+        asm volatile("mov.b32 %0, 0x64006400;" : "=r"(mh));
+        const u32 sixteenth = 0x2C002C00u; // f16x2 (1/16, 1/16)
+        const u32 w8 = w >> 8;
+        p[0] = h2_sub(and_or(w, 0x000F000Fu, mh), zc.lo[j]);
+        p[1] = h2_fma(and_or(w, 0x00F000F0u, mh), sixteenth, zc.hi[j]);
+        p[2] = h2_sub(and_or(w8, 0x000F000Fu, mh), zc.lo[j]);
+        p[3] = h2_fma(and_or(w8, 0x00F000F0u, mh), sixteenth, zc.hi[j]);
+    } else if (BITS == 4) {
+        u32 mb;
+        asm volatile("mov.b32 %0, 0x43004300;" : "=r"(mb));
+        p[0] = b2_sub(and_or(w, 0x000F000Fu, mb), zc.lo[j]);
+        p[1] = b2_sub(and_or(w >> 4, 0x000F000Fu, mb), zc.lo[j]);
+        p[2] = b2_sub(and_or(w >> 8, 0x000F000Fu, mb), zc.lo[j]);
+        p[3] = b2_sub(and_or(w >> 12, 0x000F000Fu, mb), zc.lo[j]);
+    } else if (!BF) {
+        p[0] = h2_sub(__byte_perm(w, 0x64646464u, 0x4240), zc.lo[j]); // (q0, q2)
+        p[1] = h2_sub(__byte_perm(w, 0x64646464u, 0x4341), zc.lo[j]); // (q1, q3)
+    } else {
+        const float zf = __uint_as_float(zc.hi[j]);
+        const float q0 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440)) - zf;
+        const float q1 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7441)) - zf;
+        const float q2 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7442)) - zf;
+        const float q3 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7443)) - zf;
+        p[0] = f2_to_b2(q0, q2);
+        p[1] = f2_to_b2(q1, q3);
+    }
+}
+
+// One 32-row tile for the lane's four columns (words wv[h] = columns 4g + j): A row g is column
+// 4g + 2i, row g + 8 is column 4g + 2i + 1 (i = 0, 1: acc[i]); x holds the lane's B fragments of
+// X row g in the pairs' k order (mma_order).
+template <int BITS, bool BF>
+__device__ __forceinline__ void mma_tile(const uint4* wv, const uint4& x, const MmaZero<BITS, BF>& zc, float (*acc)[4]) {
+    if (BITS == 4) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            u32 pa[4], pb[4];
+            mma_pairs<BITS, BF>(comp(wv[0], 2 * i), zc, 2 * i, pa);
+            mma_pairs<BITS, BF>(comp(wv[0], 2 * i + 1), zc, 2 * i + 1, pb);
+            // k slots 2c, 2c+1 <- (q0, q4), 2c+8, 2c+9 <- (q1, q5); then (q2, q6), (q3, q7).
+            mma_16816(acc[i], pa[0], pb[0], pa[1], pb[1], x.x, x.y, BF);
+            mma_16816(acc[i], pa[2], pb[2], pa[3], pb[3], x.z, x.w, BF);
+        }
+    } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                u32 pa[2], pb[2];
+                mma_pairs<BITS, BF>(comp(wv[h], 2 * i), zc, 2 * i, pa);
+                mma_pairs<BITS, BF>(comp(wv[h], 2 * i + 1), zc, 2 * i + 1, pb);
+                mma_16816(acc[i], pa[0], pb[0], pa[1], pb[1], h == 0 ? x.x : x.z, h == 0 ? x.y : x.w, BF);
+            }
+        }
+    }
+}
+
+// One warp's work: 32 output columns (a strip) for up to 8 rows of X over a run of 32-row k-tiles.
+// Warps are independent (no block-level barrier): grid-wide, warp w takes strip w / nsplit and
+// k-split w % nsplit, the splits of a strip being `tiles_per_warp` tiles each. The plan
+// (runtime/src/cuda/gptq.rs, `mma_plan`) sizes the grid to one wave of resident warps, each
+// streaming its run through a lane-private cp.async ring of MMA_STAGES slots in shared memory (the
+// loop stays rolled: an unrolled register pipeline grew the code past the instruction cache and made
+// deeper pipelines slower). Split partials meet in `ws`; the last warp of a strip to finish adds
+// them in split order (deterministic).
+// Dynamic shared memory: MMA_WARPS * mma_warp_smem(M, tiles_per_warp, bits) bytes.
+template <int BITS, typename T>
+__device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N, int G,
+                                         int nsplit, int tiles_per_warp, float* __restrict__ ws,
+                                         u32* __restrict__ counters, float* __restrict__ Y) {
+    constexpr bool BF = IsBf16<T>::value;
+    constexpr int UNITS_PER_TILE = BITS == 4 ? 4 : 8; // packed rows (words) per 32-row tile
+    constexpr int LPT = BITS == 4 ? 1 : 2;             // 16-byte loads per lane and tile
+    constexpr int S = MMA_STAGES;
+    extern __shared__ float smem[];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int wid = blockIdx.x * MMA_WARPS + warp;
+    const int strips = N / 32;
+    if (wid >= strips * nsplit) return; // no barrier below: whole warps may leave
+    const int strip = wid / nsplit, split = wid - strip * nsplit;
+    const int n0 = strip * 32;
+    const int tiles = K / 32;
+    const int t_begin = min(tiles, split * tiles_per_warp);
+    const int nt = min(tiles, t_begin + tiles_per_warp) - t_begin;
+    const int xstride = mma_xstride(tiles_per_warp);
+    // This warp's area: X [M][xstride] halves, the group of each tile, the ring [S][LPT][32 lanes].
+    unsigned char* area = (unsigned char*)smem + (size_t)warp * mma_warp_smem(M, tiles_per_warp, BITS);
+    T* xs = (T*)area;
+    int* gs = (int*)(area + (size_t)M * xstride * 2);
+    uint4* ring = (uint4*)(area + (size_t)M * xstride * 2 + ((tiles_per_warp * 4 + 15) & ~15));
+
+    // Packed words of tile t for this lane: rows t * UNITS_PER_TILE + LPT * c + h, columns n0 + 4g..,
+    // in the strip-major layout (q.strip_rows = R): the warp's tile is 512 (1024) contiguous bytes.
+    const u32* wbase = q.qweight + ((size_t)strip * q.strip_rows + LPT * c) * 32 + 4 * g;
+    // Tile i of the run (i counted from t_begin) goes to ring slot i % S; each lane copies and later
+    // reads only its own 16-byte pieces, so no barrier is needed, only cp.async.wait_group.
+    auto issue = [&](int i) {
+#pragma unroll
+        for (int h = 0; h < LPT; ++h)
+            cp_async16(ring + ((i % S) * LPT + h) * 32 + lane,
+                       wbase + ((size_t)(t_begin + i) * UNITS_PER_TILE + h) * 32);
+    };
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) {
+        if (i < nt) issue(i);
+        cp_async_commit();
+    }
+    for (int i = lane; i < nt; i += 32) gs[i] = __ldg(q.ugroup + (size_t)(t_begin + i) * UNITS_PER_TILE);
+
+    // Stage this warp's X in fragment order (mma_order): 8 consecutive k of one row per chunk, a
+    // 16-byte load (or, for act-order, one index load pair and 8 gathers) and a 16-byte store.
+    {
+        const int k0 = t_begin * 32, cpr = nt * 4; // chunks per row
+        const int chunks = M * cpr;
+        const unsigned short* xb = (const unsigned short*)X;
+        constexpr int CH = 2;
+        for (int ch0 = lane; ch0 < chunks; ch0 += CH * 32) {
+            u32 w[CH][4];
+#pragma unroll
+            for (int u = 0; u < CH; ++u) {
+                const int ch = ch0 + u * 32;
+                const int m = ch / cpr, kk = (ch - m * cpr) * 8;
+                if (ch < chunks && !q.perm) {
+                    const uint4 v = *(const uint4*)(xb + (size_t)m * K + k0 + kk);
+                    w[u][0] = v.x; w[u][1] = v.y; w[u][2] = v.z; w[u][3] = v.w;
+                }
+            }
+            if (q.perm) {
+                int idx[CH][8];
+#pragma unroll
+                for (int u = 0; u < CH; ++u) {
+                    const int ch = ch0 + u * 32;
+                    const int m = ch / cpr, kk = (ch - m * cpr) * 8;
+                    if (ch < chunks) {
+                        const int4* pp = (const int4*)(q.perm + k0 + kk);
+                        const int4 p0 = __ldg(pp), p1 = __ldg(pp + 1);
+                        idx[u][0] = p0.x; idx[u][1] = p0.y; idx[u][2] = p0.z; idx[u][3] = p0.w;
+                        idx[u][4] = p1.x; idx[u][5] = p1.y; idx[u][6] = p1.z; idx[u][7] = p1.w;
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < CH; ++u) {
+                    const int ch = ch0 + u * 32;
+                    const int m = ch / cpr;
+                    if (ch < chunks) {
+                        u32 h[8];
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) h[e] = xb[(size_t)m * K + idx[u][e]];
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) w[u][e] = h[2 * e] | (h[2 * e + 1] << 16);
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < CH; ++u) {
+                const int ch = ch0 + u * 32;
+                const int m = ch / cpr, kk = (ch - m * cpr) * 8;
+                if (ch < chunks) *(uint4*)(xs + m * xstride + kk) = mma_order<BITS>(w[u][0], w[u][1], w[u][2], w[u][3]);
+            }
+        }
+        __syncwarp();
+    }
+
+    // acc[i]: columns n0 + 4g + 2i (X rows 2c, 2c + 1) and n0 + 4g + 2i + 1 (the same rows).
+    float acc[2][4], gacc[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[i][r] = gacc[i][r] = 0.0f;
+    float s[4];
+    MmaZero<BITS, BF> zc;
+    int cur_g = -1;
+    // Scales and zeros of group cur_g + 1, requested when group cur_g starts (sorted groups ascend).
+    uint2 s_next = make_uint2(0, 0);
+    u32 z_next = 0;
+    const bool has_row = g < M;
+    const T* xrow = xs + (has_row ? g : 0) * xstride + 8 * c;
+    const u32* zeros32 = (const u32*)q.zeros;
+    auto zero_word = [&](int grp) -> u32 {
+        return BITS == 4 ? __ldg(zeros32 + (size_t)grp * (N / 8) + (n0 + 4 * g) / 8)
+                         : __ldg((const u32*)((const u8*)q.zeros + (size_t)grp * N + n0 + 4 * g));
+    };
+    auto scale_vec = [&](int grp) -> uint2 { return __ldg((const uint2*)(q.scales + (size_t)grp * N + n0 + 4 * g)); };
+
+    auto flush = [&]() {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                acc[i][r] = fmaf(s[2 * i + (r >> 1)], gacc[i][r], acc[i][r]);
+                gacc[i][r] = 0.0f;
+            }
+    };
+    auto body = [&](int t, int gt, const uint4* wv) {
+        if (gt != cur_g) {
+            if (cur_g >= 0) flush();
+            uint2 sr;
+            u32 zw;
+            if (cur_g >= 0 && gt == cur_g + 1) {
+                sr = s_next;
+                zw = z_next;
+            } else {
+                sr = scale_vec(gt);
+                zw = zero_word(gt);
+            }
+            if (gt + 1 < G) {
+                s_next = scale_vec(gt + 1);
+                z_next = zero_word(gt + 1);
+            }
+            const u32 sw[2] = {sr.x, sr.y};
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                s[2 * i] = __half2float(__ushort_as_half((unsigned short)(sw[i] & 0xFFFF)));
+                s[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(sw[i] >> 16)));
+            }
+            zc.set(BITS == 4 ? zw >> (((n0 + 4 * g) & 7) * 4) : zw);
+            cur_g = gt;
+        }
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (has_row) x = *(const uint4*)(xrow + (t - t_begin) * 32);
+        mma_tile<BITS, BF>(wv, x, zc, gacc);
+    };
+
+#pragma unroll 1
+    for (int i = 0; i < nt; ++i) {
+        cp_async_wait<S - 2>(); // tile i has landed
+        uint4 wv[LPT];
+#pragma unroll
+        for (int h = 0; h < LPT; ++h) wv[h] = ring[((i % S) * LPT + h) * 32 + lane];
+        // Slot (i + S - 1) % S = (i - 1) % S was read in the previous iteration.
+        if (i + S - 1 < nt) issue(i + S - 1);
+        cp_async_commit();
+        body(t_begin + i, gs[i], wv);
+    }
+    cp_async_wait<0>();
+    if (cur_g >= 0) flush();
+
+    // Lane (g, c) holds X rows 2c and 2c + 1 for columns n0 + 4g .. n0 + 4g + 3.
+    const int col = n0 + 4 * g;
+    const float4 r0 = make_float4(acc[0][0], acc[0][2], acc[1][0], acc[1][2]);
+    const float4 r1 = make_float4(acc[0][1], acc[0][3], acc[1][1], acc[1][3]);
+    float* out = nsplit == 1 ? Y : ws + (size_t)split * 8 * N;
+    if (2 * c < M) *(float4*)(out + (size_t)(2 * c) * N + col) = r0;
+    if (2 * c + 1 < M) *(float4*)(out + (size_t)(2 * c + 1) * N + col) = r1;
+    if (nsplit == 1) return;
+    __threadfence();
+    __syncwarp();
+    u32 last = 0;
+    if (lane == 0) last = atomicAdd(counters + strip, 1u) == (u32)(nsplit - 1);
+    last = __shfl_sync(0xffffffffu, last, 0);
+    if (!last) return;
+    __threadfence();
+    for (int m = 0; m < M; ++m) {
+        float v = 0.0f;
+        for (int sp = 0; sp < nsplit; ++sp) v += __ldcg(ws + ((size_t)sp * 8 + m) * N + n0 + lane);
+        Y[(size_t)m * N + n0 + lane] = v;
+    }
+    if (lane == 0) counters[strip] = 0u;
+}
+
 // Dequantize to f16 W[K, N] in input-row order (sorted row i goes to row perm[i]).
 // grid = (ceil(N/4/256), K/unit_k), block = 256.
 template <int BITS>
-__device__ __forceinline__ void dequant_f16(const u32* qweight, const __half* scales, const void* zeros,
+__device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, const __half* scales, const void* zeros,
                                             const int* ugroup, const int* perm, int K, int N, __half* W) {
     typedef Layout<BITS> L;
     const int n0 = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
@@ -472,7 +871,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, const __half* sc
     u32 wc[4][L::WORDS];
 #pragma unroll
     for (int w = 0; w < L::WORDS; ++w) {
-        const uint4 r = ld_stream(qweight + ((size_t)u * L::WORDS + w) * N + n0);
+        const uint4 r = ld_stream(qw_at(qweight, strip_rows, (size_t)u * L::WORDS + w, n0, N));
         wc[0][w] = r.x; wc[1][w] = r.y; wc[2][w] = r.z; wc[3][w] = r.w;
     }
     const int g = ugroup[u];
@@ -502,9 +901,10 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, const __half* sc
 #define GEMV_ENTRY(B, TN, T, MT)                                                                              \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS, MT <= 2 ? (B == 3 ? 2 : GEMV_MIN_BLOCKS_SMALL_M) : 1)        \
         gptq_gemv_##B##b_##TN##_m##MT(                \
-        const u32* qweight, const __half* scales, const void* zeros, const int* ugroup, const int* perm,      \
-        const T* X, int M, int K, int N, int units_per_split, float* ws, u32* counters, float* Y) {          \
-        gemv_dense<B, T, MT>(qweight, scales, zeros, ugroup, perm, X, M, K, N, units_per_split, ws, counters, \
+        const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
+        const int* perm, const T* X, int M, int K, int N, int units_per_split, float* ws, u32* counters,      \
+        float* Y) {                                                                                          \
+        gemv_dense<B, T, MT>(qweight, strip_rows, scales, zeros, ugroup, perm, X, M, K, N, units_per_split, ws, counters, \
                              Y);                                                                              \
     }
 
@@ -516,16 +916,26 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, const __half* sc
 
 #define MOE_ENTRY(B, TN, T)                                                                                  \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS, B == 3 ? 2 : GEMV_MIN_BLOCKS_SMALL_M) gptq_moe_gemv_##B##b_##TN(                   \
-        const unsigned long long* table, const int* expert_ids, const float* pair_scale, const T* X,         \
-        int x_div, int K, int N, int units_per_split, float* ws, u32* counters, float* Y) {                  \
-        gemv_moe<B, T>(table, expert_ids, pair_scale, X, x_div, K, N, units_per_split, ws, counters, Y);    \
+        const unsigned long long* table, int strip_rows, const int* expert_ids, const float* pair_scale,      \
+        const T* X, int x_div, int K, int N, int units_per_split, float* ws, u32* counters, float* Y) {      \
+        gemv_moe<B, T>(table, strip_rows, expert_ids, pair_scale, X, x_div, K, N, units_per_split, ws,       \
+                       counters, Y);                                                                         \
     }
 
 #define DEQUANT_ENTRY(B)                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) gptq_dequant_##B##b_f16(                              \
-        const u32* qweight, const __half* scales, const void* zeros, const int* ugroup, const int* perm,      \
-        int K, int N, __half* W) {                                                                           \
-        dequant_f16<B>(qweight, scales, zeros, ugroup, perm, K, N, W);                                      \
+        const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
+        const int* perm, int K, int N, __half* W) {                                                          \
+        dequant_f16<B>(qweight, strip_rows, scales, zeros, ugroup, perm, K, N, W);                           \
+    }
+
+#define MMA_ENTRY(B, TN, T)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS) gptq_mma_gemv_##B##b_##TN(      \
+        const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
+        const int* perm, const T* X, int M, int K, int N, int G, int nsplit, int tiles_per_warp, float* ws,  \
+        u32* counters, float* Y) {                                                                           \
+        QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
+        mma_gemv<B, T>(q, X, M, K, N, G, nsplit, tiles_per_warp, ws, counters, Y);                           \
     }
 
 GEMV_ENTRIES(3, f16, __half)
@@ -540,6 +950,10 @@ MOE_ENTRY(8, f16, __half)
 MOE_ENTRY(3, bf16, __nv_bfloat16)
 MOE_ENTRY(4, bf16, __nv_bfloat16)
 MOE_ENTRY(8, bf16, __nv_bfloat16)
+MMA_ENTRY(4, f16, __half)
+MMA_ENTRY(8, f16, __half)
+MMA_ENTRY(4, bf16, __nv_bfloat16)
+MMA_ENTRY(8, bf16, __nv_bfloat16)
 DEQUANT_ENTRY(3)
 DEQUANT_ENTRY(4)
 DEQUANT_ENTRY(8)

@@ -4,7 +4,7 @@
 
 use half::{bf16, f16};
 use rayon::prelude::*;
-use runtime::cuda::gptq::ActDtype;
+use runtime::cuda::gptq::{prepare, ActDtype, GemvKernel};
 use runtime::cuda::random::{random_activations, random_gptq, Rng};
 use runtime::cuda::CudaDevice;
 use runtime::qlinear::GptqWeight;
@@ -48,6 +48,14 @@ fn rel_err(y: &[f32], r: &[f64]) -> f64 {
 enum Path {
     Auto,
     Gemv,
+    /// Uploaded for the tensor-core GEMV (strip-major words), then [`CudaDevice::qmatmul_gemv`].
+    GemvTensorCore,
+    /// Uploaded for the tensor-core GEMV, then the scalar GEMV on those strip-major words.
+    GemvScalarStrips,
+    /// Uploaded for the tensor-core GEMV, then the dequantize + cuBLAS path on those words.
+    GemmStrips,
+    /// Uploaded for the scalar GEMV only (row-major words).
+    GemvScalarOnly,
     Gemm,
     /// Dequantized once ([`CudaDevice::prepare_dense`]), then two calls of [`CudaDevice::dense_matmul`].
     Prepared,
@@ -62,12 +70,23 @@ fn check<T: ActDtype>(w: &GptqWeight, m: usize, path: Path, seed: u64) -> f64 {
         .map(T::from_f32)
         .collect();
     let x64: Vec<f64> = xs.iter().map(|v| v.to_f32() as f64).collect();
-    let dw = dev.upload_gptq(w).unwrap_or_else(|e| panic!("{e}"));
+    let kernel = match path {
+        Path::GemvTensorCore | Path::GemvScalarStrips | Path::GemmStrips => GemvKernel::TensorCore,
+        Path::GemvScalarOnly => GemvKernel::Scalar,
+        _ => GemvKernel::Auto,
+    };
+    let dw = dev
+        .upload_prepared_as(&prepare(w).unwrap(), kernel)
+        .unwrap_or_else(|e| panic!("{e}"));
     let xd = dev.upload(&xs).unwrap();
     let mut yd = dev.upload(&vec![f32::NAN; m * n]).unwrap();
     match path {
         Path::Auto => dev.qmatmul(&xd, m, &dw, &mut yd),
-        Path::Gemv => dev.qmatmul_gemv(&xd, m, &dw, &mut yd),
+        Path::Gemv | Path::GemvTensorCore | Path::GemvScalarOnly => {
+            dev.qmatmul_gemv(&xd, m, &dw, &mut yd)
+        }
+        Path::GemvScalarStrips => dev.qmatmul_gemv_scalar(&xd, m, &dw, &mut yd),
+        Path::GemmStrips => dev.qmatmul_gemm(&xd, m, &dw, &mut yd),
         Path::Gemm => dev.qmatmul_gemm(&xd, m, &dw, &mut yd),
         Path::Prepared => dev.prepare_dense(&dw).and_then(|d| {
             // The second call must not depend on state the first one left behind.
@@ -173,6 +192,98 @@ fn odd_shapes_match_reference() {
             seed % 2 == 1,
             Path::Prepared,
             seed + 70,
+        );
+    }
+}
+
+/// The tensor-core GEMV (4 and 8 bits, K and N multiples of 32): every row count of one launch
+/// (M = 1..8), both dtypes, groups of 32, 64, 128 and per-channel, with and without act-order,
+/// split-K with idle warps (K = 96: 3 tiles for 8 warps) and with many splits; M = 8 at
+/// 14336 x 4096, where X takes more than 48 KiB of shared memory. The scalar GEMV is checked on the
+/// same layers too.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn mma_gemv_matches_reference() {
+    let dev = device();
+    let cases: &[(u32, i32, usize, usize, bool)] = &[
+        (4, 32, 96, 64, true),
+        (4, 128, 512, 96, false),
+        (8, 64, 256, 32, false),
+        (8, -1, 1024, 160, true),
+        (4, -1, 2048, 256, false),
+        (8, 32, 4096, 512, true),
+        (4, 128, 4096, 1024, true),
+    ];
+    let mut seed = 5000;
+    for &(bits, gs, k, n, act) in cases {
+        let w = random_gptq(bits, gs, k, n, act, seed);
+        let p = prepare(&w).unwrap();
+        let dw = dev
+            .upload_prepared_as(&p, GemvKernel::TensorCore)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(dev.uses_mma_gemv(&dw), "{bits}-bit g{gs} {k}x{n}");
+        for m in 1..=8usize {
+            seed += 1;
+            run_case(
+                bits,
+                gs,
+                k,
+                n,
+                act,
+                m,
+                seed % 2 == 0,
+                Path::GemvTensorCore,
+                seed,
+            );
+        }
+        // The scalar kernel on the strip-major layout (the fused MoE GEMV and the dequantize
+        // kernel read it too), then on its own.
+        run_case(
+            bits,
+            gs,
+            k,
+            n,
+            act,
+            3,
+            seed % 2 == 1,
+            Path::GemvScalarStrips,
+            seed + 50,
+        );
+        run_case(
+            bits,
+            gs,
+            k,
+            n,
+            act,
+            2,
+            seed % 2 == 0,
+            Path::GemmStrips,
+            seed + 60,
+        );
+        run_case(
+            bits,
+            gs,
+            k,
+            n,
+            act,
+            5,
+            seed % 2 == 0,
+            Path::GemvScalarOnly,
+            seed + 70,
+        );
+    }
+    for (bits, bf) in [(4, false), (4, true), (8, false), (8, true)] {
+        seed += 1;
+        run_case(
+            bits,
+            128,
+            14336,
+            4096,
+            true,
+            8,
+            bf,
+            Path::GemvTensorCore,
+            seed,
         );
     }
 }

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use runtime::cuda::gptq::{prepare, ActDtype, DeviceGptq};
+use runtime::cuda::gptq::{mma_eligible, prepare, ActDtype, DeviceGptq, GemvKernel};
 use runtime::cuda::random::{random_activations, random_gptq};
 use runtime::cuda::{bf16, f16, CudaDevice};
 
@@ -153,8 +153,8 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
     );
     println!("times are medians of {} runs after {} warm-up runs, CUDA events, inputs rotated over >= {} MiB", a.iters, a.warmup, a.rotate_bytes >> 20);
     println!();
-    println!("| K x N | bits | group | act-order | M | X | path | time (us) | GB/s | % of copy | cuBLAS (us) | cuBLAS / ours |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| K x N | bits | group | act-order | M | X | path | time (us) | GB/s | % of copy | cuBLAS (us) | cuBLAS / ours | other GEMV kernel (us) | other / ours |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rng_seed = 1u64;
     for &(k, n) in &shapes {
         // cuBLAS baselines for this shape: f16 at each GEMV M, bf16 at the GEMM M.
@@ -203,6 +203,21 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                 for _ in 1..copies {
                     ws.push(dev.upload_prepared(&p)?);
                 }
+                // The other GEMV kernel on the same layer, where both can run it: the tensor-core one
+                // where the automatic choice is scalar and the reverse (each on its own layout).
+                let other = if dev.uses_mma_gemv(&ws[0]) {
+                    Some(GemvKernel::Scalar)
+                } else if mma_eligible(&p) {
+                    Some(GemvKernel::TensorCore)
+                } else {
+                    None
+                };
+                let other_ws: Vec<DeviceGptq> = match other {
+                    Some(kind) => (0..copies)
+                        .map(|_| dev.upload_prepared_as(&p, kind))
+                        .collect::<Result<_, _>>()?,
+                    None => Vec::new(),
+                };
                 let group = if gs < 0 {
                     "-1".to_string()
                 } else {
@@ -221,13 +236,24 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     })?;
                     let bytes = wbytes + m * k * 2 + m * n * 4;
                     let gbs = bytes as f64 / (t * 1e-3) / 1e9;
-                    let path = if m <= runtime::cuda::GEMV_MAX_ROWS {
-                        "GEMV"
+                    let gemv = m <= runtime::cuda::GEMV_MAX_ROWS;
+                    let mma = gemv && dev.uses_mma_gemv(&ws[0]);
+                    let path = match (gemv, mma) {
+                        (true, true) => "tensor-core GEMV",
+                        (true, false) => "scalar GEMV",
+                        _ => "dequant+cuBLAS",
+                    };
+                    // The other GEMV kernel on the same inputs (the choice `GemvKernel::Auto` did not make).
+                    let other_time = if gemv && !other_ws.is_empty() {
+                        let ts = dev.median_ms(a.warmup, a.iters, |i| {
+                            dev.qmatmul_gemv(&xs[i % xc], m, &other_ws[i % copies], &mut y)
+                        })?;
+                        format!("{:.2} | {:.2}x", ts * 1e3, ts / t)
                     } else {
-                        "dequant+cuBLAS"
+                        " | ".to_string()
                     };
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | {path} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2}x |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | {path} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2}x | {other_time} |",
                         if act { "yes" } else { "no" },
                         t * 1e3,
                         100.0 * gbs / copy,
@@ -244,7 +270,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         dev.qmatmul(&xd, m, &ws[i % copies], &mut y)
                     })?;
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | dequant+cuBLAS | {:.1} | | | {:.1} (bf16) | {:.2} of dense |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | dequant+cuBLAS | {:.1} | | | {:.1} (bf16) | {:.2} of dense | | |",
                         if act { "yes" } else { "no" },
                         t * 1e3,
                         tb * 1e3,
@@ -260,7 +286,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         dev.dense_matmul(&xd, m, &dense, &mut y)
                     })?;
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | prepared dense (dequant once: {:.1} us) | {:.1} | | | {:.1} (bf16) | {:.2} of dense |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | prepared dense (dequant once: {:.1} us) | {:.1} | | | {:.1} (bf16) | {:.2} of dense | | |",
                         if act { "yes" } else { "no" },
                         td * 1e3,
                         tp * 1e3,

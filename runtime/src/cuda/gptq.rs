@@ -221,9 +221,19 @@ pub struct DeviceGptq {
     zeros: CudaSlice<u8>,
     ugroup: CudaSlice<i32>,
     perm: Option<CudaSlice<i32>>,
+    /// Whether the tensor-core GEMV applies ([`mma_eligible`]); `qweight` is then strip-major.
+    mma: bool,
 }
 
 impl DeviceGptq {
+    /// The kernels' `strip_rows` argument: the packed rows R when `qweight` is strip-major, else 0.
+    fn strip_rows(&self) -> i32 {
+        if self.mma {
+            (self.in_features * self.bits as usize / 32) as i32
+        } else {
+            0
+        }
+    }
     /// Whether rows were sorted for act-order (X is gathered through `perm`).
     pub fn act_order(&self) -> bool {
         self.perm.is_some()
@@ -273,17 +283,7 @@ fn gemv_tuning() -> (usize, usize) {
 /// which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override (benchmark sweeps); 0 selects the register pipeline.
 fn ring_slots() -> usize {
     static S: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *S.get_or_init(|| {
-        std::env::var("MIXTRAL_GPTQ_NVRTC_DEFINES")
-            .ok()
-            .and_then(|v| {
-                v.split_whitespace()
-                    .filter_map(|d| d.trim_start_matches("-D").strip_prefix("GEMV_RING_SLOTS="))
-                    .next_back()
-                    .and_then(|n| n.parse().ok())
-            })
-            .unwrap_or(0)
-    })
+    *S.get_or_init(|| nvrtc_define("GEMV_RING_SLOTS").unwrap_or(0))
 }
 
 /// Bytes of the cp.async ring for a GEMV launch (0 when the kernel uses the register pipeline).
@@ -297,6 +297,98 @@ fn ring_bytes(bits: u32, mt: usize) -> usize {
     }
 }
 
+/// Whether the tensor-core GEMV (`gptq_mma_gemv_*` in kernels/gptq.cu) can run this layer: 4 or 8
+/// bits, K and N multiples of 32, and every 32-row tile of the (sorted) rows inside one group.
+/// Real GPTQ checkpoints (groups of 32, 64, 128, ... or one per row) always qualify.
+pub fn mma_eligible(p: &PreparedGptq) -> bool {
+    if !(p.bits == 4 || p.bits == 8) || p.in_features % 32 != 0 || p.out_features % 32 != 0 {
+        return false;
+    }
+    let per_tile = 32 / unit_rows(p.bits);
+    p.ugroup
+        .chunks(per_tile)
+        .all(|t| t.iter().all(|&g| g == t[0]))
+}
+
+/// Which GEMV kernel runs a layer's products with M ≤ [`GEMV_MAX_ROWS`]. Fixed at upload, since the
+/// tensor-core kernel reads `qweight` strip-major and the scalar one row-major.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// The faster of the two where it was measured (BENCHMARKS.md, "CUDA kernels", H200):
+    /// tensor-core for 4-bit layers, except act-order ones with K above 8192, whose per-warp X
+    /// gather made it up to 2x slower than the scalar kernel at M = 4..8; scalar for 8 bits (the
+    /// tensor-core kernel was 20 % slower at M = 1) and 3 bits (no tensor-core kernel).
+    Auto,
+    /// The tensor-core kernel (an error where [`mma_eligible`] is false).
+    TensorCore,
+    /// The scalar kernel (fp32 FFMA per weight, row-major words).
+    Scalar,
+}
+
+/// What [`GemvKernel::Auto`] picks: whether the tensor-core GEMV runs this layer.
+pub fn auto_uses_mma(p: &PreparedGptq) -> bool {
+    mma_eligible(p) && p.bits == 4 && (p.perm.is_none() || p.in_features <= 8192)
+}
+
+/// A `MIXTRAL_GPTQ_NVRTC_DEFINES` value (benchmark sweeps override the kernels' tuning defines).
+fn nvrtc_define(name: &str) -> Option<usize> {
+    let v = std::env::var("MIXTRAL_GPTQ_NVRTC_DEFINES").ok()?;
+    let prefix = format!("{name}=");
+    v.split_whitespace()
+        .filter_map(|d| d.trim_start_matches("-D").strip_prefix(prefix.as_str()))
+        .next_back()
+        .and_then(|n| n.parse().ok())
+}
+
+/// Tensor-core GEMV launch shape: warps per block and resident blocks per SM (`MMA_WARPS`,
+/// `MMA_MIN_BLOCKS` in kernels/gptq.cu, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override), and the
+/// waves of warps to aim for (`MIXTRAL_GPTQ_MMA_WAVES`, default 1).
+fn mma_tuning() -> (usize, usize, usize) {
+    static T: std::sync::OnceLock<(usize, usize, usize)> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        let warps = nvrtc_define("MMA_WARPS").filter(|&w| w > 0).unwrap_or(4);
+        let blocks = nvrtc_define("MMA_MIN_BLOCKS")
+            .filter(|&b| b > 0)
+            .unwrap_or(6);
+        let waves = std::env::var("MIXTRAL_GPTQ_MMA_WAVES")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&w: &usize| w > 0)
+            .unwrap_or(1);
+        (warps, blocks, waves)
+    })
+}
+
+/// Halves between rows of a warp's X area (`mma_xstride` in kernels/gptq.cu).
+fn mma_xstride(tiles_per_warp: usize) -> usize {
+    tiles_per_warp * 32 + if tiles_per_warp % 2 == 1 { 64 } else { 32 }
+}
+
+/// Shared bytes per warp of the tensor-core GEMV (`mma_warp_smem` in kernels/gptq.cu): X, the
+/// tiles' groups and the cp.async ring of `MMA_STAGES` slots.
+fn mma_warp_smem(m: usize, tiles_per_warp: usize, bits: u32) -> usize {
+    let stages = nvrtc_define("MMA_STAGES").filter(|&s| s >= 2).unwrap_or(4);
+    let loads = if bits == 4 { 1 } else { 2 };
+    m * mma_xstride(tiles_per_warp) * 2
+        + (tiles_per_warp * 4).next_multiple_of(16)
+        + stages * loads * 32 * 16
+}
+
+/// Row-major `[R, N]` packed words to strip-major `[N/32][R][32]` (N a multiple of 32): the layout
+/// of the tensor-core GEMV, where each warp's 32 columns are one contiguous stream.
+pub fn to_strip_major(q: &[u32], n: usize) -> Vec<u32> {
+    let rows = q.len() / n;
+    let mut out = vec![0u32; q.len()];
+    out.par_chunks_mut(rows * 32)
+        .enumerate()
+        .for_each(|(s, dst)| {
+            for (r, d) in dst.chunks_mut(32).enumerate() {
+                d.copy_from_slice(&q[r * n + s * 32..r * n + s * 32 + 32]);
+            }
+        });
+    out
+}
+
 fn ceil_div(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
@@ -308,16 +400,42 @@ fn null() -> u64 {
 impl CudaDevice {
     /// Copies a prepared layer to the device.
     pub fn upload_prepared(&self, p: &PreparedGptq) -> Result<DeviceGptq> {
+        self.upload_prepared_as(p, GemvKernel::Auto)
+    }
+
+    /// Copies a prepared layer to the device for the given GEMV kernel (tests and `bench kernels`
+    /// time both kernels on the same layer).
+    pub fn upload_prepared_as(&self, p: &PreparedGptq, kernel: GemvKernel) -> Result<DeviceGptq> {
+        let mma = match kernel {
+            GemvKernel::Auto => auto_uses_mma(p),
+            GemvKernel::Scalar => false,
+            GemvKernel::TensorCore if mma_eligible(p) => true,
+            GemvKernel::TensorCore => {
+                return Err(unsupported(
+                    "GEMV kernel",
+                    format!(
+                        "tensor-core for a {}-bit {}x{} layer",
+                        p.bits, p.in_features, p.out_features
+                    ),
+                    "needs 4 or 8 bits, K and N multiples of 32 and one group per 32-row tile",
+                ))
+            }
+        };
         Ok(DeviceGptq {
             bits: p.bits,
             in_features: p.in_features,
             out_features: p.out_features,
             groups: p.groups,
-            qweight: self.upload(&p.qweight)?,
+            qweight: if mma {
+                self.upload(&to_strip_major(&p.qweight, p.out_features))?
+            } else {
+                self.upload(&p.qweight)?
+            },
             scales: self.upload(&p.scales)?,
             zeros: self.upload(&p.zeros)?,
             ugroup: self.upload(&p.ugroup)?,
             perm: p.perm.as_ref().map(|v| self.upload(v)).transpose()?,
+            mma,
         })
     }
 
@@ -334,14 +452,18 @@ impl CudaDevice {
         let (b, k, n) = (first.bits, first.in_features, first.out_features);
         let mut ptrs: Vec<u64> = Vec::with_capacity(ws.len() * 5);
         for e in &ws {
-            if (e.bits, e.in_features, e.out_features) != (b, k, n) {
+            if (e.bits, e.in_features, e.out_features, e.mma) != (b, k, n, first.mma) {
                 return Err(unsupported(
                     "experts",
                     format!(
-                        "{}-bit {}x{} beside {b}-bit {k}x{n}",
-                        e.bits, e.in_features, e.out_features
+                        "{}-bit {}x{} (layout {}) beside {b}-bit {k}x{n} (layout {})",
+                        e.bits,
+                        e.in_features,
+                        e.out_features,
+                        e.strip_rows(),
+                        first.strip_rows()
                     ),
-                    "all experts of a projection must share bits and shape",
+                    "all experts of a projection must share bits, shape and packed layout (the same g_idx grouping)",
                 ));
             }
             let s = self.stream();
@@ -428,10 +550,129 @@ impl CudaDevice {
             let rows = (m - r0).min(GEMV_ROWS_PER_LAUNCH);
             let xv = x.slice(r0 * k..(r0 + rows) * k);
             let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
+            if w.mma {
+                self.mma_gemv_launch(&xv, rows, w, &mut yv)?;
+            } else {
+                self.gemv_launch(&xv, rows, w, &mut yv)?;
+            }
+            r0 += rows;
+        }
+        Ok(())
+    }
+
+    /// The scalar GEMV (fp32 FFMA per weight) even where the tensor-core GEMV applies: the baseline
+    /// `bench kernels` compares against.
+    pub fn qmatmul_gemv_scalar<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        m: usize,
+        w: &DeviceGptq,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (k, n) = (w.in_features, w.out_features);
+        Self::check_len("qmatmul: x", m * k, x.len())?;
+        Self::check_len("qmatmul: y", m * n, y.len())?;
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(GEMV_ROWS_PER_LAUNCH);
+            let xv = x.slice(r0 * k..(r0 + rows) * k);
+            let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
             self.gemv_launch(&xv, rows, w, &mut yv)?;
             r0 += rows;
         }
         Ok(())
+    }
+
+    /// Whether [`CudaDevice::qmatmul`] runs this layer's GEMV on the tensor cores.
+    pub fn uses_mma_gemv(&self, w: &DeviceGptq) -> bool {
+        w.mma
+    }
+
+    /// Plan of the tensor-core GEMV: (k-splits per strip, tiles per warp, blocks, shared bytes).
+    /// Warps are independent, one per (32-column strip, k-split); the splits are chosen so that
+    /// all warps fit in one wave of resident warps (`MMA_MIN_BLOCKS` blocks of `MMA_WARPS` per SM,
+    /// times `MIXTRAL_GPTQ_MMA_WAVES`, default 1), each streaming a long run of tiles, and so that
+    /// a block's shared memory (X, groups, ring) stays within 96 KiB.
+    fn mma_plan(&self, k: usize, n: usize, m: usize, bits: u32) -> (usize, usize, usize, u32) {
+        let (warps, min_blocks, waves) = mma_tuning();
+        let tiles = k / 32;
+        let strips = n / 32;
+        let target = self.sm_count() * min_blocks * warps * waves;
+        let mut nsplit = ceil_div(target, strips).clamp(1, tiles);
+        loop {
+            let tpw = ceil_div(tiles, nsplit);
+            let x_bytes = warps * mma_warp_smem(m, tpw, bits);
+            if x_bytes <= 96 * 1024 || nsplit >= tiles {
+                let nsplit = ceil_div(tiles, tpw);
+                let blocks = ceil_div(strips * nsplit, warps);
+                return (nsplit, tpw, blocks, x_bytes as u32);
+            }
+            nsplit += 1;
+        }
+    }
+
+    fn mma_gemv_launch<T: ActDtype>(
+        &self,
+        x: &CudaView<T>,
+        m: usize,
+        w: &DeviceGptq,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let (k, n, bits) = (w.in_features, w.out_features, w.bits);
+        let strips = n / 32;
+        let (nsplit, tpw, blocks, smem) = self.mma_plan(k, n, m, bits);
+        let entry = format!("gptq_mma_gemv_{bits}b_{}", T::NAME);
+        let f = self.function(&GPTQ, &entry)?;
+        Self::allow_smem(&f, smem, &entry)?;
+        let mut ws = self
+            .ws
+            .lock()
+            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
+        ensure(self.stream(), &mut ws.partial, nsplit * 8 * n)?;
+        ensure(self.stream(), &mut ws.counters, strips)?;
+        let crate::cuda::device::Workspace {
+            partial, counters, ..
+        } = &mut *ws;
+        let (partial, counters) = (
+            partial.as_mut().unwrap_or_else(unreachable_ws),
+            counters.as_mut().unwrap_or_else(unreachable_ws),
+        );
+        let (mi, ki, ni, gi) = (m as i32, k as i32, n as i32, w.groups as i32);
+        let (nsi, tpwi) = (nsplit as i32, tpw as i32);
+        let nullp = null();
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: ((mma_tuning().0 * 32) as u32, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let strip_rows = w.strip_rows();
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&w.qweight)
+            .arg(&strip_rows)
+            .arg(&w.scales)
+            .arg(&w.zeros)
+            .arg(&w.ugroup);
+        match &w.perm {
+            Some(p) => b.arg(p),
+            None => b.arg(&nullp),
+        };
+        b.arg(x)
+            .arg(&mi)
+            .arg(&ki)
+            .arg(&ni)
+            .arg(&gi)
+            .arg(&nsi)
+            .arg(&tpwi)
+            .arg(partial)
+            .arg(counters)
+            .arg(y);
+        // SAFETY: argument types and order match `gptq_mma_gemv_*` in kernels/gptq.cu; `w.mma` holds
+        // (K, N multiples of 32, one group per 32-row tile); x holds m·K and y m·N elements (checked by
+        // the caller); the workspaces were grown to nsplit·8·N floats and N/32 counters.
+        drv(
+            format!("launching {entry}"),
+            unsafe { b.launch(cfg) }.map(|_| ()),
+        )
     }
 
     fn gemv_launch<T: ActDtype>(
@@ -475,8 +716,10 @@ impl CudaDevice {
             block_dim: (GEMV_THREADS, 1, 1),
             shared_mem_bytes: smem,
         };
+        let strip_rows = w.strip_rows();
         let mut b = self.stream().launch_builder(&f);
         b.arg(&w.qweight)
+            .arg(&strip_rows)
             .arg(&w.scales)
             .arg(&w.zeros)
             .arg(&w.ugroup);
@@ -630,8 +873,10 @@ impl CudaDevice {
         let f = self.function(&GPTQ, &entry)?;
         let (ki, ni) = (k as i32, n as i32);
         let nullp = null();
+        let strip_rows = w.strip_rows();
         let mut b = self.stream().launch_builder(&f);
         b.arg(&w.qweight)
+            .arg(&strip_rows)
             .arg(&w.scales)
             .arg(&w.zeros)
             .arg(&w.ugroup);
@@ -778,7 +1023,8 @@ impl CudaDevice {
             shared_mem_bytes: smem,
         };
         let mut b = self.stream().launch_builder(&f);
-        b.arg(&experts.table).arg(expert_ids);
+        let strip_rows = first.strip_rows();
+        b.arg(&experts.table).arg(&strip_rows).arg(expert_ids);
         match pair_scale {
             Some(p) => b.arg(p),
             None => b.arg(&nullp),
@@ -869,6 +1115,60 @@ mod tests {
                     "row {i}"
                 );
                 assert_eq!(p.ugroup[i / uk], w.g_idx[src], "group of sorted row {i}");
+            }
+        }
+    }
+
+    /// The tensor-core GEMV takes 4- and 8-bit layers whose 32-row tiles each lie in one group
+    /// (after the act-order sort) with K and N multiples of 32; everything else keeps the scalar one.
+    #[test]
+    fn mma_eligibility() {
+        for (bits, gs, k, n, act, want) in [
+            (4, 128, 256, 64, true, true),
+            (4, 32, 256, 64, true, true),
+            (4, -1, 96, 32, false, true),
+            (8, 64, 256, 96, true, true),
+            (8, 32, 128, 32, false, true),
+            (4, 16, 256, 64, true, false),   // two groups per tile
+            (8, 24, 96, 32, false, false),   // a group boundary inside a tile
+            (4, 128, 256, 40, false, false), // N not a multiple of 32
+            (4, -1, 72, 32, false, false),   // K not a multiple of 32
+            (3, 128, 256, 64, false, false), // 3 bits: scalar kernel
+        ] {
+            let w = random_gptq(bits, gs, k, n, act, 3);
+            assert_eq!(
+                mma_eligible(&prepare(&w).unwrap()),
+                want,
+                "{bits}-bit g{gs} {k}x{n} act={act}"
+            );
+        }
+        // The automatic choice: 4 bits, except act-order with K above 8192.
+        for (bits, k, act, want) in [
+            (4, 4096, true, true),
+            (4, 14336, false, true),
+            (4, 14336, true, false),
+            (8, 4096, false, false),
+        ] {
+            let w = random_gptq(bits, 128, k, 64, act, 4);
+            assert_eq!(
+                auto_uses_mma(&prepare(&w).unwrap()),
+                want,
+                "{bits}-bit K={k} act={act}"
+            );
+        }
+    }
+
+    /// Strip-major words: strip s, row r, column j is row-major (r, 32 s + j).
+    #[test]
+    fn strip_major_layout() {
+        let (rows, n) = (5, 96);
+        let q: Vec<u32> = (0..rows * n).map(|i| i as u32 * 7 + 1).collect();
+        let t = to_strip_major(&q, n);
+        for s in 0..n / 32 {
+            for r in 0..rows {
+                for j in 0..32 {
+                    assert_eq!(t[(s * rows + r) * 32 + j], q[r * n + s * 32 + j]);
+                }
             }
         }
     }
