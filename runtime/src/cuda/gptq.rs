@@ -301,7 +301,10 @@ fn ring_bytes(bits: u32, mt: usize) -> usize {
 /// bits, K and N multiples of 32, and every 32-row tile of the (sorted) rows inside one group.
 /// Real GPTQ checkpoints (groups of 32, 64, 128, ... or one per row) always qualify.
 pub fn mma_eligible(p: &PreparedGptq) -> bool {
-    if !(p.bits == 4 || p.bits == 8) || p.in_features % 32 != 0 || p.out_features % 32 != 0 {
+    if !(p.bits == 4 || p.bits == 8)
+        || !p.in_features.is_multiple_of(32)
+        || !p.out_features.is_multiple_of(32)
+    {
         return false;
     }
     let per_tile = 32 / unit_rows(p.bits);
