@@ -315,16 +315,7 @@ pub fn fasterquant(
     } else {
         group_params
     };
-    let quantized = QuantizedLinear {
-        bits: cfg.bits,
-        group_size: cfg.group_size,
-        out_features: rows,
-        in_features: cols,
-        codes,
-        scales: groups.iter().flat_map(|g| g.0.iter().copied()).collect(),
-        zeros: groups.iter().flat_map(|g| g.1.iter().copied()).collect(),
-        g_idx,
-    };
+    let quantized = quantized_linear(cfg, rows, cols, codes, &groups, g_idx);
     let stats = SolveStats {
         loss,
         conditioning: inv.conditioning,
@@ -368,7 +359,20 @@ pub fn rtn(
             })
         })
         .collect();
-    Ok(QuantizedLinear {
+    Ok(quantized_linear(cfg, rows, cols, codes, &groups, g_idx))
+}
+
+/// The layer from its `[N, K]` codes and per-group (scales, zeros) over the N rows, groups in
+/// `g_idx` order.
+fn quantized_linear(
+    cfg: &GptqConfig,
+    rows: usize,
+    cols: usize,
+    codes: Vec<u8>,
+    groups: &[(Vec<f32>, Vec<f32>)],
+    g_idx: Vec<i32>,
+) -> QuantizedLinear {
+    QuantizedLinear {
         bits: cfg.bits,
         group_size: cfg.group_size,
         out_features: rows,
@@ -377,7 +381,7 @@ pub fn rtn(
         scales: groups.iter().flat_map(|g| g.0.iter().copied()).collect(),
         zeros: groups.iter().flat_map(|g| g.1.iter().copied()).collect(),
         g_idx,
-    })
+    }
 }
 
 /// The dense weight a result stands for, row-major `[N, K]`, with the f32 scales
