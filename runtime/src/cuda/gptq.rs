@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use cudarc::cublas::{result as cublas_result, sys as cublas_sys};
 use cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs,
+    LaunchConfig, PushKernelArg,
 };
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -343,11 +343,12 @@ fn nvrtc_define(name: &str) -> Option<usize> {
         .and_then(|n| n.parse().ok())
 }
 
-/// Tensor-core GEMV launch shape: warps per block and resident blocks per SM (`MMA_WARPS`,
-/// `MMA_MIN_BLOCKS` in kernels/gptq.cu, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override), and the
-/// waves of warps to aim for (`MIXTRAL_GPTQ_MMA_WAVES`, default 1).
-fn mma_tuning() -> (usize, usize, usize) {
-    static T: std::sync::OnceLock<(usize, usize, usize)> = std::sync::OnceLock::new();
+/// Tensor-core GEMV launch shape: warps per block, resident blocks per SM and ring slots
+/// (`MMA_WARPS`, `MMA_MIN_BLOCKS`, `MMA_STAGES` in kernels/gptq.cu, which
+/// `MIXTRAL_GPTQ_NVRTC_DEFINES` may override), and the waves of warps to aim for
+/// (`MIXTRAL_GPTQ_MMA_WAVES`, default 1). Read once: every launch plans with them.
+fn mma_tuning() -> (usize, usize, usize, usize) {
+    static T: std::sync::OnceLock<(usize, usize, usize, usize)> = std::sync::OnceLock::new();
     *T.get_or_init(|| {
         let warps = nvrtc_define("MMA_WARPS").filter(|&w| w > 0).unwrap_or(4);
         let blocks = nvrtc_define("MMA_MIN_BLOCKS")
@@ -358,7 +359,8 @@ fn mma_tuning() -> (usize, usize, usize) {
             .and_then(|v| v.trim().parse().ok())
             .filter(|&w: &usize| w > 0)
             .unwrap_or(1);
-        (warps, blocks, waves)
+        let stages = nvrtc_define("MMA_STAGES").filter(|&s| s >= 2).unwrap_or(4);
+        (warps, blocks, waves, stages)
     })
 }
 
@@ -390,6 +392,20 @@ pub fn to_strip_major(q: &[u32], n: usize) -> Vec<u32> {
             }
         });
     out
+}
+
+/// Pushes a layer's kernel arguments in the order every GPTQ kernel takes them: qweight,
+/// strip_rows, scales, zeros, ugroup, then perm or a null pointer.
+fn layer_args<'a>(b: &mut LaunchArgs<'a>, w: &'a DeviceGptq, strip_rows: &'a i32, null: &'a u64) {
+    b.arg(&w.qweight)
+        .arg(strip_rows)
+        .arg(&w.scales)
+        .arg(&w.zeros)
+        .arg(&w.ugroup);
+    match &w.perm {
+        Some(p) => b.arg(p),
+        None => b.arg(null),
+    };
 }
 
 fn ceil_div(a: usize, b: usize) -> usize {
@@ -480,6 +496,22 @@ impl CudaDevice {
         Ok(DeviceExperts { experts: ws, table })
     }
 
+    /// The workspace, locked, with its split-K partial sums grown to `partial` floats and its
+    /// counters to `counters` words (the GEMV and fused MoE launches).
+    fn split_k_workspace(
+        &self,
+        partial: usize,
+        counters: usize,
+    ) -> Result<std::sync::MutexGuard<'_, crate::cuda::device::Workspace>> {
+        let mut ws = self
+            .ws
+            .lock()
+            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
+        ensure(self.stream(), &mut ws.partial, partial)?;
+        ensure(self.stream(), &mut ws.counters, counters)?;
+        Ok(ws)
+    }
+
     /// Split-K plan: (units per block, number of splits, dynamic shared memory bytes).
     /// The shared memory holds the staged X (or the warp reduction buffer, whichever is larger)
     /// and, for M ≤ 2, the cp.async ring of packed words (kernels/gptq.cu, `gemv_ring_offset_floats`).
@@ -545,22 +577,7 @@ impl CudaDevice {
         w: &DeviceGptq,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let (k, n) = (w.in_features, w.out_features);
-        Self::check_len("qmatmul: x", m * k, x.len())?;
-        Self::check_len("qmatmul: y", m * n, y.len())?;
-        let mut r0 = 0;
-        while r0 < m {
-            let rows = (m - r0).min(GEMV_ROWS_PER_LAUNCH);
-            let xv = x.slice(r0 * k..(r0 + rows) * k);
-            let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
-            if w.mma {
-                self.mma_gemv_launch(&xv, rows, w, &mut yv)?;
-            } else {
-                self.gemv_launch(&xv, rows, w, &mut yv)?;
-            }
-            r0 += rows;
-        }
-        Ok(())
+        self.gemv_rows(x, m, w, y, w.mma)
     }
 
     /// The scalar GEMV (fp32 FFMA per weight) even where the tensor-core GEMV applies: the baseline
@@ -572,6 +589,18 @@ impl CudaDevice {
         w: &DeviceGptq,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        self.gemv_rows(x, m, w, y, false)
+    }
+
+    /// One GEMV launch per [`GEMV_ROWS_PER_LAUNCH`] rows, on the tensor cores or the scalar kernel.
+    fn gemv_rows<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        m: usize,
+        w: &DeviceGptq,
+        y: &mut CudaSlice<f32>,
+        tensor_cores: bool,
+    ) -> Result<()> {
         let (k, n) = (w.in_features, w.out_features);
         Self::check_len("qmatmul: x", m * k, x.len())?;
         Self::check_len("qmatmul: y", m * n, y.len())?;
@@ -580,7 +609,11 @@ impl CudaDevice {
             let rows = (m - r0).min(GEMV_ROWS_PER_LAUNCH);
             let xv = x.slice(r0 * k..(r0 + rows) * k);
             let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
-            self.gemv_launch(&xv, rows, w, &mut yv)?;
+            if tensor_cores {
+                self.mma_gemv_launch(&xv, rows, w, &mut yv)?;
+            } else {
+                self.gemv_launch(&xv, rows, w, &mut yv)?;
+            }
             r0 += rows;
         }
         Ok(())
@@ -597,7 +630,7 @@ impl CudaDevice {
     /// times `MIXTRAL_GPTQ_MMA_WAVES`, default 1), each streaming a long run of tiles, and so that
     /// a block's shared memory (X, groups, ring) stays within 96 KiB.
     fn mma_plan(&self, k: usize, n: usize, m: usize, bits: u32) -> (usize, usize, usize, u32) {
-        let (warps, min_blocks, waves) = mma_tuning();
+        let (warps, min_blocks, waves, _) = mma_tuning();
         let tiles = k / 32;
         let strips = n / 32;
         let target = self.sm_count() * min_blocks * warps * waves;
@@ -627,12 +660,7 @@ impl CudaDevice {
         let entry = format!("gptq_mma_gemv_{bits}b_{}", T::NAME);
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
-        let mut ws = self
-            .ws
-            .lock()
-            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
-        ensure(self.stream(), &mut ws.partial, nsplit * 8 * n)?;
-        ensure(self.stream(), &mut ws.counters, strips)?;
+        let mut ws = self.split_k_workspace(nsplit * 8 * n, strips)?;
         let crate::cuda::device::Workspace {
             partial, counters, ..
         } = &mut *ws;
@@ -650,15 +678,7 @@ impl CudaDevice {
         };
         let strip_rows = w.strip_rows();
         let mut b = self.stream().launch_builder(&f);
-        b.arg(&w.qweight)
-            .arg(&strip_rows)
-            .arg(&w.scales)
-            .arg(&w.zeros)
-            .arg(&w.ugroup);
-        match &w.perm {
-            Some(p) => b.arg(p),
-            None => b.arg(&nullp),
-        };
+        layer_args(&mut b, w, &strip_rows, &nullp);
         b.arg(x)
             .arg(&mi)
             .arg(&ki)
@@ -699,12 +719,7 @@ impl CudaDevice {
         let entry = format!("gptq_gemv_{bits}b_{}_m{mt}", T::NAME);
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
-        let mut ws = self
-            .ws
-            .lock()
-            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
-        ensure(self.stream(), &mut ws.partial, nsplit * mt * n)?;
-        ensure(self.stream(), &mut ws.counters, tiles)?;
+        let mut ws = self.split_k_workspace(nsplit * mt * n, tiles)?;
         let crate::cuda::device::Workspace {
             partial, counters, ..
         } = &mut *ws;
@@ -721,15 +736,7 @@ impl CudaDevice {
         };
         let strip_rows = w.strip_rows();
         let mut b = self.stream().launch_builder(&f);
-        b.arg(&w.qweight)
-            .arg(&strip_rows)
-            .arg(&w.scales)
-            .arg(&w.zeros)
-            .arg(&w.ugroup);
-        match &w.perm {
-            Some(p) => b.arg(p),
-            None => b.arg(&nullp),
-        };
+        layer_args(&mut b, w, &strip_rows, &nullp);
         b.arg(x)
             .arg(&mi)
             .arg(&ki)
@@ -878,15 +885,7 @@ impl CudaDevice {
         let nullp = null();
         let strip_rows = w.strip_rows();
         let mut b = self.stream().launch_builder(&f);
-        b.arg(&w.qweight)
-            .arg(&strip_rows)
-            .arg(&w.scales)
-            .arg(&w.zeros)
-            .arg(&w.ugroup);
-        match &w.perm {
-            Some(p) => b.arg(p),
-            None => b.arg(&nullp),
-        };
+        layer_args(&mut b, w, &strip_rows, &nullp);
         b.arg(&ki).arg(&ni).arg(out);
         let cfg = LaunchConfig {
             grid_dim: (ceil_div(n / 4, 256) as u32, (k / unit_rows(bits)) as u32, 1),
@@ -1005,12 +1004,7 @@ impl CudaDevice {
         let entry = format!("gptq_moe_gemv_{bits}b_{}", T::NAME);
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
-        let mut ws = self
-            .ws
-            .lock()
-            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
-        ensure(self.stream(), &mut ws.partial, pairs * nsplit * n)?;
-        ensure(self.stream(), &mut ws.counters, pairs * tiles)?;
+        let mut ws = self.split_k_workspace(pairs * nsplit * n, pairs * tiles)?;
         let crate::cuda::device::Workspace {
             partial, counters, ..
         } = &mut *ws;
