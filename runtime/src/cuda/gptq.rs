@@ -372,7 +372,7 @@ fn mma_xstride(tiles_per_warp: usize) -> usize {
 /// Shared bytes per warp of the tensor-core GEMV (`mma_warp_smem` in kernels/gptq.cu): X, the
 /// tiles' groups and the cp.async ring of `MMA_STAGES` slots.
 fn mma_warp_smem(m: usize, tiles_per_warp: usize, bits: u32) -> usize {
-    let stages = nvrtc_define("MMA_STAGES").filter(|&s| s >= 2).unwrap_or(4);
+    let stages = mma_tuning().3;
     let loads = if bits == 4 { 1 } else { 2 };
     m * mma_xstride(tiles_per_warp) * 2
         + (tiles_per_warp * 4).next_multiple_of(16)
