@@ -513,11 +513,20 @@ __host__ __device__ __forceinline__ int mma_xstride(int tiles_per_warp) {
     return tiles_per_warp * 32 + ((tiles_per_warp & 1) ? 64 : 32);
 }
 
+// Ring rows: one 128-byte packed row of the warp's strip each, padded so that the fragment reads
+// (lane (g, c): 16 bytes at column 16g of row c at 4 bits, rows 2c and 2c + 1 at 8 bits) hit 8
+// different 16-byte bank groups per quarter-warp: pitch 160 bytes at 4 bits, 144 at 8 bits.
+__host__ __device__ constexpr int mma_ring_pitch(int bits) { return bits == 4 ? 160 : 144; }
+// One ring slot: the tile's 4 (8) packed rows.
+__host__ __device__ constexpr int mma_slot_bytes(int bits) {
+    return (bits == 4 ? 4 : 8) * mma_ring_pitch(bits);
+}
+
 // Bytes of shared memory per warp of the tensor-core GEMV: X, the tiles' groups, the ring.
 // runtime/src/cuda/gptq.rs (`mma_warp_smem`) computes the same.
 __host__ __device__ __forceinline__ int mma_warp_smem(int M, int tiles_per_warp, int bits) {
     return M * mma_xstride(tiles_per_warp) * 2 + ((tiles_per_warp * 4 + 15) & ~15) +
-           MMA_STAGES * (bits == 4 ? 1 : 2) * 32 * 16;
+           MMA_STAGES * mma_slot_bytes(bits);
 }
 
 // X of one 8-row block (words w0..w3 = (x0,x1) (x2,x3) (x4,x5) (x6,x7)) in the order the B
@@ -688,18 +697,21 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
     unsigned char* area = (unsigned char*)smem + (size_t)warp * mma_warp_smem(M, tiles_per_warp, BITS);
     T* xs = (T*)area;
     int* gs = (int*)(area + (size_t)M * xstride * 2);
-    uint4* ring = (uint4*)(area + (size_t)M * xstride * 2 + ((tiles_per_warp * 4 + 15) & ~15));
+    unsigned char* ring = area + (size_t)M * xstride * 2 + ((tiles_per_warp * 4 + 15) & ~15);
+    constexpr int PITCH = mma_ring_pitch(BITS), SLOT = mma_slot_bytes(BITS);
 
-    // Packed words of tile t for this lane: rows t * UNITS_PER_TILE + LPT * c + h, columns n0 + 4g..,
-    // in the strip-major layout (q.strip_rows = R): the warp's tile is 512 (1024) contiguous bytes.
-    const u32* wbase = q.qweight + ((size_t)strip * q.strip_rows + LPT * c) * 32 + 4 * g;
-    // Tile i of the run (i counted from t_begin) goes to ring slot i % S; each lane copies and later
-    // reads only its own 16-byte pieces, so no barrier is needed, only cp.async.wait_group.
+    // Tile t of the strip is 512 (1024) contiguous bytes in the strip-major layout (q.strip_rows = R):
+    // packed rows t * UNITS_PER_TILE .. + UNITS_PER_TILE - 1, 128 bytes (32 columns) each. Lane l copies
+    // bytes 16 l (and 512 + 16 l) in order, so that global and shared addresses follow the lanes alike;
+    // tile i of the run (i counted from t_begin) goes to ring slot i % S, row r at r * PITCH.
+    const u32* sbase = q.qweight + (size_t)strip * q.strip_rows * 32;
     auto issue = [&](int i) {
 #pragma unroll
-        for (int h = 0; h < LPT; ++h)
-            cp_async16(ring + ((i % S) * LPT + h) * 32 + lane,
-                       wbase + ((size_t)(t_begin + i) * UNITS_PER_TILE + h) * 32);
+        for (int h = 0; h < LPT; ++h) {
+            const int r = 4 * h + (lane >> 3);
+            cp_async16(ring + (i % S) * SLOT + r * PITCH + 16 * (lane & 7),
+                       sbase + ((size_t)(t_begin + i) * UNITS_PER_TILE + r) * 32 + 4 * (lane & 7));
+        }
     };
 #pragma unroll
     for (int i = 0; i < S - 1; ++i) {
@@ -824,11 +836,15 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 
 #pragma unroll 1
     for (int i = 0; i < nt; ++i) {
-        cp_async_wait<S - 2>(); // tile i has landed
+        cp_async_wait<S - 2>(); // this lane's pieces of tile i have landed
+        __syncwarp();           // ... and every lane's (each reads what others copied)
+        // Lane (g, c): packed row LPT * c + h of the tile, columns 4g .. 4g + 3.
         uint4 wv[LPT];
 #pragma unroll
-        for (int h = 0; h < LPT; ++h) wv[h] = ring[((i % S) * LPT + h) * 32 + lane];
-        // Slot (i + S - 1) % S = (i - 1) % S was read in the previous iteration.
+        for (int h = 0; h < LPT; ++h)
+            wv[h] = *(const uint4*)(ring + (i % S) * SLOT + (LPT * c + h) * PITCH + 16 * g);
+        // Slot (i + S - 1) % S = (i - 1) % S was read by every lane in the previous iteration, before
+        // the __syncwarp above.
         if (i + S - 1 < nt) issue(i + S - 1);
         cp_async_commit();
         body(t_begin + i, gs[i], wv);

@@ -373,10 +373,9 @@ fn mma_xstride(tiles_per_warp: usize) -> usize {
 /// tiles' groups and the cp.async ring of `MMA_STAGES` slots.
 fn mma_warp_smem(m: usize, tiles_per_warp: usize, bits: u32) -> usize {
     let stages = mma_tuning().3;
-    let loads = if bits == 4 { 1 } else { 2 };
-    m * mma_xstride(tiles_per_warp) * 2
-        + (tiles_per_warp * 4).next_multiple_of(16)
-        + stages * loads * 32 * 16
+    // Ring slot: the tile's 4 (8) packed rows at a pitch of 160 (144) bytes (`mma_slot_bytes`).
+    let slot = if bits == 4 { 4 * 160 } else { 8 * 144 };
+    m * mma_xstride(tiles_per_warp) * 2 + (tiles_per_warp * 4).next_multiple_of(16) + stages * slot
 }
 
 /// Row-major `[R, N]` packed words to strip-major `[N/32][R][32]` (N a multiple of 32): the layout
