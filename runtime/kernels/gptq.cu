@@ -499,7 +499,7 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #define MMA_STAGES 4
 #endif
 #ifndef MMA_MIN_BLOCKS // resident blocks per SM asked of ptxas (runtime/src/cuda/gptq.rs reads it too)
-#define MMA_MIN_BLOCKS 6
+#define MMA_MIN_BLOCKS 7
 #endif
 #define MMA_THREADS (MMA_WARPS * 32)
 
@@ -517,10 +517,12 @@ __host__ __device__ __forceinline__ int mma_xstride(int tiles_per_warp) {
 // (lane (g, c): 16 bytes at column 16g of row c at 4 bits, rows 2c and 2c + 1 at 8 bits) hit 8
 // different 16-byte bank groups per quarter-warp: pitch 160 bytes at 4 bits, 144 at 8 bits.
 __host__ __device__ constexpr int mma_ring_pitch(int bits) { return bits == 4 ? 160 : 144; }
-// One ring slot: the tile's 4 (8) packed rows.
-__host__ __device__ constexpr int mma_slot_bytes(int bits) {
-    return (bits == 4 ? 4 : 8) * mma_ring_pitch(bits);
-}
+// Bytes of a slot's packed rows: the tile's 4 (8) rows.
+__host__ __device__ constexpr int mma_rows_bytes(int bits) { return (bits == 4 ? 4 : 8) * mma_ring_pitch(bits); }
+// One ring slot: the packed rows, then the 32 scales (64 bytes) and the 32 zeros (16 or 32 bytes,
+// 32 reserved) of the tile's group, copied with the first tile of each group so that no group
+// change waits on a load.
+__host__ __device__ constexpr int mma_slot_bytes(int bits) { return mma_rows_bytes(bits) + 96; }
 
 // Bytes of shared memory per warp of the tensor-core GEMV: X, the tiles' groups, the ring.
 // runtime/src/cuda/gptq.rs (`mma_warp_smem`) computes the same.
@@ -572,29 +574,26 @@ __device__ __forceinline__ u32 f2_to_b2(float lo, float hi) {
     const __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
     return *(const u32*)&r;
 }
-__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
-    const __half2 r = __floats2half2_rn(lo, hi);
-    return *(const u32*)&r;
-}
-
 // Per-column constants of the current group for the B operand (lane's 4 columns).
 template <int BITS, bool BF> struct MmaZero {
     u32 lo[4]; // magic + z, as x2 (f16/bf16); at 8-bit bf16: unused
     u32 hi[4]; // 4-bit f16: -(64 + z) for the shifted nibbles; 8-bit bf16: (2^23 + z) as float bits
-    // w: the lane's four stored (zero - 1) codes at bits BITS * j.
+    // w: the lane's four stored (zero - 1) codes at bits BITS * j. Every constant is an exact small
+    // number, so its encoding is built with integer operations: f16 1024 + z = 0x6400 + z and
+    // -(64 + z) = 0xD400 + 16 z (z <= 16), bf16 128 + z = 0x4300 + z, f32 2^23 + z = 0x4B000000 + z.
     __device__ __forceinline__ void set(u32 w) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const float z = (float)((w >> (BITS * j)) & ((1u << BITS) - 1u)) + 1.0f;
+            const u32 z = ((w >> (BITS * j)) & ((1u << BITS) - 1u)) + 1u;
             if (BITS == 4 && !BF) {
-                lo[j] = pack_h2(1024.0f + z, 1024.0f + z);
-                hi[j] = pack_h2(-(64.0f + z), -(64.0f + z));
+                lo[j] = (0x6400u + z) * 0x10001u;
+                hi[j] = (0xD400u + (z << 4)) * 0x10001u;
             } else if (BITS == 4) {
-                lo[j] = f2_to_b2(128.0f + z, 128.0f + z);
+                lo[j] = (0x4300u + z) * 0x10001u;
             } else if (!BF) {
-                lo[j] = pack_h2(1024.0f + z, 1024.0f + z);
+                lo[j] = (0x6400u + z) * 0x10001u;
             } else {
-                hi[j] = __float_as_uint(8388608.0f + z);
+                hi[j] = 0x4B000000u + z;
             }
         }
     }
@@ -666,15 +665,15 @@ __device__ __forceinline__ void mma_tile(const uint4* wv, const uint4& x, const 
 // One warp's work: 32 output columns (a strip) for up to 8 rows of X over a run of 32-row k-tiles.
 // Warps are independent (no block-level barrier): grid-wide, warp w takes strip w / nsplit and
 // k-split w % nsplit, the splits of a strip being `tiles_per_warp` tiles each. The plan
-// (runtime/src/cuda/gptq.rs, `mma_plan`) sizes the grid to one wave of resident warps, each
+// (runtime/src/cuda/gptq.rs, `mma_plan`) sizes the grid in whole waves of resident warps, each
 // streaming its run through a lane-private cp.async ring of MMA_STAGES slots in shared memory (the
 // loop stays rolled: an unrolled register pipeline grew the code past the instruction cache and made
 // deeper pipelines slower). Split partials meet in `ws`; the last warp of a strip to finish adds
 // them in split order (deterministic).
 // Dynamic shared memory: MMA_WARPS * mma_warp_smem(M, tiles_per_warp, bits) bytes.
 template <int BITS, typename T>
-__device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N, int G,
-                                         int nsplit, int tiles_per_warp, float* __restrict__ ws,
+__device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N,
+                                         int group_rows, int nsplit, int tiles_per_warp, float* __restrict__ ws,
                                          u32* __restrict__ counters, float* __restrict__ Y) {
     constexpr bool BF = IsBf16<T>::value;
     constexpr int UNITS_PER_TILE = BITS == 4 ? 4 : 8; // packed rows (words) per 32-row tile
@@ -693,32 +692,48 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
     const int t_begin = min(tiles, split * tiles_per_warp);
     const int nt = min(tiles, t_begin + tiles_per_warp) - t_begin;
     const int xstride = mma_xstride(tiles_per_warp);
-    // This warp's area: X [M][xstride] halves, the group of each tile, the ring [S][LPT][32 lanes].
+    // This warp's area: X [M][xstride] halves, the group of each tile, the ring of S slots.
     unsigned char* area = (unsigned char*)smem + (size_t)warp * mma_warp_smem(M, tiles_per_warp, BITS);
     T* xs = (T*)area;
     int* gs = (int*)(area + (size_t)M * xstride * 2);
     unsigned char* ring = area + (size_t)M * xstride * 2 + ((tiles_per_warp * 4 + 15) & ~15);
-    constexpr int PITCH = mma_ring_pitch(BITS), SLOT = mma_slot_bytes(BITS);
+    constexpr int PITCH = mma_ring_pitch(BITS), ROWS = mma_rows_bytes(BITS), SLOT = mma_slot_bytes(BITS);
+    constexpr int ZBYTES = BITS == 4 ? 16 : 32; // a strip's zeros of one group
+
+    // The group of each tile of the run, in gs: arithmetic when every group holds group_rows sorted
+    // rows (the plan passes group_rows > 0 then), else read from ugroup (one load before the first copy).
+    for (int i = lane; i < nt; i += 32)
+        gs[i] = group_rows > 0 ? (t_begin + i) * 32 / group_rows
+                               : __ldg(q.ugroup + (size_t)(t_begin + i) * UNITS_PER_TILE);
+    __syncwarp();
 
     // Tile t of the strip is 512 (1024) contiguous bytes in the strip-major layout (q.strip_rows = R):
     // packed rows t * UNITS_PER_TILE .. + UNITS_PER_TILE - 1, 128 bytes (32 columns) each. Lane l copies
     // bytes 16 l (and 512 + 16 l) in order, so that global and shared addresses follow the lanes alike;
-    // tile i of the run (i counted from t_begin) goes to ring slot i % S, row r at r * PITCH.
-    const u32* sbase = q.qweight + (size_t)strip * q.strip_rows * 32;
+    // tile i of the run (i counted from t_begin) goes to ring slot i % S, row r at r * PITCH. Lanes 0-3
+    // also copy the strip's 32 scales of the tile's group and lanes 4 (and 5) its zeros, after the rows.
+    // Per-lane sources and slot offsets, fixed over the run (the loop only adds the tile's offset).
+    const u32* wsrc = q.qweight + (size_t)strip * q.strip_rows * 32 +
+                      ((size_t)t_begin * UNITS_PER_TILE + (lane >> 3)) * 32 + 4 * (lane & 7);
+    const int wdst = (lane >> 3) * PITCH + 16 * (lane & 7);
+    // Lanes 0-3: 16 bytes of scales each, then 16 bytes of zeros per lane, to slot bytes ROWS + 16 lane.
+    const bool gcopy = lane < 4 + ZBYTES / 16;
+    const unsigned char* gsrc = lane < 4 ? (const unsigned char*)(q.scales + n0) + 16 * lane
+                                         : (const unsigned char*)q.zeros + (size_t)n0 * BITS / 8 + 16 * (lane - 4);
+    const int gpitch = lane < 4 ? N * 2 : N * BITS / 8; // bytes per group
     auto issue = [&](int i) {
+        unsigned char* slot = ring + (i % S) * SLOT;
+        const u32* src = wsrc + (size_t)i * (UNITS_PER_TILE * 32);
 #pragma unroll
-        for (int h = 0; h < LPT; ++h) {
-            const int r = 4 * h + (lane >> 3);
-            cp_async16(ring + (i % S) * SLOT + r * PITCH + 16 * (lane & 7),
-                       sbase + ((size_t)(t_begin + i) * UNITS_PER_TILE + r) * 32 + 4 * (lane & 7));
-        }
+        for (int h = 0; h < LPT; ++h) cp_async16(slot + wdst + h * 4 * PITCH, src + h * 4 * 32);
+        // Only where the group starts (the tile whose body reads them).
+        if (gcopy && (i == 0 || gs[i] != gs[i - 1])) cp_async16(slot + ROWS + 16 * lane, gsrc + (size_t)gs[i] * gpitch);
     };
 #pragma unroll
     for (int i = 0; i < S - 1; ++i) {
         if (i < nt) issue(i);
         cp_async_commit();
     }
-    for (int i = lane; i < nt; i += 32) gs[i] = __ldg(q.ugroup + (size_t)(t_begin + i) * UNITS_PER_TILE);
 
     // Stage this warp's X in fragment order (mma_order): 8 consecutive k of one row per chunk, a
     // 16-byte load (or, for act-order, one index load pair and 8 gathers) and a 16-byte store.
@@ -727,12 +742,29 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
         const int chunks = M * cpr;
         const unsigned short* xb = (const unsigned short*)X;
         constexpr int CH = 2;
+        // Chunk ch = m * cpr + kc, kept as (m, kc) and stepped by 32 chunks without a division.
+        auto step = [&](int& m, int& kc) {
+            kc += 32;
+            while (kc >= cpr) {
+                kc -= cpr;
+                ++m;
+            }
+        };
+        int m_next = 0, kc_next = lane - 32;
+        if (chunks > 0) step(m_next, kc_next);
         for (int ch0 = lane; ch0 < chunks; ch0 += CH * 32) {
             u32 w[CH][4];
+            int mu[CH], ku[CH];
+#pragma unroll
+            for (int u = 0; u < CH; ++u) {
+                mu[u] = m_next;
+                ku[u] = kc_next * 8;
+                step(m_next, kc_next);
+            }
 #pragma unroll
             for (int u = 0; u < CH; ++u) {
                 const int ch = ch0 + u * 32;
-                const int m = ch / cpr, kk = (ch - m * cpr) * 8;
+                const int m = mu[u], kk = ku[u];
                 if (ch < chunks && !q.perm) {
                     const uint4 v = *(const uint4*)(xb + (size_t)m * K + k0 + kk);
                     w[u][0] = v.x; w[u][1] = v.y; w[u][2] = v.z; w[u][3] = v.w;
@@ -743,7 +775,7 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 #pragma unroll
                 for (int u = 0; u < CH; ++u) {
                     const int ch = ch0 + u * 32;
-                    const int m = ch / cpr, kk = (ch - m * cpr) * 8;
+                    const int kk = ku[u];
                     if (ch < chunks) {
                         const int4* pp = (const int4*)(q.perm + k0 + kk);
                         const int4 p0 = __ldg(pp), p1 = __ldg(pp + 1);
@@ -754,7 +786,7 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 #pragma unroll
                 for (int u = 0; u < CH; ++u) {
                     const int ch = ch0 + u * 32;
-                    const int m = ch / cpr;
+                    const int m = mu[u];
                     if (ch < chunks) {
                         u32 h[8];
 #pragma unroll
@@ -767,7 +799,7 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 #pragma unroll
             for (int u = 0; u < CH; ++u) {
                 const int ch = ch0 + u * 32;
-                const int m = ch / cpr, kk = (ch - m * cpr) * 8;
+                const int m = mu[u], kk = ku[u];
                 if (ch < chunks) *(uint4*)(xs + m * xstride + kk) = mma_order<BITS>(w[u][0], w[u][1], w[u][2], w[u][3]);
             }
         }
@@ -783,17 +815,8 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
     float s[4];
     MmaZero<BITS, BF> zc;
     int cur_g = -1;
-    // Scales and zeros of group cur_g + 1, requested when group cur_g starts (sorted groups ascend).
-    uint2 s_next = make_uint2(0, 0);
-    u32 z_next = 0;
-    const bool has_row = g < M;
-    const T* xrow = xs + (has_row ? g : 0) * xstride + 8 * c;
-    const u32* zeros32 = (const u32*)q.zeros;
-    auto zero_word = [&](int grp) -> u32 {
-        return BITS == 4 ? __ldg(zeros32 + (size_t)grp * (N / 8) + (n0 + 4 * g) / 8)
-                         : __ldg((const u32*)((const u8*)q.zeros + (size_t)grp * N + n0 + 4 * g));
-    };
-    auto scale_vec = [&](int grp) -> uint2 { return __ldg((const uint2*)(q.scales + (size_t)grp * N + n0 + 4 * g)); };
+    // B column g is X row g; lanes past the last row repeat it (their output columns are dropped).
+    const T* xrow = xs + min(g, M - 1) * xstride + 8 * c;
 
     auto flush = [&]() {
 #pragma unroll
@@ -804,50 +827,42 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
                 gacc[i][r] = 0.0f;
             }
     };
-    auto body = [&](int t, int gt, const uint4* wv) {
+    // Tile i of the run, group gt, in ring slot `slot`: at a group change, the group's scales and
+    // zeros come from the slot (lane (g, c): scales of columns 4g .. 4g + 3, their zero word).
+    auto body = [&](int i, int gt, const unsigned char* slot, const uint4* wv) {
         if (gt != cur_g) {
             if (cur_g >= 0) flush();
-            uint2 sr;
-            u32 zw;
-            if (cur_g >= 0 && gt == cur_g + 1) {
-                sr = s_next;
-                zw = z_next;
-            } else {
-                sr = scale_vec(gt);
-                zw = zero_word(gt);
-            }
-            if (gt + 1 < G) {
-                s_next = scale_vec(gt + 1);
-                z_next = zero_word(gt + 1);
-            }
+            const uint2 sr = *(const uint2*)(slot + ROWS + 8 * g);
+            const u32 zw = BITS == 4 ? *(const u32*)(slot + ROWS + 64 + 4 * (g >> 1)) >> ((g & 1) * 16)
+                                     : *(const u32*)(slot + ROWS + 64 + 4 * g);
             const u32 sw[2] = {sr.x, sr.y};
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                s[2 * i] = __half2float(__ushort_as_half((unsigned short)(sw[i] & 0xFFFF)));
-                s[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(sw[i] >> 16)));
+            for (int j = 0; j < 2; ++j) {
+                s[2 * j] = __half2float(__ushort_as_half((unsigned short)(sw[j] & 0xFFFF)));
+                s[2 * j + 1] = __half2float(__ushort_as_half((unsigned short)(sw[j] >> 16)));
             }
-            zc.set(BITS == 4 ? zw >> (((n0 + 4 * g) & 7) * 4) : zw);
+            zc.set(zw);
             cur_g = gt;
         }
-        uint4 x = make_uint4(0, 0, 0, 0);
-        if (has_row) x = *(const uint4*)(xrow + (t - t_begin) * 32);
+        const uint4 x = *(const uint4*)(xrow + i * 32);
         mma_tile<BITS, BF>(wv, x, zc, gacc);
     };
 
+    const int wread = LPT * c * PITCH + 16 * g; // lane (g, c): packed rows LPT c + h, columns 4g ..
 #pragma unroll 1
     for (int i = 0; i < nt; ++i) {
         cp_async_wait<S - 2>(); // this lane's pieces of tile i have landed
         __syncwarp();           // ... and every lane's (each reads what others copied)
+        const unsigned char* slot = ring + (i % S) * SLOT;
         // Lane (g, c): packed row LPT * c + h of the tile, columns 4g .. 4g + 3.
         uint4 wv[LPT];
 #pragma unroll
-        for (int h = 0; h < LPT; ++h)
-            wv[h] = *(const uint4*)(ring + (i % S) * SLOT + (LPT * c + h) * PITCH + 16 * g);
+        for (int h = 0; h < LPT; ++h) wv[h] = *(const uint4*)(slot + wread + h * PITCH);
         // Slot (i + S - 1) % S = (i - 1) % S was read by every lane in the previous iteration, before
-        // the __syncwarp above.
+        // the __syncwarp above; slot i % S (read by body) is another one.
         if (i + S - 1 < nt) issue(i + S - 1);
         cp_async_commit();
-        body(t_begin + i, gs[i], wv);
+        body(i, gs[i], slot, wv);
     }
     cp_async_wait<0>();
     if (cur_g >= 0) flush();
@@ -948,10 +963,10 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 #define MMA_ENTRY(B, TN, T)                                                                                  \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS) gptq_mma_gemv_##B##b_##TN(      \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
-        const int* perm, const T* X, int M, int K, int N, int G, int nsplit, int tiles_per_warp, float* ws,  \
-        u32* counters, float* Y) {                                                                           \
+        const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
+        float* ws, u32* counters, float* Y) {                                                                \
         QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
-        mma_gemv<B, T>(q, X, M, K, N, G, nsplit, tiles_per_warp, ws, counters, Y);                           \
+        mma_gemv<B, T>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, ws, counters, Y);                  \
     }
 
 GEMV_ENTRIES(3, f16, __half)

@@ -4,7 +4,7 @@
 
 use half::{bf16, f16};
 use rayon::prelude::*;
-use runtime::cuda::gptq::{prepare, ActDtype, GemvKernel};
+use runtime::cuda::gptq::{prepare, uniform_group_rows, ActDtype, GemvKernel};
 use runtime::cuda::random::{random_activations, random_gptq, Rng};
 use runtime::cuda::CudaDevice;
 use runtime::qlinear::GptqWeight;
@@ -285,6 +285,34 @@ fn mma_gemv_matches_reference() {
             Path::GemvTensorCore,
             seed,
         );
+    }
+    // Groups of unequal sizes (64, 32, 96 and 64 rows, ids 0, 1, 3, 7): the kernel reads each
+    // tile's group from `ugroup` instead of dividing by a group size.
+    for (bits, act) in [(4, false), (4, true), (8, true)] {
+        let mut w = random_gptq(bits, 32, 256, 64, false, seed);
+        let group_of = |r: usize| match r {
+            0..64 => 0,
+            64..96 => 1,
+            96..192 => 3,
+            _ => 7,
+        };
+        for (i, g) in w.g_idx.iter_mut().enumerate() {
+            *g = group_of(if act { i * 37 % 256 } else { i });
+        }
+        assert_eq!(uniform_group_rows(&prepare(&w).unwrap()), 0);
+        for m in [1usize, 3, 8] {
+            seed += 1;
+            let e = if m == 3 {
+                check::<bf16>(&w, m, Path::GemvTensorCore, seed)
+            } else {
+                check::<f16>(&w, m, Path::GemvTensorCore, seed)
+            };
+            eprintln!("{bits}-bit uneven groups act={act} M={m}: rel err {e:.2e}");
+            assert!(
+                e < REL_TOL,
+                "{bits}-bit uneven groups act={act} M={m}: rel err {e:.3e}"
+            );
+        }
     }
 }
 

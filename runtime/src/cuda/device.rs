@@ -25,10 +25,16 @@ pub struct CudaDevice {
     name: String,
     arch: String,
     sm_count: usize,
+    smem_optin: usize,
     modules: RwLock<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: RwLock<HashMap<String, CudaFunction>>,
     pub(crate) ws: Mutex<Workspace>,
     pub(crate) busy: Mutex<Option<(CudaSlice<u8>, CudaSlice<u8>)>>,
+    /// Resident blocks per SM by (entry, dynamic shared bytes), as the driver's occupancy query
+    /// answered (the GEMV plans ask on every launch).
+    pub(crate) occupancy: Mutex<HashMap<(String, usize), usize>>,
+    /// Tensor-core GEMV plans by (entry, K, N, M).
+    pub(crate) plans: Mutex<HashMap<(String, usize, usize, usize), super::gptq::MmaPlan>>,
 }
 
 /// Scratch buffers, grown on demand, reused across calls (one stream: calls are ordered).
@@ -74,6 +80,12 @@ impl CudaDevice {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             ),
         )? as usize;
+        let smem_optin = drv(
+            "reading the shared memory per block",
+            ctx.attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            ),
+        )? as usize;
         Ok(Arc::new(Self {
             ctx,
             stream,
@@ -82,6 +94,7 @@ impl CudaDevice {
             name,
             arch: format!("sm_{maj}{min}"),
             sm_count,
+            smem_optin,
             modules: RwLock::new(HashMap::new()),
             funcs: RwLock::new(HashMap::new()),
             ws: Mutex::new(Workspace {
@@ -91,6 +104,8 @@ impl CudaDevice {
                 xconv: None,
             }),
             busy: Mutex::new(None),
+            occupancy: Mutex::new(HashMap::new()),
+            plans: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -106,6 +121,11 @@ impl CudaDevice {
     pub fn sm_count(&self) -> usize {
         self.sm_count
     }
+    /// The most dynamic shared memory one block may ask for (bytes).
+    pub fn smem_optin(&self) -> usize {
+        self.smem_optin
+    }
+
     /// The libraries in use.
     pub fn libs(&self) -> &CudaLibs {
         &self.libs

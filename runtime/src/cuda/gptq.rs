@@ -223,6 +223,8 @@ pub struct DeviceGptq {
     perm: Option<CudaSlice<i32>>,
     /// Whether the tensor-core GEMV applies ([`mma_eligible`]); `qweight` is then strip-major.
     mma: bool,
+    /// Rows per group when the groups are uniform ([`uniform_group_rows`]), else 0.
+    group_rows: i32,
 }
 
 impl DeviceGptq {
@@ -318,9 +320,9 @@ pub fn mma_eligible(p: &PreparedGptq) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvKernel {
     /// The faster of the two where it was measured (BENCHMARKS.md, "CUDA kernels", H200):
-    /// tensor-core for 4-bit layers, except act-order ones with K above 8192, whose per-warp X
-    /// gather made it up to 2x slower than the scalar kernel at M = 4..8; scalar for 8 bits (the
-    /// tensor-core kernel was 20 % slower at M = 1) and 3 bits (no tensor-core kernel).
+    /// tensor-core for 4- and 8-bit layers, except act-order ones with K above 8192, whose per-warp
+    /// X gather made it up to 1.4-2x slower than the scalar kernel at M = 4..8; scalar for 3 bits
+    /// (no tensor-core kernel).
     Auto,
     /// The tensor-core kernel (an error where [`mma_eligible`] is false).
     TensorCore,
@@ -328,9 +330,31 @@ pub enum GemvKernel {
     Scalar,
 }
 
+/// Rows per group when group g holds exactly the (sorted) rows `g * rows .. (g + 1) * rows`, as
+/// GPTQ writes them with or without act-order; 0 for any other grouping. The tensor-core GEMV then
+/// finds a tile's group by division instead of a load from `ugroup` before its first copy.
+pub fn uniform_group_rows(p: &PreparedGptq) -> usize {
+    let (k, groups) = (p.in_features, p.groups);
+    if groups == 0 || !k.is_multiple_of(groups) {
+        return 0;
+    }
+    let rows = k / groups;
+    let uk = unit_rows(p.bits);
+    let uniform = p
+        .ugroup
+        .iter()
+        .enumerate()
+        .all(|(u, &g)| usize::try_from(g).is_ok_and(|g| g == u * uk / rows));
+    if uniform {
+        rows
+    } else {
+        0
+    }
+}
+
 /// What [`GemvKernel::Auto`] picks: whether the tensor-core GEMV runs this layer.
 pub fn auto_uses_mma(p: &PreparedGptq) -> bool {
-    mma_eligible(p) && p.bits == 4 && (p.perm.is_none() || p.in_features <= 8192)
+    mma_eligible(p) && (p.perm.is_none() || p.in_features <= 8192)
 }
 
 /// A `MIXTRAL_GPTQ_NVRTC_DEFINES` value (benchmark sweeps override the kernels' tuning defines).
@@ -343,26 +367,42 @@ fn nvrtc_define(name: &str) -> Option<usize> {
         .and_then(|n| n.parse().ok())
 }
 
-/// Tensor-core GEMV launch shape: warps per block, resident blocks per SM and ring slots
-/// (`MMA_WARPS`, `MMA_MIN_BLOCKS`, `MMA_STAGES` in kernels/gptq.cu, which
-/// `MIXTRAL_GPTQ_NVRTC_DEFINES` may override), and the waves of warps to aim for
-/// (`MIXTRAL_GPTQ_MMA_WAVES`, default 1). Read once: every launch plans with them.
-fn mma_tuning() -> (usize, usize, usize, usize) {
-    static T: std::sync::OnceLock<(usize, usize, usize, usize)> = std::sync::OnceLock::new();
+/// Tensor-core GEMV launch shape: warps per block and ring slots (`MMA_WARPS`, `MMA_STAGES` in
+/// kernels/gptq.cu, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override, as it may `MMA_MIN_BLOCKS`,
+/// which the plan sees through the driver's occupancy query), and the fixed cost of a warp's run in
+/// the plan's cost model (`MIXTRAL_GPTQ_MMA_RUN_COST`, default [`MMA_RUN_COST_TILES`]). Read once:
+/// every launch plans with them.
+fn mma_tuning() -> (usize, usize, usize) {
+    static T: std::sync::OnceLock<(usize, usize, usize)> = std::sync::OnceLock::new();
     *T.get_or_init(|| {
         let warps = nvrtc_define("MMA_WARPS").filter(|&w| w > 0).unwrap_or(4);
-        let blocks = nvrtc_define("MMA_MIN_BLOCKS")
-            .filter(|&b| b > 0)
-            .unwrap_or(6);
-        let waves = std::env::var("MIXTRAL_GPTQ_MMA_WAVES")
+        let run_cost = std::env::var("MIXTRAL_GPTQ_MMA_RUN_COST")
             .ok()
             .and_then(|v| v.trim().parse().ok())
-            .filter(|&w: &usize| w > 0)
-            .unwrap_or(1);
+            .unwrap_or(MMA_RUN_COST_TILES);
         let stages = nvrtc_define("MMA_STAGES").filter(|&s| s >= 2).unwrap_or(4);
-        (warps, blocks, waves, stages)
+        (warps, run_cost, stages)
     })
 }
+
+/// A launch plan of the tensor-core GEMV ([`CudaDevice::mma_plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MmaPlan {
+    /// k-splits per 32-column strip (one warp each).
+    nsplit: usize,
+    /// 32-row tiles per warp's run.
+    tiles_per_warp: usize,
+    /// Blocks of `MMA_WARPS` warps.
+    blocks: usize,
+    /// Dynamic shared memory per block, bytes.
+    smem: u32,
+}
+
+/// The fixed cost of one warp's run in the tensor-core GEMV, in tiles' worth of streaming (staging
+/// X, the first copies in flight, the split-K fence and sum), for [`CudaDevice::mma_plan`]'s cost
+/// model. Measured on an H200 (BENCHMARKS.md): 24 and 12 give the same 4-bit times, 24 is up to
+/// 19 % faster at 8 bits, M = 4; 4 is slower at M = 8.
+const MMA_RUN_COST_TILES: usize = 24;
 
 /// Halves between rows of a warp's X area (`mma_xstride` in kernels/gptq.cu).
 fn mma_xstride(tiles_per_warp: usize) -> usize {
@@ -372,9 +412,10 @@ fn mma_xstride(tiles_per_warp: usize) -> usize {
 /// Shared bytes per warp of the tensor-core GEMV (`mma_warp_smem` in kernels/gptq.cu): X, the
 /// tiles' groups and the cp.async ring of `MMA_STAGES` slots.
 fn mma_warp_smem(m: usize, tiles_per_warp: usize, bits: u32) -> usize {
-    let stages = mma_tuning().3;
-    // Ring slot: the tile's 4 (8) packed rows at a pitch of 160 (144) bytes (`mma_slot_bytes`).
-    let slot = if bits == 4 { 4 * 160 } else { 8 * 144 };
+    let stages = mma_tuning().2;
+    // Ring slot: the tile's 4 (8) packed rows at a pitch of 160 (144) bytes, then 96 bytes of the
+    // group's scales and zeros (`mma_slot_bytes`).
+    let slot = if bits == 4 { 4 * 160 } else { 8 * 144 } + 96;
     m * mma_xstride(tiles_per_warp) * 2 + (tiles_per_warp * 4).next_multiple_of(16) + stages * slot
 }
 
@@ -454,6 +495,7 @@ impl CudaDevice {
             ugroup: self.upload(&p.ugroup)?,
             perm: p.perm.as_ref().map(|v| self.upload(v)).transpose()?,
             mma,
+            group_rows: uniform_group_rows(p) as i32,
         })
     }
 
@@ -511,25 +553,74 @@ impl CudaDevice {
         Ok(ws)
     }
 
-    /// Split-K plan: (units per block, number of splits, dynamic shared memory bytes).
-    /// The shared memory holds the staged X (or the warp reduction buffer, whichever is larger)
-    /// and, for M ≤ 2, the cp.async ring of packed words (kernels/gptq.cu, `gemv_ring_offset_floats`).
-    fn plan(&self, units: usize, tiles: usize, mt: usize, bits: u32) -> (usize, usize, u32) {
+    /// Split-K plan of the scalar GEMV: (units per block, number of splits, dynamic shared memory
+    /// bytes). The shared memory holds the staged X (or the warp reduction buffer, whichever is
+    /// larger) and, for M ≤ 2, the cp.async ring of packed words (kernels/gptq.cu,
+    /// `gemv_ring_offset_floats`). The grid aims at `blocks_per_sm` (default 4) blocks per SM, or
+    /// fewer where the driver keeps fewer resident, rounding the split down so that it fits one wave.
+    fn plan(
+        &self,
+        f: &cudarc::driver::CudaFunction,
+        entry: &str,
+        (units, tiles, mt, bits): (usize, usize, usize, u32),
+    ) -> Result<(usize, usize, u32)> {
         let uk = unit_rows(bits);
         let (blocks_per_sm, min_units) = gemv_tuning();
-        let target = self.sm_count() * blocks_per_sm;
-        let want_split = ceil_div(target, tiles).max(1);
-        let mut ups = ceil_div(units, want_split).max(min_units.min(units));
-        ups = ups.min((48 * 1024 / (mt * 4 * uk)).max(1));
-        let nsplit = ceil_div(units, ups);
-        let floats = (mt * ups * uk).max(GEMV_WARPS * mt * GEMV_COLS);
-        let smem = floats.next_multiple_of(4) * 4 + ring_bytes(bits, mt);
-        (ups, nsplit, smem as u32)
+        let split = |target: usize| {
+            let want_split = (target / tiles).max(1);
+            let mut ups = ceil_div(units, want_split).max(min_units.min(units));
+            ups = ups.min((48 * 1024 / (mt * 4 * uk)).max(1));
+            let nsplit = ceil_div(units, ups);
+            let floats = (mt * ups * uk).max(GEMV_WARPS * mt * GEMV_COLS);
+            let smem = floats.next_multiple_of(4) * 4 + ring_bytes(bits, mt);
+            (ups, nsplit, smem as u32)
+        };
+        let first = split(self.sm_count() * blocks_per_sm);
+        let resident = self.resident_blocks(f, entry, GEMV_THREADS, first.2 as usize)?;
+        Ok(if resident > 0 && resident < blocks_per_sm {
+            split(self.sm_count() * resident)
+        } else {
+            first
+        })
     }
 
-    /// Lets `f` use `smem` bytes of dynamic shared memory (above the default 48 KiB).
+    /// Blocks of `threads` threads and `smem` dynamic shared bytes the driver keeps resident per SM
+    /// (0 when `smem` is over the device's limit); cached per (entry, smem).
+    fn resident_blocks(
+        &self,
+        f: &cudarc::driver::CudaFunction,
+        entry: &str,
+        threads: u32,
+        smem: usize,
+    ) -> Result<usize> {
+        if smem > self.smem_optin() {
+            return Ok(0);
+        }
+        let key = (entry.to_string(), smem);
+        if let Some(r) = self
+            .occupancy
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&key).copied())
+        {
+            return Ok(r);
+        }
+        Self::allow_smem(f, smem as u32, entry)?;
+        let r = drv(
+            format!("occupancy of {entry}"),
+            f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None),
+        )? as usize;
+        if let Ok(mut c) = self.occupancy.lock() {
+            c.insert(key, r);
+        }
+        Ok(r)
+    }
+
+    /// Lets `f` use `smem` bytes of dynamic shared memory. Without the attribute, static and dynamic
+    /// shared memory together are limited to 48 KiB, and the kernels declare about 1 KiB of static
+    /// shared memory, so the attribute is set from 40 KiB on.
     fn allow_smem(f: &cudarc::driver::CudaFunction, smem: u32, entry: &str) -> Result<()> {
-        if smem as usize > 48 * 1024 {
+        if smem as usize > 40 * 1024 {
             drv(
                 format!("allowing {smem} bytes of shared memory for {entry}"),
                 f.set_attribute(
@@ -623,27 +714,61 @@ impl CudaDevice {
         w.mma
     }
 
-    /// Plan of the tensor-core GEMV: (k-splits per strip, tiles per warp, blocks, shared bytes).
-    /// Warps are independent, one per (32-column strip, k-split); the splits are chosen so that
-    /// all warps fit in one wave of resident warps (`MMA_MIN_BLOCKS` blocks of `MMA_WARPS` per SM,
-    /// times `MIXTRAL_GPTQ_MMA_WAVES`, default 1), each streaming a long run of tiles, and so that
-    /// a block's shared memory (X, groups, ring) stays within 96 KiB.
-    fn mma_plan(&self, k: usize, n: usize, m: usize, bits: u32) -> (usize, usize, usize, u32) {
-        let (warps, min_blocks, waves, _) = mma_tuning();
-        let tiles = k / 32;
-        let strips = n / 32;
-        let target = self.sm_count() * min_blocks * warps * waves;
-        let mut nsplit = ceil_div(target, strips).clamp(1, tiles);
-        loop {
-            let tpw = ceil_div(tiles, nsplit);
-            let x_bytes = warps * mma_warp_smem(m, tpw, bits);
-            if x_bytes <= 96 * 1024 || nsplit >= tiles {
-                let nsplit = ceil_div(tiles, tpw);
-                let blocks = ceil_div(strips * nsplit, warps);
-                return (nsplit, tpw, blocks, x_bytes as u32);
-            }
-            nsplit += 1;
+    /// Plan of the tensor-core GEMV.
+    /// Warps are independent, one per (32-column strip, k-split). Each candidate split is costed as
+    /// waves × (tiles per warp + a fixed cost per warp run, [`mma_tuning`]'s tiles' worth:
+    /// staging X, the first copies, the split-K sum), the waves counted with the blocks the driver
+    /// keeps resident with that plan's registers and shared memory (X grows with tiles per warp and
+    /// M); the cheapest wins, the larger split on ties. Cached per (entry, K, N, M).
+    fn mma_plan(
+        &self,
+        f: &cudarc::driver::CudaFunction,
+        entry: &str,
+        (k, n, m, bits): (usize, usize, usize, u32),
+    ) -> Result<MmaPlan> {
+        let key = (entry.to_string(), k, n, m);
+        if let Some(p) = self.plans.lock().ok().and_then(|c| c.get(&key).copied()) {
+            return Ok(p);
         }
+        let (warps, run_cost, _) = mma_tuning();
+        let (tiles, strips, sms) = (k / 32, n / 32, self.sm_count());
+        let mut best: Option<((usize, usize), MmaPlan)> = None;
+        let mut last_ns = 0;
+        for tpw in 1..=tiles {
+            let ns = ceil_div(tiles, tpw);
+            if ns == last_ns {
+                continue;
+            }
+            last_ns = ns;
+            let blocks = ceil_div(strips * ns, warps);
+            let smem = warps * mma_warp_smem(m, tpw, bits);
+            let resident = self.resident_blocks(f, entry, (warps * 32) as u32, smem)?;
+            if resident == 0 {
+                continue;
+            }
+            let waves = ceil_div(blocks, resident * sms);
+            let cost = (waves * (tpw + run_cost), usize::MAX - ns);
+            if best.is_none_or(|(c, _)| cost < c) {
+                let plan = MmaPlan {
+                    nsplit: ns,
+                    tiles_per_warp: tpw,
+                    blocks,
+                    smem: smem as u32,
+                };
+                best = Some((cost, plan));
+            }
+        }
+        let plan = best.map(|(_, p)| p).ok_or_else(|| {
+            unsupported(
+                "tensor-core GEMV",
+                format!("{k}x{n} at M = {m}"),
+                "no split fits in the device's shared memory",
+            )
+        })?;
+        if let Ok(mut c) = self.plans.lock() {
+            c.insert(key, plan);
+        }
+        Ok(plan)
     }
 
     fn mma_gemv_launch<T: ActDtype>(
@@ -655,9 +780,14 @@ impl CudaDevice {
     ) -> Result<()> {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
         let strips = n / 32;
-        let (nsplit, tpw, blocks, smem) = self.mma_plan(k, n, m, bits);
         let entry = format!("gptq_mma_gemv_{bits}b_{}", T::NAME);
         let f = self.function(&GPTQ, &entry)?;
+        let MmaPlan {
+            nsplit,
+            tiles_per_warp: tpw,
+            blocks,
+            smem,
+        } = self.mma_plan(&f, &entry, (k, n, m, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(nsplit * 8 * n, strips)?;
         let crate::cuda::device::Workspace {
@@ -667,7 +797,7 @@ impl CudaDevice {
             partial.as_mut().unwrap_or_else(unreachable_ws),
             counters.as_mut().unwrap_or_else(unreachable_ws),
         );
-        let (mi, ki, ni, gi) = (m as i32, k as i32, n as i32, w.groups as i32);
+        let (mi, ki, ni) = (m as i32, k as i32, n as i32);
         let (nsi, tpwi) = (nsplit as i32, tpw as i32);
         let nullp = null();
         let cfg = LaunchConfig {
@@ -682,7 +812,7 @@ impl CudaDevice {
             .arg(&mi)
             .arg(&ki)
             .arg(&ni)
-            .arg(&gi)
+            .arg(&w.group_rows)
             .arg(&nsi)
             .arg(&tpwi)
             .arg(partial)
@@ -714,9 +844,9 @@ impl CudaDevice {
         let uk = unit_rows(bits);
         let units = k / uk;
         let tiles = ceil_div(n, GEMV_COLS);
-        let (ups, nsplit, smem) = self.plan(units, tiles, mt, bits);
         let entry = format!("gptq_gemv_{bits}b_{}_m{mt}", T::NAME);
         let f = self.function(&GPTQ, &entry)?;
+        let (ups, nsplit, smem) = self.plan(&f, &entry, (units, tiles, mt, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(nsplit * mt * n, tiles)?;
         let crate::cuda::device::Workspace {
@@ -999,9 +1129,9 @@ impl CudaDevice {
         let uk = unit_rows(bits);
         let units = k / uk;
         let tiles = ceil_div(n, GEMV_COLS);
-        let (ups, nsplit, smem) = self.plan(units, tiles * pairs, 1, bits);
         let entry = format!("gptq_moe_gemv_{bits}b_{}", T::NAME);
         let f = self.function(&GPTQ, &entry)?;
+        let (ups, nsplit, smem) = self.plan(&f, &entry, (units, tiles * pairs, 1, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(pairs * nsplit * n, pairs * tiles)?;
         let crate::cuda::device::Workspace {
@@ -1138,12 +1268,14 @@ mod tests {
                 "{bits}-bit g{gs} {k}x{n} act={act}"
             );
         }
-        // The automatic choice: 4 bits, except act-order with K above 8192.
+        // The automatic choice: 4 and 8 bits, except act-order with K above 8192.
         for (bits, k, act, want) in [
             (4, 4096, true, true),
             (4, 14336, false, true),
             (4, 14336, true, false),
-            (8, 4096, false, false),
+            (8, 4096, false, true),
+            (8, 14336, true, false),
+            (3, 4096, false, false),
         ] {
             let w = random_gptq(bits, 128, k, 64, act, 4);
             assert_eq!(
@@ -1155,6 +1287,32 @@ mod tests {
     }
 
     /// Strip-major words: strip s, row r, column j is row-major (r, 32 s + j).
+    #[test]
+    fn uniform_groups() {
+        for (bits, gs, k, act, want) in [
+            (4, 128, 512, false, 128),
+            (4, 128, 512, true, 128),
+            (8, 32, 256, true, 32),
+            (4, -1, 96, false, 96),
+            (3, 128, 256, false, 128),
+        ] {
+            let w = random_gptq(bits, gs, k, 32, act, 11);
+            assert_eq!(
+                uniform_group_rows(&prepare(&w).unwrap()),
+                want,
+                "{bits}-bit g{gs} act={act}"
+            );
+        }
+        // Groups of 64 and 32 rows, or ids that skip a group: not uniform.
+        let mut w = random_gptq(4, 32, 128, 32, false, 12);
+        w.g_idx = (0..128).map(|i| if i < 64 { 0 } else { i / 32 }).collect();
+        assert_eq!(uniform_group_rows(&prepare(&w).unwrap()), 0);
+        w.g_idx = (0..128).map(|i| if i < 96 { i / 32 } else { 3 }).collect();
+        assert_eq!(uniform_group_rows(&prepare(&w).unwrap()), 32);
+        w.g_idx = (0..128).map(|i| i / 32 * 2 % 4).collect();
+        assert_eq!(uniform_group_rows(&prepare(&w).unwrap()), 0);
+    }
+
     #[test]
     fn strip_major_layout() {
         let (rows, n) = (5, 96);
