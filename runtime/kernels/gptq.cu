@@ -501,6 +501,9 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMA_MIN_BLOCKS // resident blocks per SM asked of ptxas (runtime/src/cuda/gptq.rs reads it too)
 #define MMA_MIN_BLOCKS 7
 #endif
+#ifndef MMA_X_CHUNKS // 16-byte chunks of X each lane stages per round trip
+#define MMA_X_CHUNKS 3
+#endif
 #define MMA_THREADS (MMA_WARPS * 32)
 
 template <typename T> struct IsBf16 { static constexpr bool value = false; };
@@ -741,7 +744,7 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
         const int k0 = t_begin * 32, cpr = nt * 4; // chunks per row
         const int chunks = M * cpr;
         const unsigned short* xb = (const unsigned short*)X;
-        constexpr int CH = 2;
+        constexpr int CH = MMA_X_CHUNKS;
         // Chunk ch = m * cpr + kc, kept as (m, kc) and stepped by 32 chunks without a division.
         auto step = [&](int& m, int& kc) {
             kc += 32;
