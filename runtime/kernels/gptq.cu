@@ -673,11 +673,13 @@ __device__ __forceinline__ void mma_tile(const uint4* wv, const uint4& x, const 
 // loop stays rolled: an unrolled register pipeline grew the code past the instruction cache and made
 // deeper pipelines slower). Split partials meet in `ws`; the last warp of a strip to finish adds
 // them in split order (deterministic).
-// Dynamic shared memory: MMA_WARPS * mma_warp_smem(M, tiles_per_warp, bits) bytes.
+// Dynamic shared memory: X [M][K] rounded up to 16 bytes when xblock, then MMA_WARPS *
+// mma_warp_smem(M, tiles_per_warp, bits) bytes.
 template <int BITS, typename T>
 __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N,
-                                         int group_rows, int nsplit, int tiles_per_warp, float* __restrict__ ws,
-                                         u32* __restrict__ counters, float* __restrict__ Y) {
+                                         int group_rows, int nsplit, int tiles_per_warp, int xblock,
+                                         float* __restrict__ ws, u32* __restrict__ counters,
+                                         float* __restrict__ Y) {
     constexpr bool BF = IsBf16<T>::value;
     constexpr int UNITS_PER_TILE = BITS == 4 ? 4 : 8; // packed rows (words) per 32-row tile
     constexpr int LPT = BITS == 4 ? 1 : 2;             // 16-byte loads per lane and tile
@@ -688,6 +690,25 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
     const int g = lane >> 2, c = lane & 3;
     const int wid = blockIdx.x * MMA_WARPS + warp;
     const int strips = N / 32;
+    // Act-order with a small X (xblock != 0): the block first copies X [M][K] to the front of its
+    // shared memory with 16-byte loads, and the warps gather their permuted columns from there: a
+    // warp-wide 2-byte gather from global memory touches up to 32 sectors per instruction.
+    const size_t xblock_bytes = xblock ? ((size_t)M * K * 2 + 15) & ~(size_t)15 : 0;
+    if (xblock) {
+        const uint4* src = (const uint4*)X;
+        uint4* dst = (uint4*)smem;
+        const int n16 = M * K / 8;
+        for (int i0 = threadIdx.x; i0 < n16; i0 += 4 * blockDim.x) {
+            uint4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (i0 + u * (int)blockDim.x < n16) v[u] = __ldg(src + i0 + u * blockDim.x);
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (i0 + u * (int)blockDim.x < n16) dst[i0 + u * blockDim.x] = v[u];
+        }
+        __syncthreads();
+    }
     if (wid >= strips * nsplit) return; // no barrier below: whole warps may leave
     const int strip = wid / nsplit, split = wid - strip * nsplit;
     const int n0 = strip * 32;
@@ -696,7 +717,7 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
     const int nt = min(tiles, t_begin + tiles_per_warp) - t_begin;
     const int xstride = mma_xstride(tiles_per_warp);
     // This warp's area: X [M][xstride] halves, the group of each tile, the ring of S slots.
-    unsigned char* area = (unsigned char*)smem + (size_t)warp * mma_warp_smem(M, tiles_per_warp, BITS);
+    unsigned char* area = (unsigned char*)smem + xblock_bytes + (size_t)warp * mma_warp_smem(M, tiles_per_warp, BITS);
     T* xs = (T*)area;
     int* gs = (int*)(area + (size_t)M * xstride * 2);
     unsigned char* ring = area + (size_t)M * xstride * 2 + ((tiles_per_warp * 4 + 15) & ~15);
@@ -744,6 +765,7 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
         const int k0 = t_begin * 32, cpr = nt * 4; // chunks per row
         const int chunks = M * cpr;
         const unsigned short* xb = (const unsigned short*)X;
+        const unsigned short* xg = xblock ? (const unsigned short*)smem : xb; // act-order gathers
         constexpr int CH = MMA_X_CHUNKS;
         // Chunk ch = m * cpr + kc, kept as (m, kc) and stepped by 32 chunks without a division.
         auto step = [&](int& m, int& kc) {
@@ -793,7 +815,7 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
                     if (ch < chunks) {
                         u32 h[8];
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) h[e] = xb[(size_t)m * K + idx[u][e]];
+                        for (int e = 0; e < 8; ++e) h[e] = xg[(size_t)m * K + idx[u][e]];
 #pragma unroll
                         for (int e = 0; e < 4; ++e) w[u][e] = h[2 * e] | (h[2 * e + 1] << 16);
                     }
@@ -967,9 +989,9 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
     extern "C" __global__ void __launch_bounds__(MMA_THREADS, MMA_MIN_BLOCKS) gptq_mma_gemv_##B##b_##TN(      \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
-        float* ws, u32* counters, float* Y) {                                                                \
+        int xblock, float* ws, u32* counters, float* Y) {                                                    \
         QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
-        mma_gemv<B, T>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, ws, counters, Y);                  \
+        mma_gemv<B, T>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y);          \
     }
 
 GEMV_ENTRIES(3, f16, __half)

@@ -385,6 +385,13 @@ fn mma_tuning() -> (usize, usize, usize) {
     })
 }
 
+/// Act-order layers whose X (M x K f16/bf16) takes at most this many bytes have each block of the
+/// tensor-core GEMV copy X to shared memory and gather from there: M = 1 at K = 4096. Measured on an
+/// H200 (BENCHMARKS.md): 4096 x 14336, M = 1: 19.9 us against 20.6 us gathering from global memory;
+/// with 32 KiB (M = 4) the copies and the shared memory they take made that shape 23 % slower,
+/// though 4096 x 4096 was 19 % faster.
+const MMA_XBLOCK_MAX_BYTES: usize = 8 * 1024;
+
 /// A launch plan of the tensor-core GEMV ([`CudaDevice::mma_plan`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MmaPlan {
@@ -719,14 +726,15 @@ impl CudaDevice {
     /// waves × (tiles per warp + a fixed cost per warp run, [`mma_tuning`]'s tiles' worth:
     /// staging X, the first copies, the split-K sum), the waves counted with the blocks the driver
     /// keeps resident with that plan's registers and shared memory (X grows with tiles per warp and
-    /// M); the cheapest wins, the larger split on ties. Cached per (entry, K, N, M).
+    /// M); the cheapest wins, the larger split on ties. Cached per (entry, shared X bytes, K, N, M).
     fn mma_plan(
         &self,
         f: &cudarc::driver::CudaFunction,
         entry: &str,
         (k, n, m, bits): (usize, usize, usize, u32),
+        xblock_bytes: usize,
     ) -> Result<MmaPlan> {
-        let key = (entry.to_string(), k, n, m);
+        let key = (format!("{entry}/{xblock_bytes}"), k, n, m);
         if let Some(p) = self.plans.lock().ok().and_then(|c| c.get(&key).copied()) {
             return Ok(p);
         }
@@ -741,7 +749,7 @@ impl CudaDevice {
             }
             last_ns = ns;
             let blocks = ceil_div(strips * ns, warps);
-            let smem = warps * mma_warp_smem(m, tpw, bits);
+            let smem = xblock_bytes + warps * mma_warp_smem(m, tpw, bits);
             let resident = self.resident_blocks(f, entry, (warps * 32) as u32, smem)?;
             if resident == 0 {
                 continue;
@@ -782,12 +790,19 @@ impl CudaDevice {
         let strips = n / 32;
         let entry = format!("gptq_mma_gemv_{bits}b_{}", T::NAME);
         let f = self.function(&GPTQ, &entry)?;
+        // Act-order with X small enough: each block copies X to shared memory for its gathers.
+        let xblock = w.act_order() && m * k * 2 <= MMA_XBLOCK_MAX_BYTES;
+        let xblock_bytes = if xblock {
+            (m * k * 2).next_multiple_of(16)
+        } else {
+            0
+        };
         let MmaPlan {
             nsplit,
             tiles_per_warp: tpw,
             blocks,
             smem,
-        } = self.mma_plan(&f, &entry, (k, n, m, bits))?;
+        } = self.mma_plan(&f, &entry, (k, n, m, bits), xblock_bytes)?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(nsplit * 8 * n, strips)?;
         let crate::cuda::device::Workspace {
@@ -798,7 +813,7 @@ impl CudaDevice {
             counters.as_mut().unwrap_or_else(unreachable_ws),
         );
         let (mi, ki, ni) = (m as i32, k as i32, n as i32);
-        let (nsi, tpwi) = (nsplit as i32, tpw as i32);
+        let (nsi, tpwi, xblocki) = (nsplit as i32, tpw as i32, xblock as i32);
         let nullp = null();
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
@@ -815,6 +830,7 @@ impl CudaDevice {
             .arg(&w.group_rows)
             .arg(&nsi)
             .arg(&tpwi)
+            .arg(&xblocki)
             .arg(partial)
             .arg(counters)
             .arg(y);
