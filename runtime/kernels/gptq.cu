@@ -520,18 +520,24 @@ __host__ __device__ __forceinline__ int mma_xstride(int tiles_per_warp) {
 // (lane (g, c): 16 bytes at column 16g of row c at 4 bits, rows 2c and 2c + 1 at 8 bits) hit 8
 // different 16-byte bank groups per quarter-warp: pitch 160 bytes at 4 bits, 144 at 8 bits.
 __host__ __device__ constexpr int mma_ring_pitch(int bits) { return bits == 4 ? 160 : 144; }
-// Bytes of a slot's packed rows: the tile's 4 (8) rows.
-__host__ __device__ constexpr int mma_rows_bytes(int bits) { return (bits == 4 ? 4 : 8) * mma_ring_pitch(bits); }
-// One ring slot: the packed rows, then the 32 scales (64 bytes) and the 32 zeros (16 or 32 bytes,
-// 32 reserved) of the tile's group, copied with the first tile of each group so that no group
-// change waits on a load.
-__host__ __device__ constexpr int mma_slot_bytes(int bits) { return mma_rows_bytes(bits) + 96; }
+// One ring slot: the tile's 4 (8) packed rows.
+__host__ __device__ constexpr int mma_slot_bytes(int bits) { return (bits == 4 ? 4 : 8) * mma_ring_pitch(bits); }
+// Bytes of one group's data in a warp's area: the strip's 32 scales (64 bytes), then its 32 zeros
+// (16 or 32 bytes; 32 reserved).
+#define MMA_GROUP_BYTES 96
 
-// Bytes of shared memory per warp of the tensor-core GEMV: X, the tiles' groups, the ring.
-// runtime/src/cuda/gptq.rs (`mma_warp_smem`) computes the same.
-__host__ __device__ __forceinline__ int mma_warp_smem(int M, int tiles_per_warp, int bits) {
+// Groups a warp's run of tiles_per_warp tiles can meet: each tile lies in one group, and with
+// uniform groups of group_rows rows a run of L = 32 tiles_per_warp rows meets at most
+// (L - 1) / group_rows + 2. runtime/src/cuda/gptq.rs (`mma_groups_cap`) computes the same.
+__host__ __device__ __forceinline__ int mma_groups_cap(int tiles_per_warp, int group_rows) {
+    return group_rows > 0 ? min(tiles_per_warp, (32 * tiles_per_warp - 1) / group_rows + 2) : tiles_per_warp;
+}
+
+// Bytes of shared memory per warp of the tensor-core GEMV: X, the tiles' groups, the groups' scales
+// and zeros, the ring. runtime/src/cuda/gptq.rs (`mma_warp_smem`) computes the same.
+__host__ __device__ __forceinline__ int mma_warp_smem(int M, int tiles_per_warp, int bits, int group_rows) {
     return M * mma_xstride(tiles_per_warp) * 2 + ((tiles_per_warp * 4 + 15) & ~15) +
-           MMA_STAGES * mma_slot_bytes(bits);
+           mma_groups_cap(tiles_per_warp, group_rows) * MMA_GROUP_BYTES + MMA_STAGES * mma_slot_bytes(bits);
 }
 
 // X of one 8-row block (words w0..w3 = (x0,x1) (x2,x3) (x4,x5) (x6,x7)) in the order the B
@@ -716,12 +722,15 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
     const int t_begin = min(tiles, split * tiles_per_warp);
     const int nt = min(tiles, t_begin + tiles_per_warp) - t_begin;
     const int xstride = mma_xstride(tiles_per_warp);
-    // This warp's area: X [M][xstride] halves, the group of each tile, the ring of S slots.
-    unsigned char* area = (unsigned char*)smem + xblock_bytes + (size_t)warp * mma_warp_smem(M, tiles_per_warp, BITS);
+    // This warp's area: X [M][xstride] halves, the group of each tile, the scales and zeros of each
+    // group the run meets, the ring of S slots.
+    unsigned char* area =
+        (unsigned char*)smem + xblock_bytes + (size_t)warp * mma_warp_smem(M, tiles_per_warp, BITS, group_rows);
     T* xs = (T*)area;
     int* gs = (int*)(area + (size_t)M * xstride * 2);
-    unsigned char* ring = area + (size_t)M * xstride * 2 + ((tiles_per_warp * 4 + 15) & ~15);
-    constexpr int PITCH = mma_ring_pitch(BITS), ROWS = mma_rows_bytes(BITS), SLOT = mma_slot_bytes(BITS);
+    unsigned char* garea = area + (size_t)M * xstride * 2 + ((tiles_per_warp * 4 + 15) & ~15);
+    unsigned char* ring = garea + mma_groups_cap(tiles_per_warp, group_rows) * MMA_GROUP_BYTES;
+    constexpr int PITCH = mma_ring_pitch(BITS), SLOT = mma_slot_bytes(BITS);
     constexpr int ZBYTES = BITS == 4 ? 16 : 32; // a strip's zeros of one group
 
     // The group of each tile of the run, in gs: arithmetic when every group holds group_rows sorted
@@ -731,27 +740,38 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
                                : __ldg(q.ugroup + (size_t)(t_begin + i) * UNITS_PER_TILE);
     __syncwarp();
 
+    // The scales and zeros of every group the run meets, in order, copied once before the first
+    // tile (they join its commit group): the lane of each tile that starts a group copies that
+    // group's 64 bytes of scales and 16 (32) bytes of zeros to garea slot k, k counting the starts.
+    for (int t0 = 0, k0 = 0; t0 < nt; t0 += 32) {
+        const int t = t0 + lane;
+        const bool start = t < nt && (t == 0 || gs[t] != gs[t - 1]);
+        const unsigned starts = __ballot_sync(0xffffffffu, start);
+        if (start) {
+            const int grp = gs[t];
+            unsigned char* d = garea + (k0 + __popc(starts & ((1u << lane) - 1u))) * MMA_GROUP_BYTES;
+            const unsigned char* sc = (const unsigned char*)(q.scales + (size_t)grp * N + n0);
+            const unsigned char* zs = (const unsigned char*)q.zeros + (size_t)grp * N * BITS / 8 + (size_t)n0 * BITS / 8;
+#pragma unroll
+            for (int p = 0; p < 4; ++p) cp_async16(d + 16 * p, sc + 16 * p);
+#pragma unroll
+            for (int p = 0; p < ZBYTES / 16; ++p) cp_async16(d + 64 + 16 * p, zs + 16 * p);
+        }
+        k0 += __popc(starts);
+    }
+
     // Tile t of the strip is 512 (1024) contiguous bytes in the strip-major layout (q.strip_rows = R):
     // packed rows t * UNITS_PER_TILE .. + UNITS_PER_TILE - 1, 128 bytes (32 columns) each. Lane l copies
     // bytes 16 l (and 512 + 16 l) in order, so that global and shared addresses follow the lanes alike;
-    // tile i of the run (i counted from t_begin) goes to ring slot i % S, row r at r * PITCH. Lanes 0-3
-    // also copy the strip's 32 scales of the tile's group and lanes 4 (and 5) its zeros, after the rows.
-    // Per-lane sources and slot offsets, fixed over the run (the loop only adds the tile's offset).
+    // tile i of the run (i counted from t_begin) goes to ring slot i % S, row r at r * PITCH.
     const u32* wsrc = q.qweight + (size_t)strip * q.strip_rows * 32 +
                       ((size_t)t_begin * UNITS_PER_TILE + (lane >> 3)) * 32 + 4 * (lane & 7);
     const int wdst = (lane >> 3) * PITCH + 16 * (lane & 7);
-    // Lanes 0-3: 16 bytes of scales each, then 16 bytes of zeros per lane, to slot bytes ROWS + 16 lane.
-    const bool gcopy = lane < 4 + ZBYTES / 16;
-    const unsigned char* gsrc = lane < 4 ? (const unsigned char*)(q.scales + n0) + 16 * lane
-                                         : (const unsigned char*)q.zeros + (size_t)n0 * BITS / 8 + 16 * (lane - 4);
-    const int gpitch = lane < 4 ? N * 2 : N * BITS / 8; // bytes per group
     auto issue = [&](int i) {
         unsigned char* slot = ring + (i % S) * SLOT;
         const u32* src = wsrc + (size_t)i * (UNITS_PER_TILE * 32);
 #pragma unroll
         for (int h = 0; h < LPT; ++h) cp_async16(slot + wdst + h * 4 * PITCH, src + h * 4 * 32);
-        // Only where the group starts (the tile whose body reads them).
-        if (gcopy && (i == 0 || gs[i] != gs[i - 1])) cp_async16(slot + ROWS + 16 * lane, gsrc + (size_t)gs[i] * gpitch);
     };
 #pragma unroll
     for (int i = 0; i < S - 1; ++i) {
@@ -852,14 +872,16 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
                 gacc[i][r] = 0.0f;
             }
     };
-    // Tile i of the run, group gt, in ring slot `slot`: at a group change, the group's scales and
-    // zeros come from the slot (lane (g, c): scales of columns 4g .. 4g + 3, their zero word).
-    auto body = [&](int i, int gt, const unsigned char* slot, const uint4* wv) {
+    // Tile i of the run, group gt: at a group change, the next group's scales and zeros come from
+    // garea (lane (g, c): scales of columns 4g .. 4g + 3, their zero word).
+    const unsigned char* gnext = garea;
+    auto body = [&](int i, int gt, const uint4* wv) {
         if (gt != cur_g) {
             if (cur_g >= 0) flush();
-            const uint2 sr = *(const uint2*)(slot + ROWS + 8 * g);
-            const u32 zw = BITS == 4 ? *(const u32*)(slot + ROWS + 64 + 4 * (g >> 1)) >> ((g & 1) * 16)
-                                     : *(const u32*)(slot + ROWS + 64 + 4 * g);
+            const uint2 sr = *(const uint2*)(gnext + 8 * g);
+            const u32 zw = BITS == 4 ? *(const u32*)(gnext + 64 + 4 * (g >> 1)) >> ((g & 1) * 16)
+                                     : *(const u32*)(gnext + 64 + 4 * g);
+            gnext += MMA_GROUP_BYTES;
             const u32 sw[2] = {sr.x, sr.y};
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
@@ -887,7 +909,7 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
         // the __syncwarp above; slot i % S (read by body) is another one.
         if (i + S - 1 < nt) issue(i + S - 1);
         cp_async_commit();
-        body(i, gs[i], slot, wv);
+        body(i, gs[i], wv);
     }
     cp_async_wait<0>();
     if (cur_g >= 0) flush();

@@ -418,12 +418,25 @@ fn mma_xstride(tiles_per_warp: usize) -> usize {
 
 /// Shared bytes per warp of the tensor-core GEMV (`mma_warp_smem` in kernels/gptq.cu): X, the
 /// tiles' groups and the cp.async ring of `MMA_STAGES` slots.
-fn mma_warp_smem(m: usize, tiles_per_warp: usize, bits: u32) -> usize {
+fn mma_warp_smem(m: usize, tiles_per_warp: usize, bits: u32, group_rows: usize) -> usize {
     let stages = mma_tuning().2;
-    // Ring slot: the tile's 4 (8) packed rows at a pitch of 160 (144) bytes, then 96 bytes of the
-    // group's scales and zeros (`mma_slot_bytes`).
-    let slot = if bits == 4 { 4 * 160 } else { 8 * 144 } + 96;
-    m * mma_xstride(tiles_per_warp) * 2 + (tiles_per_warp * 4).next_multiple_of(16) + stages * slot
+    // Ring slot: the tile's 4 (8) packed rows at a pitch of 160 (144) bytes (`mma_slot_bytes`); 96
+    // bytes of scales and zeros per group the run meets (`MMA_GROUP_BYTES`).
+    let slot = if bits == 4 { 4 * 160 } else { 8 * 144 };
+    m * mma_xstride(tiles_per_warp) * 2
+        + (tiles_per_warp * 4).next_multiple_of(16)
+        + mma_groups_cap(tiles_per_warp, group_rows) * 96
+        + stages * slot
+}
+
+/// Groups a warp's run of tiles can meet (`mma_groups_cap` in kernels/gptq.cu): one per tile at
+/// most, and with uniform groups of `group_rows` rows at most (32 tiles - 1) / group_rows + 2.
+fn mma_groups_cap(tiles_per_warp: usize, group_rows: usize) -> usize {
+    if group_rows > 0 {
+        tiles_per_warp.min((32 * tiles_per_warp - 1) / group_rows + 2)
+    } else {
+        tiles_per_warp
+    }
 }
 
 /// Row-major `[R, N]` packed words to strip-major `[N/32][R][32]` (N a multiple of 32): the layout
@@ -726,15 +739,16 @@ impl CudaDevice {
     /// waves × (tiles per warp + a fixed cost per warp run, [`mma_tuning`]'s tiles' worth:
     /// staging X, the first copies, the split-K sum), the waves counted with the blocks the driver
     /// keeps resident with that plan's registers and shared memory (X grows with tiles per warp and
-    /// M); the cheapest wins, the larger split on ties. Cached per (entry, shared X bytes, K, N, M).
+    /// M); the cheapest wins, the larger split on ties. Cached per (entry, shared X bytes, group rows,
+    /// K, N, M).
     fn mma_plan(
         &self,
         f: &cudarc::driver::CudaFunction,
         entry: &str,
         (k, n, m, bits): (usize, usize, usize, u32),
-        xblock_bytes: usize,
+        (xblock_bytes, group_rows): (usize, usize),
     ) -> Result<MmaPlan> {
-        let key = (format!("{entry}/{xblock_bytes}"), k, n, m);
+        let key = (format!("{entry}/{xblock_bytes}/{group_rows}"), k, n, m);
         if let Some(p) = self.plans.lock().ok().and_then(|c| c.get(&key).copied()) {
             return Ok(p);
         }
@@ -749,7 +763,7 @@ impl CudaDevice {
             }
             last_ns = ns;
             let blocks = ceil_div(strips * ns, warps);
-            let smem = xblock_bytes + warps * mma_warp_smem(m, tpw, bits);
+            let smem = xblock_bytes + warps * mma_warp_smem(m, tpw, bits, group_rows);
             let resident = self.resident_blocks(f, entry, (warps * 32) as u32, smem)?;
             if resident == 0 {
                 continue;
@@ -802,7 +816,12 @@ impl CudaDevice {
             tiles_per_warp: tpw,
             blocks,
             smem,
-        } = self.mma_plan(&f, &entry, (k, n, m, bits), xblock_bytes)?;
+        } = self.mma_plan(
+            &f,
+            &entry,
+            (k, n, m, bits),
+            (xblock_bytes, w.group_rows as usize),
+        )?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(nsplit * 8 * n, strips)?;
         let crate::cuda::device::Workspace {
