@@ -432,10 +432,9 @@ fn mma_warp_smem(m: usize, tiles_per_warp: usize, bits: u32, group_rows: usize) 
 /// Groups a warp's run of tiles can meet (`mma_groups_cap` in kernels/gptq.cu): one per tile at
 /// most, and with uniform groups of `group_rows` rows at most (32 tiles - 1) / group_rows + 2.
 fn mma_groups_cap(tiles_per_warp: usize, group_rows: usize) -> usize {
-    if group_rows > 0 {
-        tiles_per_warp.min((32 * tiles_per_warp - 1) / group_rows + 2)
-    } else {
-        tiles_per_warp
+    match (32 * tiles_per_warp - 1).checked_div(group_rows) {
+        Some(q) => tiles_per_warp.min(q + 2),
+        None => tiles_per_warp,
     }
 }
 
