@@ -672,15 +672,15 @@ __device__ __forceinline__ void mma_tile(const uint4* wv, const uint4& x, const 
 }
 
 // One warp's work: 32 output columns (a strip) for up to 8 rows of X over a run of 32-row k-tiles.
-// Warps are independent (no block-level barrier): grid-wide, warp w takes strip w / nsplit and
-// k-split w % nsplit, the splits of a strip being `tiles_per_warp` tiles each. The plan
-// (runtime/src/cuda/gptq.rs, `mma_plan`) sizes the grid in whole waves of resident warps, each
-// streaming its run through a lane-private cp.async ring of MMA_STAGES slots in shared memory (the
-// loop stays rolled: an unrolled register pipeline grew the code past the instruction cache and made
-// deeper pipelines slower). Split partials meet in `ws`; the last warp of a strip to finish adds
-// them in split order (deterministic).
+// Warps are independent (the only block-level barrier ends the optional X copy): grid-wide, warp w
+// takes strip w / nsplit and k-split w % nsplit, the splits of a strip being `tiles_per_warp` tiles
+// each. The plan (runtime/src/cuda/gptq.rs, `mma_plan`) sizes the grid in whole waves of resident
+// warps, each streaming its run through its own cp.async ring of MMA_STAGES slots in shared memory
+// (the loop stays rolled: an unrolled register pipeline grew the code past the instruction cache and
+// made deeper pipelines slower). Split partials meet in `ws`; the last warp of a strip to finish
+// adds them in split order (deterministic).
 // Dynamic shared memory: X [M][K] rounded up to 16 bytes when xblock, then MMA_WARPS *
-// mma_warp_smem(M, tiles_per_warp, bits) bytes.
+// mma_warp_smem(M, tiles_per_warp, bits, group_rows) bytes.
 template <int BITS, typename T>
 __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N,
                                          int group_rows, int nsplit, int tiles_per_warp, int xblock,
