@@ -27,6 +27,9 @@ typedef unsigned char u8;
 #define GEMV_THREADS (GEMV_WARPS * 32)
 #define GEMV_COLS 128 // 32 lanes x 4 columns
 // Tuning knobs (MIXTRAL_GPTQ_NVRTC_DEFINES can override them for benchmark sweeps).
+#ifndef GEMV_MIN_BLOCKS_3BIT // resident blocks per SM asked of ptxas for 3-bit MT <= 2 and the fused MoE
+#define GEMV_MIN_BLOCKS_3BIT 2
+#endif
 #ifndef GEMV_MIN_BLOCKS_SMALL_M // resident blocks per SM asked of ptxas for MT <= 2
 #define GEMV_MIN_BLOCKS_SMALL_M 3
 #endif
@@ -977,7 +980,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 // ---- entry points: {op}_{bits}b_{dtype}[_m{MT}] ----
 
 #define GEMV_ENTRY(B, TN, T, MT)                                                                              \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, MT <= 2 ? (B == 3 ? 2 : GEMV_MIN_BLOCKS_SMALL_M) : 1)        \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, MT <= 2 ? (B == 3 ? GEMV_MIN_BLOCKS_3BIT : GEMV_MIN_BLOCKS_SMALL_M) : 1)        \
         gptq_gemv_##B##b_##TN##_m##MT(                \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
         const int* perm, const T* X, int M, int K, int N, int units_per_split, float* ws, u32* counters,      \
@@ -993,7 +996,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
     GEMV_ENTRY(B, TN, T, 8)
 
 #define MOE_ENTRY(B, TN, T)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, B == 3 ? 2 : GEMV_MIN_BLOCKS_SMALL_M) gptq_moe_gemv_##B##b_##TN(                   \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, B == 3 ? GEMV_MIN_BLOCKS_3BIT : GEMV_MIN_BLOCKS_SMALL_M) gptq_moe_gemv_##B##b_##TN(                   \
         const unsigned long long* table, int strip_rows, const int* expert_ids, const float* pair_scale,      \
         const T* X, int x_div, int K, int N, int units_per_split, float* ws, u32* counters, float* Y) {      \
         gemv_moe<B, T>(table, strip_rows, expert_ids, pair_scale, X, x_div, K, N, units_per_split, ws,       \
