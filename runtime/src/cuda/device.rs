@@ -45,6 +45,17 @@ pub(crate) struct Workspace {
     pub(crate) xconv: Option<CudaSlice<half::f16>>,
 }
 
+impl Workspace {
+    /// The split-K partial sums and counters, after `CudaDevice::split_k_workspace` grew them.
+    pub(crate) fn split_k(&mut self) -> (&mut CudaSlice<f32>, &mut CudaSlice<u32>) {
+        match (self.partial.as_mut(), self.counters.as_mut()) {
+            (Some(p), Some(c)) => (p, c),
+            // `ensure` just filled both slots; reaching this is a bug, not a user error.
+            _ => panic!("split-K workspace empty right after ensure()"),
+        }
+    }
+}
+
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -557,7 +557,8 @@ impl CudaDevice {
     }
 
     /// The workspace, locked, with its split-K partial sums grown to `partial` floats and its
-    /// counters to `counters` words (the GEMV and fused MoE launches).
+    /// counters to `counters` words (the GEMV and fused MoE launches; `Workspace::split_k` lends
+    /// both).
     fn split_k_workspace(
         &self,
         partial: usize,
@@ -823,13 +824,7 @@ impl CudaDevice {
         )?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(nsplit * 8 * n, strips)?;
-        let crate::cuda::device::Workspace {
-            partial, counters, ..
-        } = &mut *ws;
-        let (partial, counters) = (
-            partial.as_mut().unwrap_or_else(unreachable_ws),
-            counters.as_mut().unwrap_or_else(unreachable_ws),
-        );
+        let (partial, counters) = ws.split_k();
         let (mi, ki, ni) = (m as i32, k as i32, n as i32);
         let (nsi, tpwi, xblocki) = (nsplit as i32, tpw as i32, xblock as i32);
         let nullp = null();
@@ -883,13 +878,7 @@ impl CudaDevice {
         let (ups, nsplit, smem) = self.plan(&f, &entry, (units, tiles, mt, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(nsplit * mt * n, tiles)?;
-        let crate::cuda::device::Workspace {
-            partial, counters, ..
-        } = &mut *ws;
-        let (partial, counters) = (
-            partial.as_mut().unwrap_or_else(unreachable_ws),
-            counters.as_mut().unwrap_or_else(unreachable_ws),
-        );
+        let (partial, counters) = ws.split_k();
         let (mi, ki, ni, upsi) = (m as i32, k as i32, n as i32, ups as i32);
         let nullp = null();
         let cfg = LaunchConfig {
@@ -1168,13 +1157,7 @@ impl CudaDevice {
         let (ups, nsplit, smem) = self.plan(&f, &entry, (units, tiles * pairs, 1, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(pairs * nsplit * n, pairs * tiles)?;
-        let crate::cuda::device::Workspace {
-            partial, counters, ..
-        } = &mut *ws;
-        let (partial, counters) = (
-            partial.as_mut().unwrap_or_else(unreachable_ws),
-            counters.as_mut().unwrap_or_else(unreachable_ws),
-        );
+        let (partial, counters) = ws.split_k();
         let (xd, ki, ni, upsi) = (x_div as i32, k as i32, n as i32, ups as i32);
         let nullp = null();
         let cfg = LaunchConfig {
