@@ -504,6 +504,18 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMA_MIN_BLOCKS // resident blocks per SM asked of ptxas (runtime/src/cuda/gptq.rs reads it too)
 #define MMA_MIN_BLOCKS 7
 #endif
+#ifndef MMAD_DEPTH // tiles in flight per warp in the register-pipelined tensor-core GEMV at 4 bits (mmad_depth)
+#define MMAD_DEPTH 2
+#endif
+#ifndef MMAD_DEPTH8 // the same at 8 bits (1 KiB tiles)
+#define MMAD_DEPTH8 2
+#endif
+#ifndef MMAD_MAX_WARPS // warps per block (= k-splits per strip) the register-pipelined GEMV allows:
+#define MMAD_MAX_WARPS 28 // 28 keeps ptxas at 72 registers (runtime/src/cuda/gptq.rs reads it)
+#endif
+#ifndef MMAD_X_CHUNKS // its MMA_X_CHUNKS (the first tiles' registers are live while X is staged)
+#define MMAD_X_CHUNKS 1
+#endif
 #ifndef MMA_X_CHUNKS // 16-byte chunks of X each lane stages per round trip
 #define MMA_X_CHUNKS 3
 #endif
@@ -674,6 +686,164 @@ __device__ __forceinline__ void mma_tile(const uint4* wv, const uint4& x, const 
     }
 }
 
+// A warp's sums for its four columns (acc[i]: columns 4g + 2i and 4g + 2i + 1, X rows 2c and 2c + 1):
+// gacc collects the current group's sum of x * (q - z), which flush() scales into acc.
+template <int BITS, bool BF> struct MmaAcc {
+    float acc[2][4], gacc[2][4];
+    float s[4];
+    MmaZero<BITS, BF> zc;
+    __device__ __forceinline__ void init() {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][r] = gacc[i][r] = 0.0f;
+    }
+    __device__ __forceinline__ void flush() {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                acc[i][r] = fmaf(s[2 * i + (r >> 1)], gacc[i][r], acc[i][r]);
+                gacc[i][r] = 0.0f;
+            }
+    }
+    // The next group: sr holds the f16 scales of columns 4g .. 4g + 3, zw their stored zero codes at
+    // bits BITS * j.
+    __device__ __forceinline__ void group(uint2 sr, u32 zw) {
+        const u32 sw[2] = {sr.x, sr.y};
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            s[2 * j] = __half2float(__ushort_as_half((unsigned short)(sw[j] & 0xFFFF)));
+            s[2 * j + 1] = __half2float(__ushort_as_half((unsigned short)(sw[j] >> 16)));
+        }
+        zc.set(zw);
+    }
+};
+
+// Act-order with a small X (xblock != 0): the block first copies X [M][K] to the front of its
+// shared memory with 16-byte loads, and the warps gather their permuted columns from there: a
+// warp-wide 2-byte gather from global memory touches up to 32 sectors per instruction. Ends with the
+// block's only barrier; returns the bytes taken (rounded up to 16).
+template <typename T> __device__ __forceinline__ size_t mma_copy_x_block(const T* __restrict__ X, int M, int K, float* smem) {
+    const uint4* src = (const uint4*)X;
+    uint4* dst = (uint4*)smem;
+    const int n16 = M * K / 8;
+    for (int i0 = threadIdx.x; i0 < n16; i0 += 4 * blockDim.x) {
+        uint4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (i0 + u * (int)blockDim.x < n16) v[u] = __ldg(src + i0 + u * blockDim.x);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (i0 + u * (int)blockDim.x < n16) dst[i0 + u * blockDim.x] = v[u];
+    }
+    __syncthreads();
+    return ((size_t)M * K * 2 + 15) & ~(size_t)15;
+}
+
+// Stages a warp's X (tiles t_begin .. t_begin + nt - 1 of every row) in fragment order (mma_order)
+// at xs [M][xstride]: 8 consecutive k of one row per chunk, a 16-byte load (or, for act-order, one
+// index load pair and 8 gathers, from the block's copy of X when xblock is not null) and a 16-byte
+// store; CH chunks per lane and round trip. Ends with __syncwarp.
+template <int BITS, int CH, typename T>
+__device__ __forceinline__ void mma_stage_x(const QMat& q, const T* __restrict__ X, int M, int K, const float* xblock,
+                                            int t_begin, int nt, T* xs, int xstride, int lane) {
+    const int k0 = t_begin * 32, cpr = nt * 4; // chunks per row
+    const int chunks = M * cpr;
+    const unsigned short* xb = (const unsigned short*)X;
+    const unsigned short* xg = xblock ? (const unsigned short*)xblock : xb; // act-order gathers
+    // Chunk ch = m * cpr + kc, kept as (m, kc) and stepped by 32 chunks without a division.
+    auto step = [&](int& m, int& kc) {
+        kc += 32;
+        while (kc >= cpr) {
+            kc -= cpr;
+            ++m;
+        }
+    };
+    int m_next = 0, kc_next = lane - 32;
+    if (chunks > 0) step(m_next, kc_next);
+    for (int ch0 = lane; ch0 < chunks; ch0 += CH * 32) {
+        u32 w[CH][4];
+        int mu[CH], ku[CH];
+#pragma unroll
+        for (int u = 0; u < CH; ++u) {
+            mu[u] = m_next;
+            ku[u] = kc_next * 8;
+            step(m_next, kc_next);
+        }
+#pragma unroll
+        for (int u = 0; u < CH; ++u) {
+            const int ch = ch0 + u * 32;
+            const int m = mu[u], kk = ku[u];
+            if (ch < chunks && !q.perm) {
+                const uint4 v = *(const uint4*)(xb + (size_t)m * K + k0 + kk);
+                w[u][0] = v.x; w[u][1] = v.y; w[u][2] = v.z; w[u][3] = v.w;
+            }
+        }
+        if (q.perm) {
+            int idx[CH][8];
+#pragma unroll
+            for (int u = 0; u < CH; ++u) {
+                const int ch = ch0 + u * 32;
+                const int kk = ku[u];
+                if (ch < chunks) {
+                    const int4* pp = (const int4*)(q.perm + k0 + kk);
+                    const int4 p0 = __ldg(pp), p1 = __ldg(pp + 1);
+                    idx[u][0] = p0.x; idx[u][1] = p0.y; idx[u][2] = p0.z; idx[u][3] = p0.w;
+                    idx[u][4] = p1.x; idx[u][5] = p1.y; idx[u][6] = p1.z; idx[u][7] = p1.w;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < CH; ++u) {
+                const int ch = ch0 + u * 32;
+                const int m = mu[u];
+                if (ch < chunks) {
+                    u32 h[8];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) h[e] = xg[(size_t)m * K + idx[u][e]];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) w[u][e] = h[2 * e] | (h[2 * e + 1] << 16);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < CH; ++u) {
+            const int ch = ch0 + u * 32;
+            const int m = mu[u], kk = ku[u];
+            if (ch < chunks) *(uint4*)(xs + m * xstride + kk) = mma_order<BITS>(w[u][0], w[u][1], w[u][2], w[u][3]);
+        }
+    }
+    __syncwarp();
+}
+
+// Writes a warp's sums (lane (g, c): X rows 2c and 2c + 1, columns n0 + 4g .. n0 + 4g + 3): to Y
+// when nsplit is 1, else to its split's partial in ws; the last warp of the strip to finish adds the
+// partials in split order (deterministic) and resets the strip's counter.
+__device__ __forceinline__ void mma_finish(const float (*acc)[4], int M, int N, int n0, int strip, int split, int nsplit,
+                                           float* __restrict__ ws, u32* __restrict__ counters, float* __restrict__ Y) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int col = n0 + 4 * g;
+    const float4 r0 = make_float4(acc[0][0], acc[0][2], acc[1][0], acc[1][2]);
+    const float4 r1 = make_float4(acc[0][1], acc[0][3], acc[1][1], acc[1][3]);
+    float* out = nsplit == 1 ? Y : ws + (size_t)split * 8 * N;
+    if (2 * c < M) *(float4*)(out + (size_t)(2 * c) * N + col) = r0;
+    if (2 * c + 1 < M) *(float4*)(out + (size_t)(2 * c + 1) * N + col) = r1;
+    if (nsplit == 1) return;
+    __threadfence();
+    __syncwarp();
+    u32 last = 0;
+    if (lane == 0) last = atomicAdd(counters + strip, 1u) == (u32)(nsplit - 1);
+    last = __shfl_sync(0xffffffffu, last, 0);
+    if (!last) return;
+    __threadfence();
+    for (int m = 0; m < M; ++m) {
+        float v = 0.0f;
+        for (int sp = 0; sp < nsplit; ++sp) v += __ldcg(ws + ((size_t)sp * 8 + m) * N + n0 + lane);
+        Y[(size_t)m * N + n0 + lane] = v;
+    }
+    if (lane == 0) counters[strip] = 0u;
+}
+
 // One warp's work: 32 output columns (a strip) for up to 8 rows of X over a run of 32-row k-tiles.
 // Warps are independent (the only block-level barrier ends the optional X copy): grid-wide, warp w
 // takes strip w / nsplit and k-split w % nsplit, the splits of a strip being `tiles_per_warp` tiles
@@ -699,25 +869,7 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
     const int g = lane >> 2, c = lane & 3;
     const int wid = blockIdx.x * MMA_WARPS + warp;
     const int strips = N / 32;
-    // Act-order with a small X (xblock != 0): the block first copies X [M][K] to the front of its
-    // shared memory with 16-byte loads, and the warps gather their permuted columns from there: a
-    // warp-wide 2-byte gather from global memory touches up to 32 sectors per instruction.
-    const size_t xblock_bytes = xblock ? ((size_t)M * K * 2 + 15) & ~(size_t)15 : 0;
-    if (xblock) {
-        const uint4* src = (const uint4*)X;
-        uint4* dst = (uint4*)smem;
-        const int n16 = M * K / 8;
-        for (int i0 = threadIdx.x; i0 < n16; i0 += 4 * blockDim.x) {
-            uint4 v[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u)
-                if (i0 + u * (int)blockDim.x < n16) v[u] = __ldg(src + i0 + u * blockDim.x);
-#pragma unroll
-            for (int u = 0; u < 4; ++u)
-                if (i0 + u * (int)blockDim.x < n16) dst[i0 + u * blockDim.x] = v[u];
-        }
-        __syncthreads();
-    }
+    const size_t xblock_bytes = xblock ? mma_copy_x_block(X, M, K, smem) : 0;
     if (wid >= strips * nsplit) return; // no barrier below: whole warps may leave
     const int strip = wid / nsplit, split = wid - strip * nsplit;
     const int n0 = strip * 32;
@@ -782,120 +934,29 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
         cp_async_commit();
     }
 
-    // Stage this warp's X in fragment order (mma_order): 8 consecutive k of one row per chunk, a
-    // 16-byte load (or, for act-order, one index load pair and 8 gathers) and a 16-byte store.
-    {
-        const int k0 = t_begin * 32, cpr = nt * 4; // chunks per row
-        const int chunks = M * cpr;
-        const unsigned short* xb = (const unsigned short*)X;
-        const unsigned short* xg = xblock ? (const unsigned short*)smem : xb; // act-order gathers
-        constexpr int CH = MMA_X_CHUNKS;
-        // Chunk ch = m * cpr + kc, kept as (m, kc) and stepped by 32 chunks without a division.
-        auto step = [&](int& m, int& kc) {
-            kc += 32;
-            while (kc >= cpr) {
-                kc -= cpr;
-                ++m;
-            }
-        };
-        int m_next = 0, kc_next = lane - 32;
-        if (chunks > 0) step(m_next, kc_next);
-        for (int ch0 = lane; ch0 < chunks; ch0 += CH * 32) {
-            u32 w[CH][4];
-            int mu[CH], ku[CH];
-#pragma unroll
-            for (int u = 0; u < CH; ++u) {
-                mu[u] = m_next;
-                ku[u] = kc_next * 8;
-                step(m_next, kc_next);
-            }
-#pragma unroll
-            for (int u = 0; u < CH; ++u) {
-                const int ch = ch0 + u * 32;
-                const int m = mu[u], kk = ku[u];
-                if (ch < chunks && !q.perm) {
-                    const uint4 v = *(const uint4*)(xb + (size_t)m * K + k0 + kk);
-                    w[u][0] = v.x; w[u][1] = v.y; w[u][2] = v.z; w[u][3] = v.w;
-                }
-            }
-            if (q.perm) {
-                int idx[CH][8];
-#pragma unroll
-                for (int u = 0; u < CH; ++u) {
-                    const int ch = ch0 + u * 32;
-                    const int kk = ku[u];
-                    if (ch < chunks) {
-                        const int4* pp = (const int4*)(q.perm + k0 + kk);
-                        const int4 p0 = __ldg(pp), p1 = __ldg(pp + 1);
-                        idx[u][0] = p0.x; idx[u][1] = p0.y; idx[u][2] = p0.z; idx[u][3] = p0.w;
-                        idx[u][4] = p1.x; idx[u][5] = p1.y; idx[u][6] = p1.z; idx[u][7] = p1.w;
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < CH; ++u) {
-                    const int ch = ch0 + u * 32;
-                    const int m = mu[u];
-                    if (ch < chunks) {
-                        u32 h[8];
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) h[e] = xg[(size_t)m * K + idx[u][e]];
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) w[u][e] = h[2 * e] | (h[2 * e + 1] << 16);
-                    }
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < CH; ++u) {
-                const int ch = ch0 + u * 32;
-                const int m = mu[u], kk = ku[u];
-                if (ch < chunks) *(uint4*)(xs + m * xstride + kk) = mma_order<BITS>(w[u][0], w[u][1], w[u][2], w[u][3]);
-            }
-        }
-        __syncwarp();
-    }
+    mma_stage_x<BITS, MMA_X_CHUNKS>(q, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs, xstride, lane);
 
-    // acc[i]: columns n0 + 4g + 2i (X rows 2c, 2c + 1) and n0 + 4g + 2i + 1 (the same rows).
-    float acc[2][4], gacc[2][4];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[i][r] = gacc[i][r] = 0.0f;
-    float s[4];
-    MmaZero<BITS, BF> zc;
+    MmaAcc<BITS, BF> a;
+    a.init();
     int cur_g = -1;
     // B column g is X row g; lanes past the last row repeat it (their output columns are dropped).
     const T* xrow = xs + min(g, M - 1) * xstride + 8 * c;
 
-    auto flush = [&]() {
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                acc[i][r] = fmaf(s[2 * i + (r >> 1)], gacc[i][r], acc[i][r]);
-                gacc[i][r] = 0.0f;
-            }
-    };
     // Tile i of the run, group gt: at a group change, the next group's scales and zeros come from
     // garea (lane (g, c): scales of columns 4g .. 4g + 3, their zero word).
     const unsigned char* gnext = garea;
     auto body = [&](int i, int gt, const uint4* wv) {
         if (gt != cur_g) {
-            if (cur_g >= 0) flush();
+            if (cur_g >= 0) a.flush();
             const uint2 sr = *(const uint2*)(gnext + 8 * g);
             const u32 zw = BITS == 4 ? *(const u32*)(gnext + 64 + 4 * (g >> 1)) >> ((g & 1) * 16)
                                      : *(const u32*)(gnext + 64 + 4 * g);
             gnext += MMA_GROUP_BYTES;
-            const u32 sw[2] = {sr.x, sr.y};
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                s[2 * j] = __half2float(__ushort_as_half((unsigned short)(sw[j] & 0xFFFF)));
-                s[2 * j + 1] = __half2float(__ushort_as_half((unsigned short)(sw[j] >> 16)));
-            }
-            zc.set(zw);
+            a.group(sr, zw);
             cur_g = gt;
         }
         const uint4 x = *(const uint4*)(xrow + i * 32);
-        mma_tile<BITS, BF>(wv, x, zc, gacc);
+        mma_tile<BITS, BF>(wv, x, a.zc, a.gacc);
     };
 
     const int wread = LPT * c * PITCH + 16 * g; // lane (g, c): packed rows LPT c + h, columns 4g ..
@@ -915,29 +976,145 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
         body(i, gs[i], wv);
     }
     cp_async_wait<0>();
-    if (cur_g >= 0) flush();
+    if (cur_g >= 0) a.flush();
 
-    // Lane (g, c) holds X rows 2c and 2c + 1 for columns n0 + 4g .. n0 + 4g + 3.
-    const int col = n0 + 4 * g;
-    const float4 r0 = make_float4(acc[0][0], acc[0][2], acc[1][0], acc[1][2]);
-    const float4 r1 = make_float4(acc[0][1], acc[0][3], acc[1][1], acc[1][3]);
-    float* out = nsplit == 1 ? Y : ws + (size_t)split * 8 * N;
-    if (2 * c < M) *(float4*)(out + (size_t)(2 * c) * N + col) = r0;
-    if (2 * c + 1 < M) *(float4*)(out + (size_t)(2 * c + 1) * N + col) = r1;
-    if (nsplit == 1) return;
-    __threadfence();
-    __syncwarp();
-    u32 last = 0;
-    if (lane == 0) last = atomicAdd(counters + strip, 1u) == (u32)(nsplit - 1);
-    last = __shfl_sync(0xffffffffu, last, 0);
-    if (!last) return;
-    __threadfence();
-    for (int m = 0; m < M; ++m) {
-        float v = 0.0f;
-        for (int sp = 0; sp < nsplit; ++sp) v += __ldcg(ws + ((size_t)sp * 8 + m) * N + n0 + lane);
-        Y[(size_t)m * N + n0 + lane] = v;
+    mma_finish(a.acc, M, N, n0, strip, split, nsplit, ws, counters, Y);
+}
+
+// The tensor-core GEMV for uniform groups (group_rows > 0, a multiple of 32). One block per 32-column
+// strip, its nsplit warps (at most MMAD_MAX_WARPS) the strip's k-splits, added in shared memory at
+// the end: no split-K workspace, fence or atomic. X is staged as in mma_gemv, but each lane loads its
+// 16 bytes (two pieces at 8 bits) of every tile straight from global memory into a register
+// pipeline D tiles deep, and the scales and zero word of the next group are loaded one group ahead
+// into registers. Without the ring's waits, barriers and shared-memory round trip, a tile costs
+// fewer instructions.
+// Lane (g, c) of tile t reads packed row LPT c + h, columns 4g .. 4g + 3: bytes (LPT c + h) * 128 + 16 g
+// of the tile's 512 (1024) contiguous bytes, so each warp-wide load is whole 128-byte lines.
+// BLOCKED: the run is whole blocks of D tiles and no group starts inside a block (mmad_blocked), so
+// the group and bounds checks run once per block; otherwise once per tile. The loop body is D tiles
+// unrolled, so D trades tiles in flight against code size (measured: deeper was slower).
+// Dynamic shared memory: X [M][K] rounded up to 16 bytes when xblock, then nsplit * M * xstride * 2.
+// ws and counters are not used.
+template <int BITS, typename T, int D, bool BLOCKED>
+__device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N,
+                                          int group_rows, int nsplit, int tiles_per_warp, int xblock,
+                                          float* __restrict__ ws, u32* __restrict__ counters,
+                                          float* __restrict__ Y) {
+    constexpr bool BF = IsBf16<T>::value;
+    constexpr int LPT = BITS == 4 ? 1 : 2;  // 16-byte loads per lane and tile
+    constexpr int TS = BITS == 4 ? 32 : 64; // uint4 per tile
+    extern __shared__ float smem[];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const size_t xblock_bytes = xblock ? mma_copy_x_block(X, M, K, smem) : 0;
+    const int strip = blockIdx.x, split = warp; // nsplit warps per block
+    const int n0 = strip * 32;
+    const int tiles = K / 32;
+    const int t_begin = min(tiles, split * tiles_per_warp);
+    const int nt = min(tiles, t_begin + tiles_per_warp) - t_begin;
+    const int xstride = mma_xstride(tiles_per_warp);
+    const size_t warp_bytes = (size_t)M * xstride * 2;
+
+    // The first D tiles, in flight before anything else.
+    const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * q.strip_rows * 32) + (size_t)t_begin * TS + LPT * c * 8 + g;
+    uint4 buf[D][LPT];
+#pragma unroll
+    for (int d = 0; d < D; ++d)
+        if (d < nt)
+#pragma unroll
+            for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * TS + h * 8));
+
+    // Groups: tpg tiles each. sp and zp point at the scales and zero word of the group loaded next
+    // (into nsr, nzw), gl counts the groups after it; past the last group they stay on it.
+    const int tpg = group_rows / 32;
+    const int g0 = min(t_begin / tpg, K / group_rows - 1); // (a warp without tiles reads the last group)
+    int gl = K / group_rows - 1 - g0;
+    const uint2* sp = (const uint2*)(q.scales + (size_t)g0 * N + n0 + 4 * g);
+    const u32* zp = (const u32*)q.zeros + (size_t)g0 * (N * BITS / 32) + (BITS == 4 ? n0 / 8 + g / 2 : n0 / 4 + g);
+    const int zshift = BITS == 4 ? (g & 1) * 16 : 0;
+    uint2 nsr = __ldg(sp);
+    u32 nzw = __ldg(zp);
+    auto next_group = [&]() {
+        if (gl > 0) {
+            sp += N / 4;
+            zp += N * BITS / 32;
+            --gl;
+        }
+        nsr = __ldg(sp);
+        nzw = __ldg(zp);
+    };
+
+    unsigned char* areas = (unsigned char*)smem + xblock_bytes;
+    T* xs = (T*)(areas + warp * warp_bytes);
+    mma_stage_x<BITS, MMAD_X_CHUNKS>(q, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs, xstride, lane);
+    const T* xrow = xs + min(g, M - 1) * xstride + 8 * c;
+
+    MmaAcc<BITS, BF> a;
+    a.init();
+    a.group(nsr, nzw >> zshift);
+    int left = tpg - (t_begin - g0 * tpg); // tiles left in the current group
+    next_group();
+    auto group_check = [&](int tiles_done) {
+        if (left == 0) {
+            a.flush();
+            a.group(nsr, nzw >> zshift);
+            left = tpg;
+            next_group();
+        }
+        left -= tiles_done;
+    };
+    // Tile i computes from buf[i % D], then reloads it with tile i + D; wq and xq follow tile i0 + D
+    // and i0, so that every address in the unrolled body is a constant offset.
+    const uint4* wq = wp + D * TS;
+    const T* xq = xrow;
+#pragma unroll 1
+    for (int i0 = 0; i0 < nt; i0 += D) {
+        if (BLOCKED) group_check(D);
+        const bool more = i0 + D < nt;
+#pragma unroll
+        for (int d = 0; d < D; ++d) {
+            const int i = i0 + d;
+            if (BLOCKED || i < nt) {
+                if (!BLOCKED) group_check(1);
+                const uint4 x = *(const uint4*)(xq + d * 32);
+                mma_tile<BITS, BF>(buf[d], x, a.zc, a.gacc);
+                if (BLOCKED ? more : i + D < nt)
+#pragma unroll
+                    for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wq + d * TS + h * 8));
+            }
+        }
+        wq += D * TS;
+        xq += D * 32;
     }
-    if (lane == 0) counters[strip] = 0u;
+    a.flush();
+
+    // The block's warps are the strip's splits: each leaves its sums [M][32] in its own area (its X
+    // is no longer read, and the area holds M x xstride >= M x 64 halves), then the block adds them
+    // in split order (deterministic) and writes Y.
+    __syncwarp();
+    float* red = (float*)xs;
+    const float4 r0 = make_float4(a.acc[0][0], a.acc[0][2], a.acc[1][0], a.acc[1][2]);
+    const float4 r1 = make_float4(a.acc[0][1], a.acc[0][3], a.acc[1][1], a.acc[1][3]);
+    if (2 * c < M) *(float4*)(red + (2 * c) * 32 + 4 * g) = r0;
+    if (2 * c + 1 < M) *(float4*)(red + (2 * c + 1) * 32 + 4 * g) = r1;
+    __syncthreads();
+    for (int t = threadIdx.x; t < M * 32; t += blockDim.x) {
+        float v = 0.0f;
+        for (int w = 0; w < nsplit; ++w) v += ((const float*)(areas + w * warp_bytes))[t];
+        Y[(size_t)(t >> 5) * N + n0 + (t & 31)] = v;
+    }
+}
+
+// Pipeline depth of the register-pipelined GEMV: MMAD_DEPTH 512-byte tiles at 4 bits, MMAD_DEPTH8
+// 1 KiB tiles at 8 bits; runtime/src/cuda/gptq.rs (`mmad_depth`) reads the same defines.
+__host__ __device__ constexpr int mmad_depth(int bits) { return bits == 4 ? MMAD_DEPTH : MMAD_DEPTH8; }
+
+// Whether every warp's run is whole blocks of D tiles with group starts only at block starts: the
+// plan picks tiles_per_warp as a multiple of D where it can (runtime/src/cuda/gptq.rs, `mma_plan`).
+__device__ __forceinline__ bool mmad_blocked(int D, int K, int group_rows, int tiles_per_warp) {
+    const int tiles = K / 32, tpg = group_rows / 32;
+    return tiles % D == 0 && tiles_per_warp % D == 0 && (tpg % D == 0 || tpg == tiles);
 }
 
 // Dequantize to f16 W[K, N] in input-row order (sorted row i goes to row perm[i]).
@@ -1017,6 +1194,17 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
         int xblock, float* ws, u32* counters, float* Y) {                                                    \
         QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
         mma_gemv<B, T>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y);          \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(MMAD_MAX_WARPS * 32) gptq_mmad_gemv_##B##b_##TN(          \
+        const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
+        const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
+        int xblock, float* ws, u32* counters, float* Y) {                                                    \
+        QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
+        constexpr int D = mmad_depth(B);                                                                     \
+        if (mmad_blocked(D, K, group_rows, tiles_per_warp))                                                   \
+            mmad_gemv<B, T, D, true>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+        else                                                                                                 \
+            mmad_gemv<B, T, D, false>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
     }
 
 GEMV_ENTRIES(3, f16, __half)
@@ -1077,4 +1265,29 @@ extern "C" __global__ void moe_combine_f32(const float* yp, int topk, int tokens
         for (int s = 0; s < topk; ++s) v += yp[(t * topk + s) * N + n];
         y[i] = v;
     }
+}
+
+// Reference kernels for `mixtral-gptq bench kernels`: what one launch costs with nothing to do, and
+// what it takes to stream n16 16-byte words once (4 loads in flight per thread, grid-stride), the
+// same bytes a GEMV reads, so that the GEMV's time can be read against a practical floor.
+extern "C" __global__ void bench_noop() {}
+
+extern "C" __global__ void __launch_bounds__(256) bench_stream_read(const uint4* p, size_t n16, u32* out) {
+    u32 acc = 0;
+    const size_t step = (size_t)gridDim.x * blockDim.x;
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * step < n16; i += 4 * step) {
+        uint4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) v[u] = ld_stream((const u32*)(p + i + u * step));
+#pragma unroll
+        for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+    for (; i < n16; i += step) {
+        const uint4 v = ld_stream((const u32*)(p + i));
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+    if ((threadIdx.x & 31) == 0 && acc == 0x9E3779B9u) atomicXor(out, acc); // keeps the loads alive
 }

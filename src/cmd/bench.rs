@@ -152,9 +152,11 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
         dev.sm_count()
     );
     println!("times are medians of {} runs after {} warm-up runs, CUDA events, inputs rotated over >= {} MiB", a.iters, a.warmup, a.rotate_bytes >> 20);
+    let empty = dev.empty_kernel_ms(a.warmup, a.iters)?;
+    println!("an empty kernel takes {:.2} us between its events; \"read-only\" is one kernel that only streams the layer's bytes (same rotation)", empty * 1e3);
     println!();
-    println!("| K x N | bits | group | act-order | M | X | path | time (us) | GB/s | % of copy | cuBLAS (us) | cuBLAS / ours | other GEMV kernel (us) | other / ours |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| K x N | bits | group | act-order | M | X | path | time (us) | GB/s | % of copy | cuBLAS (us) | cuBLAS / ours | other GEMV kernel (us) | other / ours | read-only (us) | read-only / ours |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rng_seed = 1u64;
     for &(k, n) in &shapes {
         // cuBLAS baselines for this shape: f16 at each GEMV M, bf16 at the GEMM M.
@@ -218,6 +220,13 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         .collect::<Result<_, _>>()?,
                     None => Vec::new(),
                 };
+                // The floor for this layer's bytes: one kernel that only reads as many bytes.
+                let read_only = {
+                    let bufs: Vec<_> = (0..copies)
+                        .map(|_| dev.zeros::<u8>(wbytes.next_multiple_of(16)))
+                        .collect::<Result<_, _>>()?;
+                    dev.stream_read_ms(&bufs, a.warmup, a.iters)?
+                };
                 let group = if gs < 0 {
                     "-1".to_string()
                 } else {
@@ -253,12 +262,14 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         " | ".to_string()
                     };
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | {path} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2}x | {other_time} |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | {path} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2}x | {other_time} | {:.2} | {:.2} |",
                         if act { "yes" } else { "no" },
                         t * 1e3,
                         100.0 * gbs / copy,
                         base_f16[mi] * 1e3,
-                        base_f16[mi] / t
+                        base_f16[mi] / t,
+                        read_only * 1e3,
+                        read_only / t
                     );
                 }
                 if let (Some(tb), true) = (base_bf16, gs == 128) {
@@ -270,7 +281,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         dev.qmatmul(&xd, m, &ws[i % copies], &mut y)
                     })?;
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | dequant+cuBLAS | {:.1} | | | {:.1} (bf16) | {:.2} of dense | | |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | dequant+cuBLAS | {:.1} | | | {:.1} (bf16) | {:.2} of dense | | | | |",
                         if act { "yes" } else { "no" },
                         t * 1e3,
                         tb * 1e3,
@@ -286,7 +297,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         dev.dense_matmul(&xd, m, &dense, &mut y)
                     })?;
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | prepared dense (dequant once: {:.1} us) | {:.1} | | | {:.1} (bf16) | {:.2} of dense | | |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | prepared dense (dequant once: {:.1} us) | {:.1} | | | {:.1} (bf16) | {:.2} of dense | | | | |",
                         if act { "yes" } else { "no" },
                         td * 1e3,
                         tp * 1e3,

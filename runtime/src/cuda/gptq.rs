@@ -399,7 +399,9 @@ pub(crate) struct MmaPlan {
     nsplit: usize,
     /// 32-row tiles per warp's run.
     tiles_per_warp: usize,
-    /// Blocks of `MMA_WARPS` warps.
+    /// Warps per block: `MMA_WARPS` for the ring variant, `nsplit` for the register-pipelined one.
+    warps: usize,
+    /// Blocks.
     blocks: usize,
     /// Dynamic shared memory per block, bytes.
     smem: u32,
@@ -416,9 +418,68 @@ fn mma_xstride(tiles_per_warp: usize) -> usize {
     tiles_per_warp * 32 + if tiles_per_warp % 2 == 1 { 64 } else { 32 }
 }
 
-/// Shared bytes per warp of the tensor-core GEMV (`mma_warp_smem` in kernels/gptq.cu): X, the
-/// tiles' groups and the cp.async ring of `MMA_STAGES` slots.
+/// Environment variable that, set to `1`, makes uniform-group layers run the ring variant of the
+/// tensor-core GEMV too (`gptq_mma_gemv_*`), for side-by-side benchmarks against the register
+/// pipeline (`gptq_mmad_gemv_*`).
+pub const MMA_RING_ENV: &str = "MIXTRAL_GPTQ_MMA_RING";
+
+/// Whether the tensor-core GEMV of a layer with `group_rows` ([`uniform_group_rows`]) runs the
+/// register-pipelined variant (`mmad_gemv` in kernels/gptq.cu): uniform groups of a multiple of 32
+/// rows, whose tiles' groups follow by counting; other layers stream through the cp.async ring
+/// (`mma_gemv`), which reads each tile's group from `ugroup`.
+fn mma_direct(group_rows: usize) -> bool {
+    static RING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ring = *RING.get_or_init(|| std::env::var(MMA_RING_ENV).is_ok_and(|v| v.trim() == "1"));
+    !ring && group_rows > 0 && group_rows.is_multiple_of(32)
+}
+
+/// Tiles in flight per warp of the register-pipelined GEMV (`mmad_depth` in kernels/gptq.cu):
+/// `MMAD_DEPTH` at 4 bits and `MMAD_DEPTH8` at 8 bits (defaults 2 and 2, which
+/// `MIXTRAL_GPTQ_NVRTC_DEFINES` may override).
+fn mmad_depth(bits: u32) -> usize {
+    static D: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    let (d4, d8) = *D.get_or_init(|| {
+        let get = |name, default| nvrtc_define(name).filter(|&d| d > 0).unwrap_or(default);
+        (get("MMAD_DEPTH", 2), get("MMAD_DEPTH8", 2))
+    });
+    if bits == 4 {
+        d4
+    } else {
+        d8
+    }
+}
+
+/// Most warps per block of the register-pipelined GEMV (`MMAD_MAX_WARPS` in kernels/gptq.cu,
+/// default 28, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override): its k-splits per strip.
+fn mmad_max_warps() -> usize {
+    static W: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
+        nvrtc_define("MMAD_MAX_WARPS")
+            .filter(|&w| (1..=32).contains(&w))
+            .unwrap_or(28)
+    })
+}
+
+/// The split sizes (tiles per warp) the register-pipelined GEMV's plan may choose: multiples of
+/// its depth where K's tiles and the groups allow whole blocks of it (`mmad_blocked` in
+/// kernels/gptq.cu: the group and bounds checks then run once per block), else any.
+fn mmad_tile_step(k: usize, bits: u32, group_rows: usize) -> usize {
+    let (d, tiles) = (mmad_depth(bits), k / 32);
+    let tpg = group_rows / 32;
+    if tiles.is_multiple_of(d) && (tpg.is_multiple_of(d) || tpg == tiles) {
+        d
+    } else {
+        1
+    }
+}
+
+/// Shared bytes per warp of the tensor-core GEMV: X only for the register-pipelined variant (`M *
+/// xstride * 2`), and for the ring variant (`mma_warp_smem` in kernels/gptq.cu) X, the tiles'
+/// groups, their scales and zeros, and the cp.async ring of `MMA_STAGES` slots.
 fn mma_warp_smem(m: usize, tiles_per_warp: usize, bits: u32, group_rows: usize) -> usize {
+    if mma_direct(group_rows) {
+        return m * mma_xstride(tiles_per_warp) * 2;
+    }
     let stages = mma_tuning().2;
     // Ring slot: the tile's 4 (8) packed rows at a pitch of 160 (144) bytes (`mma_slot_bytes`); 96
     // bytes of scales and zeros per group the run meets (`MMA_GROUP_BYTES`).
@@ -605,7 +666,7 @@ impl CudaDevice {
     }
 
     /// Blocks of `threads` threads and `smem` dynamic shared bytes the driver keeps resident per SM
-    /// (0 when `smem` is over the device's limit); cached per (entry, smem).
+    /// (0 when `smem` is over the device's limit); cached per (entry and threads, smem).
     fn resident_blocks(
         &self,
         f: &cudarc::driver::CudaFunction,
@@ -616,7 +677,7 @@ impl CudaDevice {
         if smem > self.smem_optin() {
             return Ok(0);
         }
-        let key = (entry.to_string(), smem);
+        let key = (format!("{entry}/{threads}"), smem);
         if let Some(r) = self
             .occupancy
             .lock()
@@ -739,8 +800,9 @@ impl CudaDevice {
     /// waves × (tiles per warp + a fixed cost per warp run, [`mma_tuning`]'s tiles' worth:
     /// staging X, the first copies, the split-K sum), the waves counted with the blocks the driver
     /// keeps resident with that plan's registers and shared memory (X grows with tiles per warp and
-    /// M); the cheapest wins, the larger split on ties. Cached per (entry, shared X bytes, group rows,
-    /// K, N, M).
+    /// M); the cheapest wins, the larger split on ties. The register-pipelined variant only
+    /// considers multiples of its depth where whole blocks fit ([`mmad_tile_step`]). Cached per
+    /// (entry, shared X bytes, group rows, K, N, M).
     fn mma_plan(
         &self,
         f: &cudarc::driver::CudaFunction,
@@ -752,17 +814,35 @@ impl CudaDevice {
         if let Some(p) = self.plans.lock().ok().and_then(|c| c.get(&key).copied()) {
             return Ok(p);
         }
-        let (warps, run_cost, _) = mma_tuning();
+        let (ring_warps, run_cost, _) = mma_tuning();
         let (tiles, strips, sms) = (k / 32, n / 32, self.sm_count());
-        let mut best: Option<((usize, usize), MmaPlan)> = None;
-        let mut last_ns = 0;
-        for tpw in 1..=tiles {
-            let ns = ceil_div(tiles, tpw);
-            if ns == last_ns {
-                continue;
+        let direct = mma_direct(group_rows);
+        // Candidates (splits, tiles per warp, warps per block, blocks). The register-pipelined
+        // variant runs one block per strip with one warp per split; the ring variant packs
+        // `MMA_WARPS` independent warps per block.
+        let candidates: Vec<(usize, usize, usize, usize)> = if direct {
+            let step = mmad_tile_step(k, bits, group_rows);
+            (1..=mmad_max_warps().min(tiles))
+                .filter_map(|ns| {
+                    let tpw = ceil_div(tiles, ns).next_multiple_of(step);
+                    // A split count whose last warps would get no tile is another count's plan.
+                    (ceil_div(tiles, tpw) == ns).then_some((ns, tpw, ns, strips))
+                })
+                .collect()
+        } else {
+            let mut v = Vec::new();
+            let mut last_ns = 0;
+            for tpw in 1..=tiles {
+                let ns = ceil_div(tiles, tpw);
+                if ns != last_ns {
+                    v.push((ns, tpw, ring_warps, ceil_div(strips * ns, ring_warps)));
+                    last_ns = ns;
+                }
             }
-            last_ns = ns;
-            let blocks = ceil_div(strips * ns, warps);
+            v
+        };
+        let mut best: Option<((usize, usize), MmaPlan)> = None;
+        for (ns, tpw, warps, blocks) in candidates {
             let smem = xblock_bytes + warps * mma_warp_smem(m, tpw, bits, group_rows);
             let resident = self.resident_blocks(f, entry, (warps * 32) as u32, smem)?;
             if resident == 0 {
@@ -774,6 +854,7 @@ impl CudaDevice {
                 let plan = MmaPlan {
                     nsplit: ns,
                     tiles_per_warp: tpw,
+                    warps,
                     blocks,
                     smem: smem as u32,
                 };
@@ -802,7 +883,9 @@ impl CudaDevice {
     ) -> Result<()> {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
         let strips = n / 32;
-        let entry = format!("gptq_mma_gemv_{bits}b_{}", T::NAME);
+        let direct = mma_direct(w.group_rows as usize);
+        let variant = if direct { "mmad" } else { "mma" };
+        let entry = format!("gptq_{variant}_gemv_{bits}b_{}", T::NAME);
         let f = self.function(&GPTQ, &entry)?;
         // Act-order with X small enough: each block copies X to shared memory for its gathers.
         let xblock = w.act_order() && m * k * 2 <= MMA_XBLOCK_MAX_BYTES;
@@ -814,6 +897,7 @@ impl CudaDevice {
         let MmaPlan {
             nsplit,
             tiles_per_warp: tpw,
+            warps,
             blocks,
             smem,
         } = self.mma_plan(
@@ -823,17 +907,22 @@ impl CudaDevice {
             (xblock_bytes, w.group_rows as usize),
         )?;
         Self::allow_smem(&f, smem, &entry)?;
-        let mut ws = self.split_k_workspace(nsplit * 8 * n, strips)?;
-        let (partial, counters) = ws.split_k();
         let (mi, ki, ni) = (m as i32, k as i32, n as i32);
         let (nsi, tpwi, xblocki) = (nsplit as i32, tpw as i32, xblock as i32);
         let nullp = null();
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
-            block_dim: ((mma_tuning().0 * 32) as u32, 1, 1),
+            block_dim: ((warps * 32) as u32, 1, 1),
             shared_mem_bytes: smem,
         };
         let strip_rows = w.strip_rows();
+        // The ring variant's split partials meet in the split-K workspace; the register-pipelined
+        // one adds its splits inside the block and takes null pointers there.
+        let mut ws = if direct {
+            None
+        } else {
+            Some(self.split_k_workspace(nsplit * 8 * n, strips)?)
+        };
         let mut b = self.stream().launch_builder(&f);
         layer_args(&mut b, w, &strip_rows, &nullp);
         b.arg(x)
@@ -843,13 +932,20 @@ impl CudaDevice {
             .arg(&w.group_rows)
             .arg(&nsi)
             .arg(&tpwi)
-            .arg(&xblocki)
-            .arg(partial)
-            .arg(counters)
-            .arg(y);
-        // SAFETY: argument types and order match `gptq_mma_gemv_*` in kernels/gptq.cu; `w.mma` holds
-        // (K, N multiples of 32, one group per 32-row tile); x holds m·K and y m·N elements (checked by
-        // the caller); the workspaces were grown to nsplit·8·N floats and N/32 counters.
+            .arg(&xblocki);
+        match ws.as_mut() {
+            Some(ws) => {
+                let (partial, counters) = ws.split_k();
+                b.arg(partial).arg(counters)
+            }
+            None => b.arg(&nullp).arg(&nullp),
+        };
+        b.arg(y);
+        // SAFETY: argument types and order match `gptq_mma_gemv_*` and `gptq_mmad_gemv_*` in
+        // kernels/gptq.cu; `w.mma` holds (K, N multiples of 32, one group per 32-row tile); x holds
+        // m·K and y m·N elements (checked by the caller); for the ring variant the workspaces were
+        // grown to nsplit·8·N floats and N/32 counters; the register-pipelined variant has one block
+        // of nsplit warps per strip and never reads the null workspace pointers.
         drv(
             format!("launching {entry}"),
             unsafe { b.launch(cfg) }.map(|_| ()),

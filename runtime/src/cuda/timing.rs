@@ -1,10 +1,11 @@
 //! Timing with CUDA events, for `mixtral-gptq bench kernels`: warm-up, then the median of many
 //! runs, each run bracketed by its own pair of events.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::CudaDevice;
 use super::error::{drv, Result};
+use super::kernels::GPTQ;
 
 impl CudaDevice {
     /// Median milliseconds of `run(i)` over `iters` runs after `warmup` runs (i counts from 0 across
@@ -75,5 +76,52 @@ impl CudaDevice {
             )
         })?;
         Ok(2.0 * bytes as f64 / (ms * 1e-3) / 1e9)
+    }
+
+    /// Median milliseconds of an empty kernel launch between two events (`bench_noop`).
+    pub fn empty_kernel_ms(&self, warmup: usize, iters: usize) -> Result<f64> {
+        let f = self.function(&GPTQ, "bench_noop")?;
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.median_ms(warmup, iters, |_| {
+            // SAFETY: `bench_noop` takes no arguments.
+            drv(
+                "launching bench_noop",
+                unsafe { self.stream().launch_builder(&f).launch(cfg) }.map(|_| ()),
+            )
+        })
+    }
+
+    /// Median milliseconds of one kernel that only reads a whole buffer (`bench_stream_read`,
+    /// 16-byte loads, a grid of the blocks the device keeps resident), the buffers taken in turn so
+    /// that the cache does not serve them: the practical floor of a kernel streaming those bytes.
+    pub fn stream_read_ms(
+        &self,
+        bufs: &[CudaSlice<u8>],
+        warmup: usize,
+        iters: usize,
+    ) -> Result<f64> {
+        let f = self.function(&GPTQ, "bench_stream_read")?;
+        let sink = self.zeros::<u32>(1)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((self.sm_count() * 8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.median_ms(warmup, iters, |i| {
+            let b = &bufs[i % bufs.len()];
+            let n16 = b.len() / 16;
+            let mut l = self.stream().launch_builder(&f);
+            l.arg(b).arg(&n16).arg(&sink);
+            // SAFETY: (const uint4*, size_t, u32*) as `bench_stream_read` takes them; b holds at
+            // least n16 16-byte words (device allocations are 256-byte aligned); sink one u32.
+            drv(
+                "launching bench_stream_read",
+                unsafe { l.launch(cfg) }.map(|_| ()),
+            )
+        })
     }
 }
