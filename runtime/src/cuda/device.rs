@@ -34,7 +34,7 @@ pub struct CudaDevice {
     /// answered (the GEMV plans ask on every launch).
     pub(crate) occupancy: Mutex<HashMap<(String, usize), usize>>,
     /// Tensor-core GEMV plans by (entry, K, N, M).
-    pub(crate) plans: Mutex<HashMap<(String, usize, usize, usize), super::gptq::MmaPlan>>,
+    pub(crate) plans: Mutex<HashMap<(String, usize, usize, usize), Option<super::gptq::MmaPlan>>>,
 }
 
 /// Scratch buffers, grown on demand, reused across calls (one stream: calls are ordered).

@@ -405,6 +405,8 @@ pub(crate) struct MmaPlan {
     blocks: usize,
     /// Dynamic shared memory per block, bytes.
     smem: u32,
+    /// The cost model's figure: waves × (tiles per warp + the fixed run cost).
+    cost: usize,
 }
 
 /// The fixed cost of one warp's run in the tensor-core GEMV, in tiles' worth of streaming (staging
@@ -476,8 +478,14 @@ fn mmad_tile_step(k: usize, bits: u32, group_rows: usize) -> usize {
 /// Shared bytes per warp of the tensor-core GEMV: X only for the register-pipelined variant (`M *
 /// xstride * 2`), and for the ring variant (`mma_warp_smem` in kernels/gptq.cu) X, the tiles'
 /// groups, their scales and zeros, and the cp.async ring of `MMA_STAGES` slots.
-fn mma_warp_smem(m: usize, tiles_per_warp: usize, bits: u32, group_rows: usize) -> usize {
-    if mma_direct(group_rows) {
+fn mma_warp_smem(
+    m: usize,
+    tiles_per_warp: usize,
+    bits: u32,
+    group_rows: usize,
+    direct: bool,
+) -> usize {
+    if direct {
         return m * mma_xstride(tiles_per_warp) * 2;
     }
     let stages = mma_tuning().2;
@@ -795,28 +803,29 @@ impl CudaDevice {
         w.mma
     }
 
-    /// Plan of the tensor-core GEMV.
-    /// Warps are independent, one per (32-column strip, k-split). Each candidate split is costed as
-    /// waves × (tiles per warp + a fixed cost per warp run, [`mma_tuning`]'s tiles' worth:
-    /// staging X, the first copies, the split-K sum), the waves counted with the blocks the driver
-    /// keeps resident with that plan's registers and shared memory (X grows with tiles per warp and
-    /// M); the cheapest wins, the larger split on ties. The register-pipelined variant only
-    /// considers multiples of its depth where whole blocks fit ([`mmad_tile_step`]). Cached per
-    /// (entry, shared X bytes, group rows, K, N, M).
+    /// Plan of one variant of the tensor-core GEMV (`direct`: the register-pipelined one), or None
+    /// where no split fits in shared memory.
+    /// The ring variant packs `MMA_WARPS` independent warps per block, each on its own (32-column
+    /// strip, k-split); the register-pipelined one runs one block per strip with one warp per split
+    /// (at most [`mmad_max_warps`]), its tiles per warp a multiple of its depth where whole blocks fit
+    /// ([`mmad_tile_step`]). Each candidate split is costed as waves × (tiles per warp + a fixed
+    /// cost per warp run, [`mma_tuning`]'s tiles' worth: staging X, the first loads, the split sum),
+    /// the waves counted with the blocks the driver keeps resident with that plan's block size,
+    /// registers and shared memory (X grows with tiles per warp and M); the cheapest wins, the larger
+    /// split on ties. Cached per (entry, shared X bytes, group rows, K, N, M).
     fn mma_plan(
         &self,
         f: &cudarc::driver::CudaFunction,
         entry: &str,
         (k, n, m, bits): (usize, usize, usize, u32),
-        (xblock_bytes, group_rows): (usize, usize),
-    ) -> Result<MmaPlan> {
+        (xblock_bytes, group_rows, direct): (usize, usize, bool),
+    ) -> Result<Option<MmaPlan>> {
         let key = (format!("{entry}/{xblock_bytes}/{group_rows}"), k, n, m);
         if let Some(p) = self.plans.lock().ok().and_then(|c| c.get(&key).copied()) {
             return Ok(p);
         }
         let (ring_warps, run_cost, _) = mma_tuning();
         let (tiles, strips, sms) = (k / 32, n / 32, self.sm_count());
-        let direct = mma_direct(group_rows);
         // Candidates (splits, tiles per warp, warps per block, blocks). The register-pipelined
         // variant runs one block per strip with one warp per split; the ring variant packs
         // `MMA_WARPS` independent warps per block.
@@ -843,7 +852,7 @@ impl CudaDevice {
         };
         let mut best: Option<((usize, usize), MmaPlan)> = None;
         for (ns, tpw, warps, blocks) in candidates {
-            let smem = xblock_bytes + warps * mma_warp_smem(m, tpw, bits, group_rows);
+            let smem = xblock_bytes + warps * mma_warp_smem(m, tpw, bits, group_rows, direct);
             let resident = self.resident_blocks(f, entry, (warps * 32) as u32, smem)?;
             if resident == 0 {
                 continue;
@@ -857,17 +866,12 @@ impl CudaDevice {
                     warps,
                     blocks,
                     smem: smem as u32,
+                    cost: cost.0,
                 };
                 best = Some((cost, plan));
             }
         }
-        let plan = best.map(|(_, p)| p).ok_or_else(|| {
-            unsupported(
-                "tensor-core GEMV",
-                format!("{k}x{n} at M = {m}"),
-                "no split fits in the device's shared memory",
-            )
-        })?;
+        let plan = best.map(|(_, p)| p);
         if let Ok(mut c) = self.plans.lock() {
             c.insert(key, plan);
         }
@@ -883,10 +887,6 @@ impl CudaDevice {
     ) -> Result<()> {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
         let strips = n / 32;
-        let direct = mma_direct(w.group_rows as usize);
-        let variant = if direct { "mmad" } else { "mma" };
-        let entry = format!("gptq_{variant}_gemv_{bits}b_{}", T::NAME);
-        let f = self.function(&GPTQ, &entry)?;
         // Act-order with X small enough: each block copies X to shared memory for its gathers.
         let xblock = w.act_order() && m * k * 2 <= MMA_XBLOCK_MAX_BYTES;
         let xblock_bytes = if xblock {
@@ -894,18 +894,51 @@ impl CudaDevice {
         } else {
             0
         };
-        let MmaPlan {
-            nsplit,
-            tiles_per_warp: tpw,
-            warps,
-            blocks,
-            smem,
-        } = self.mma_plan(
-            &f,
-            &entry,
-            (k, n, m, bits),
-            (xblock_bytes, w.group_rows as usize),
-        )?;
+        let group_rows = w.group_rows as usize;
+        let planned = |direct: bool| -> Result<_> {
+            let variant = if direct { "mmad" } else { "mma" };
+            let entry = format!("gptq_{variant}_gemv_{bits}b_{}", T::NAME);
+            let f = self.function(&GPTQ, &entry)?;
+            let plan = self.mma_plan(
+                &f,
+                &entry,
+                (k, n, m, bits),
+                (xblock_bytes, group_rows, direct),
+            )?;
+            Ok(plan.map(|p| (direct, entry, f, p)))
+        };
+        // The register-pipelined variant where it applies, unless the ring variant's plan costs
+        // less: its blocks hold all of X (M x K), so with large M x K few warps fit per strip.
+        let mut choice = if mma_direct(group_rows) {
+            planned(true)?
+        } else {
+            None
+        };
+        if let Some(ring) = planned(false)? {
+            if choice.as_ref().is_none_or(|c| ring.3.cost < c.3.cost) {
+                choice = Some(ring);
+            }
+        }
+        let Some((
+            direct,
+            entry,
+            f,
+            MmaPlan {
+                nsplit,
+                tiles_per_warp: tpw,
+                warps,
+                blocks,
+                smem,
+                ..
+            },
+        )) = choice
+        else {
+            return Err(unsupported(
+                "tensor-core GEMV",
+                format!("{k}x{n} at M = {m}"),
+                "no split fits in the device's shared memory",
+            ));
+        };
         Self::allow_smem(&f, smem, &entry)?;
         let (mi, ki, ni) = (m as i32, k as i32, n as i32);
         let (nsi, tpwi, xblocki) = (nsplit as i32, tpw as i32, xblock as i32);
