@@ -415,6 +415,13 @@ pub(crate) struct MmaPlan {
 /// 19 % faster at 8 bits, M = 4; 4 is slower at M = 8.
 const MMA_RUN_COST_TILES: usize = 24;
 
+/// The same for the register-pipelined variant, whose splits meet in shared memory instead of a
+/// fence, an atomic and a read of every split's partial: fitted to the H200 times of both variants
+/// (BENCHMARKS.md: 4096 x 14336 at M = 1 with 20 tiles per warp took 15.4 us against the ring's
+/// 17.0 us with 16, and 14336 x 4096 at M = 8, where only 4 warps per strip fit with all of X in
+/// shared memory, 61 us against 34 us), so that the plans of the two variants compare.
+const MMAD_RUN_COST_TILES: usize = 16;
+
 /// Halves between rows of a warp's X area (`mma_xstride` in kernels/gptq.cu).
 fn mma_xstride(tiles_per_warp: usize) -> usize {
     tiles_per_warp * 32 + if tiles_per_warp % 2 == 1 { 64 } else { 32 }
@@ -858,7 +865,12 @@ impl CudaDevice {
                 continue;
             }
             let waves = ceil_div(blocks, resident * sms);
-            let cost = (waves * (tpw + run_cost), usize::MAX - ns);
+            let fixed = if direct {
+                MMAD_RUN_COST_TILES
+            } else {
+                run_cost
+            };
+            let cost = (waves * (tpw + fixed), usize::MAX - ns);
             if best.is_none_or(|(c, _)| cost < c) {
                 let plan = MmaPlan {
                     nsplit: ns,
@@ -908,13 +920,15 @@ impl CudaDevice {
             Ok(plan.map(|p| (direct, entry, f, p)))
         };
         // The register-pipelined variant where it applies, unless the ring variant's plan costs
-        // less: its blocks hold all of X (M x K), so with large M x K few warps fit per strip.
+        // less (each with its own fixed run cost): its blocks hold all of X (M x K), so with large
+        // M x K few warps fit per strip.
         let mut choice = if mma_direct(group_rows) {
             planned(true)?
         } else {
             None
         };
         if let Some(ring) = planned(false)? {
+            // (on a tie the register-pipelined variant stays)
             if choice.as_ref().is_none_or(|c| ring.3.cost < c.3.cost) {
                 choice = Some(ring);
             }
