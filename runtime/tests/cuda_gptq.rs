@@ -48,7 +48,8 @@ fn rel_err(y: &[f32], r: &[f64]) -> f64 {
 enum Path {
     Auto,
     Gemv,
-    /// Uploaded for the tensor-core GEMV (strip-major words), then [`CudaDevice::qmatmul_gemv`].
+    /// Uploaded for the tensor-core GEMV (strip-major words), then
+    /// [`CudaDevice::qmatmul_gemv_tensor_cores`] (every launch on the tensor cores).
     GemvTensorCore,
     /// Uploaded for the tensor-core GEMV, then the scalar GEMV on those strip-major words.
     GemvScalarStrips,
@@ -82,9 +83,8 @@ fn check<T: ActDtype>(w: &GptqWeight, m: usize, path: Path, seed: u64) -> f64 {
     let mut yd = dev.upload(&vec![f32::NAN; m * n]).unwrap();
     match path {
         Path::Auto => dev.qmatmul(&xd, m, &dw, &mut yd),
-        Path::Gemv | Path::GemvTensorCore | Path::GemvScalarOnly => {
-            dev.qmatmul_gemv(&xd, m, &dw, &mut yd)
-        }
+        Path::Gemv | Path::GemvScalarOnly => dev.qmatmul_gemv(&xd, m, &dw, &mut yd),
+        Path::GemvTensorCore => dev.qmatmul_gemv_tensor_cores(&xd, m, &dw, &mut yd),
         Path::GemvScalarStrips => dev.qmatmul_gemv_scalar(&xd, m, &dw, &mut yd),
         Path::GemmStrips => dev.qmatmul_gemm(&xd, m, &dw, &mut yd),
         Path::Gemm => dev.qmatmul_gemm(&xd, m, &dw, &mut yd),

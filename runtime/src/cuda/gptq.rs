@@ -320,9 +320,9 @@ pub fn mma_eligible(p: &PreparedGptq) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvKernel {
     /// The faster of the two where it was measured (BENCHMARKS.md, "CUDA kernels", H200):
-    /// tensor-core for 4- and 8-bit layers, except act-order ones with K above 8192, whose per-warp
-    /// X gather made it up to 1.4-2x slower than the scalar kernel at M = 4..8; scalar for 3 bits
-    /// (no tensor-core kernel).
+    /// tensor-core for 4- and 8-bit layers (act-order ones with K above 8192 take the scalar
+    /// kernel at more than 4 rows, [`gemv_on_tensor_cores`]); scalar for 3 bits (no tensor-core
+    /// kernel).
     Auto,
     /// The tensor-core kernel (an error where [`mma_eligible`] is false).
     TensorCore,
@@ -352,9 +352,22 @@ pub fn uniform_group_rows(p: &PreparedGptq) -> usize {
     }
 }
 
-/// What [`GemvKernel::Auto`] picks: whether the tensor-core GEMV runs this layer.
+/// What [`GemvKernel::Auto`] picks: whether this layer is uploaded for the tensor-core GEMV
+/// (strip-major words, which the scalar kernel reads too; [`gemv_on_tensor_cores`] decides per
+/// launch).
 pub fn auto_uses_mma(p: &PreparedGptq) -> bool {
-    mma_eligible(p) && (p.perm.is_none() || p.in_features <= 8192)
+    mma_eligible(p)
+}
+
+/// Whether a GEMV launch of `rows` rows on a layer uploaded for the tensor cores (`mma`) runs there:
+/// always, except act-order layers with K above 8192 at more than 4 rows, which run the scalar
+/// kernel on the same strip-major words. There every block of the register-pipelined kernel would
+/// hold all of X (M x K) in shared memory, too much for enough warps per strip, and the ring
+/// kernel's per-warp gathers of X from global memory were 1.7x slower than the scalar kernel at
+/// M = 8 (BENCHMARKS.md, H200: 14336 x 4096 4-bit, 155 against 93 us; at M = 1 and 4 the
+/// tensor-core kernel took 17.3 and 25.9 us against 23.1 and 61.7).
+pub fn gemv_on_tensor_cores(mma: bool, act_order: bool, k: usize, rows: usize) -> bool {
+    mma && !(act_order && k > 8192 && rows > 4)
 }
 
 /// A `MIXTRAL_GPTQ_NVRTC_DEFINES` value (benchmark sweeps override the kernels' tuning defines).
@@ -763,7 +776,26 @@ impl CudaDevice {
         w: &DeviceGptq,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.gemv_rows(x, m, w, y, w.mma)
+        self.gemv_rows(x, m, w, y, None)
+    }
+
+    /// The tensor-core GEMV for every launch, where [`CudaDevice::qmatmul_gemv`] would take the
+    /// scalar kernel ([`gemv_on_tensor_cores`]): for tests. An error on a layer not uploaded for it.
+    pub fn qmatmul_gemv_tensor_cores<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        m: usize,
+        w: &DeviceGptq,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if !w.mma {
+            return Err(unsupported(
+                "GEMV kernel",
+                "tensor-core",
+                "the layer was uploaded for the scalar kernel (row-major words)",
+            ));
+        }
+        self.gemv_rows(x, m, w, y, Some(true))
     }
 
     /// The scalar GEMV (fp32 FFMA per weight) even where the tensor-core GEMV applies: the baseline
@@ -775,17 +807,18 @@ impl CudaDevice {
         w: &DeviceGptq,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.gemv_rows(x, m, w, y, false)
+        self.gemv_rows(x, m, w, y, Some(false))
     }
 
-    /// One GEMV launch per [`GEMV_ROWS_PER_LAUNCH`] rows, on the tensor cores or the scalar kernel.
+    /// One GEMV launch per [`GEMV_ROWS_PER_LAUNCH`] rows, on the tensor cores or the scalar kernel:
+    /// `tensor_cores` forces one, None lets [`gemv_on_tensor_cores`] choose per launch.
     fn gemv_rows<T: ActDtype>(
         &self,
         x: &CudaSlice<T>,
         m: usize,
         w: &DeviceGptq,
         y: &mut CudaSlice<f32>,
-        tensor_cores: bool,
+        tensor_cores: Option<bool>,
     ) -> Result<()> {
         let (k, n) = (w.in_features, w.out_features);
         Self::check_len("qmatmul: x", m * k, x.len())?;
@@ -795,7 +828,9 @@ impl CudaDevice {
             let rows = (m - r0).min(GEMV_ROWS_PER_LAUNCH);
             let xv = x.slice(r0 * k..(r0 + rows) * k);
             let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
-            if tensor_cores {
+            let tc =
+                tensor_cores.unwrap_or_else(|| gemv_on_tensor_cores(w.mma, w.act_order(), k, rows));
+            if tc {
                 self.mma_gemv_launch(&xv, rows, w, &mut yv)?;
             } else {
                 self.gemv_launch(&xv, rows, w, &mut yv)?;
@@ -805,9 +840,20 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Whether [`CudaDevice::qmatmul`] runs this layer's GEMV on the tensor cores.
+    /// Whether this layer was uploaded for the tensor-core GEMV (strip-major words).
     pub fn uses_mma_gemv(&self, w: &DeviceGptq) -> bool {
         w.mma
+    }
+
+    /// Whether [`CudaDevice::qmatmul`] runs the GEMV of `m` rows (m ≤ [`GEMV_MAX_ROWS`]) on the
+    /// tensor cores ([`gemv_on_tensor_cores`]).
+    pub fn gemv_uses_tensor_cores(&self, w: &DeviceGptq, m: usize) -> bool {
+        gemv_on_tensor_cores(
+            w.mma,
+            w.act_order(),
+            w.in_features,
+            m.min(GEMV_ROWS_PER_LAUNCH),
+        )
     }
 
     /// Plan of one variant of the tensor-core GEMV (`direct`: the register-pipelined one), or None
@@ -1428,13 +1474,13 @@ mod tests {
                 "{bits}-bit g{gs} {k}x{n} act={act}"
             );
         }
-        // The automatic choice: 4 and 8 bits, except act-order with K above 8192.
+        // The automatic choice: 4 and 8 bits.
         for (bits, k, act, want) in [
             (4, 4096, true, true),
             (4, 14336, false, true),
-            (4, 14336, true, false),
+            (4, 14336, true, true),
             (8, 4096, false, true),
-            (8, 14336, true, false),
+            (8, 14336, true, true),
             (3, 4096, false, false),
         ] {
             let w = random_gptq(bits, 128, k, 64, act, 4);
@@ -1442,6 +1488,22 @@ mod tests {
                 auto_uses_mma(&prepare(&w).unwrap()),
                 want,
                 "{bits}-bit K={k} act={act}"
+            );
+        }
+        // Per launch: act-order with K above 8192 leaves the tensor cores above 4 rows.
+        for (mma, act, k, rows, want) in [
+            (true, true, 14336, 1, true),
+            (true, true, 14336, 4, true),
+            (true, true, 14336, 5, false),
+            (true, true, 14336, 8, false),
+            (true, true, 4096, 8, true),
+            (true, false, 14336, 8, true),
+            (false, false, 4096, 1, false),
+        ] {
+            assert_eq!(
+                gemv_on_tensor_cores(mma, act, k, rows),
+                want,
+                "mma={mma} act={act} K={k} rows={rows}"
             );
         }
     }
