@@ -405,6 +405,19 @@ fn mma_tuning() -> (usize, usize, usize) {
 /// though 4096 x 4096 was 19 % faster.
 const MMA_XBLOCK_MAX_BYTES: usize = 8 * 1024;
 
+/// The same limit for the register-pipelined variant, whose blocks are fewer (one per strip) and
+/// wider (one warp per split), so that one copy serves up to `MMAD_MAX_WARPS` warps;
+/// `MIXTRAL_GPTQ_MMAD_XBLOCK` (bytes) overrides it for benchmark sweeps.
+fn mmad_xblock_max_bytes() -> usize {
+    static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *B.get_or_init(|| {
+        std::env::var("MIXTRAL_GPTQ_MMAD_XBLOCK")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(32 * 1024)
+    })
+}
+
 /// A launch plan of the tensor-core GEMV ([`CudaDevice::mma_plan`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MmaPlan {
@@ -945,25 +958,30 @@ impl CudaDevice {
     ) -> Result<()> {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
         let strips = n / 32;
-        // Act-order with X small enough: each block copies X to shared memory for its gathers.
-        let xblock = w.act_order() && m * k * 2 <= MMA_XBLOCK_MAX_BYTES;
-        let xblock_bytes = if xblock {
-            (m * k * 2).next_multiple_of(16)
-        } else {
-            0
-        };
         let group_rows = w.group_rows as usize;
         let planned = |direct: bool| -> Result<_> {
             let variant = if direct { "mmad" } else { "mma" };
             let entry = format!("gptq_{variant}_gemv_{bits}b_{}", T::NAME);
             let f = self.function(&GPTQ, &entry)?;
+            // Act-order with X small enough: each block copies X to shared memory for its gathers.
+            let limit = if direct {
+                mmad_xblock_max_bytes()
+            } else {
+                MMA_XBLOCK_MAX_BYTES
+            };
+            let xblock = w.act_order() && m * k * 2 <= limit;
+            let xblock_bytes = if xblock {
+                (m * k * 2).next_multiple_of(16)
+            } else {
+                0
+            };
             let plan = self.mma_plan(
                 &f,
                 &entry,
                 (k, n, m, bits),
                 (xblock_bytes, group_rows, direct),
             )?;
-            Ok(plan.map(|p| (direct, entry, f, p)))
+            Ok(plan.map(|p| (direct, entry, f, p, xblock)))
         };
         // The register-pipelined variant where it applies, unless the ring variant's plan costs
         // less (each with its own fixed run cost): its blocks hold all of X (M x K), so with large
@@ -991,6 +1009,7 @@ impl CudaDevice {
                 smem,
                 ..
             },
+            xblock,
         )) = choice
         else {
             return Err(unsupported(
