@@ -405,18 +405,24 @@ fn mma_tuning() -> (usize, usize, usize) {
 /// though 4096 x 4096 was 19 % faster.
 const MMA_XBLOCK_MAX_BYTES: usize = 8 * 1024;
 
-/// The same limit for the register-pipelined variant, whose blocks are fewer (one per strip) and
-/// wider (one warp per split), so that one copy serves up to `MMAD_MAX_WARPS` warps;
-/// `MIXTRAL_GPTQ_MMAD_XBLOCK` (bytes) overrides it for benchmark sweeps.
+/// The same limit for the register-pipelined variant (`MIXTRAL_GPTQ_MMAD_XBLOCK`, bytes, overrides
+/// it for benchmark sweeps), which copies X only where its plan without the copy has at least
+/// [`MMAD_XBLOCK_MIN_WARPS`] warps per block, so that one copy serves many warps. Measured on an
+/// H200 (BENCHMARKS.md): 14336 x 4096 (28 warps) M = 1, 4-bit: 16.1 us against 17.4 gathering
+/// from global memory; 4096 x 4096 (22 warps) M = 8: 13.8 against 15.7; but 4096 x 14336 (7
+/// warps) M = 4, 4-bit: 29.9 against 26.2, and M = 8 (64 KiB): 74.7 against 41.3.
 fn mmad_xblock_max_bytes() -> usize {
     static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *B.get_or_init(|| {
         std::env::var("MIXTRAL_GPTQ_MMAD_XBLOCK")
             .ok()
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(32 * 1024)
+            .unwrap_or(64 * 1024)
     })
 }
+
+/// See [`mmad_xblock_max_bytes`].
+const MMAD_XBLOCK_MIN_WARPS: usize = 16;
 
 /// A launch plan of the tensor-core GEMV ([`CudaDevice::mma_plan`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -963,25 +969,39 @@ impl CudaDevice {
             let variant = if direct { "mmad" } else { "mma" };
             let entry = format!("gptq_{variant}_gemv_{bits}b_{}", T::NAME);
             let f = self.function(&GPTQ, &entry)?;
-            // Act-order with X small enough: each block copies X to shared memory for its gathers.
-            let limit = if direct {
-                mmad_xblock_max_bytes()
-            } else {
-                MMA_XBLOCK_MAX_BYTES
+            // Act-order with X small enough: each block copies X to shared memory for its gathers
+            // (MMA_XBLOCK_MAX_BYTES, mmad_xblock_max_bytes).
+            let x_bytes = (m * k * 2).next_multiple_of(16);
+            let plan_with = |xblock_bytes: usize| {
+                self.mma_plan(
+                    &f,
+                    &entry,
+                    (k, n, m, bits),
+                    (xblock_bytes, group_rows, direct),
+                )
             };
-            let xblock = w.act_order() && m * k * 2 <= limit;
-            let xblock_bytes = if xblock {
-                (m * k * 2).next_multiple_of(16)
+            let (plan, xblock) = if !w.act_order() {
+                (plan_with(0)?, false)
+            } else if !direct {
+                let xblock = x_bytes <= MMA_XBLOCK_MAX_BYTES;
+                (plan_with(if xblock { x_bytes } else { 0 })?, xblock)
             } else {
-                0
+                let without = plan_with(0)?;
+                let copied = match without {
+                    Some(p)
+                        if p.warps >= MMAD_XBLOCK_MIN_WARPS
+                            && x_bytes <= mmad_xblock_max_bytes() =>
+                    {
+                        plan_with(x_bytes)?
+                    }
+                    _ => None,
+                };
+                match copied {
+                    Some(p) => (Some(p), true),
+                    None => (without, false),
+                }
             };
-            let plan = self.mma_plan(
-                &f,
-                &entry,
-                (k, n, m, bits),
-                (xblock_bytes, group_rows, direct),
-            )?;
-            Ok(plan.map(|p| (direct, entry, f, p, xblock)))
+            Ok(plan.map(|p| (direct, entry.clone(), f.clone(), p, xblock)))
         };
         // The register-pipelined variant where it applies, unless the ring variant's plan costs
         // less (each with its own fixed run cost): its blocks hold all of X (M x K), so with large
