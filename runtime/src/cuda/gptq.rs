@@ -405,12 +405,13 @@ fn mma_tuning() -> (usize, usize, usize) {
 /// though 4096 x 4096 was 19 % faster.
 const MMA_XBLOCK_MAX_BYTES: usize = 8 * 1024;
 
-/// The same limit for the register-pipelined variant (`MIXTRAL_GPTQ_MMAD_XBLOCK`, bytes, overrides
-/// it for benchmark sweeps), which copies X only where its plan without the copy has at least
-/// [`MMAD_XBLOCK_MIN_WARPS`] warps per block, so that one copy serves many warps. Measured on an
-/// H200 (BENCHMARKS.md): 14336 x 4096 (28 warps) M = 1, 4-bit: 16.1 us against 17.4 gathering
-/// from global memory; 4096 x 4096 (22 warps) M = 8: 13.8 against 15.7; but 4096 x 14336 (7
-/// warps) M = 4, 4-bit: 29.9 against 26.2, and M = 8 (64 KiB): 74.7 against 41.3.
+/// The larger limit of the register-pipelined variant (`MIXTRAL_GPTQ_MMAD_XBLOCK`, bytes, overrides
+/// it for benchmark sweeps): above [`MMA_XBLOCK_MAX_BYTES`] it copies X only where its plan without
+/// the copy has at least [`MMAD_XBLOCK_MIN_WARPS`] warps per block, so that one copy serves many
+/// warps. Measured on an H200 (BENCHMARKS.md): 14336 x 4096 (28 warps) M = 1, 4-bit: 16.1 us
+/// against 17.4 gathering from global memory; 4096 x 4096 (22 warps) M = 8: 13.8 against 15.7;
+/// but 4096 x 14336 (7 warps) M = 4, 4-bit: 29.9 against 26.2, and M = 8 (64 KiB): 74.7 against
+/// 41.3. At M = 1 there (8 KiB) the copy gained 3 % (17.1 against 17.6 us).
 fn mmad_xblock_max_bytes() -> usize {
     static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *B.get_or_init(|| {
@@ -989,8 +990,9 @@ impl CudaDevice {
                 let without = plan_with(0)?;
                 let copied = match without {
                     Some(p)
-                        if p.warps >= MMAD_XBLOCK_MIN_WARPS
-                            && x_bytes <= mmad_xblock_max_bytes() =>
+                        if x_bytes <= MMA_XBLOCK_MAX_BYTES
+                            || (p.warps >= MMAD_XBLOCK_MIN_WARPS
+                                && x_bytes <= mmad_xblock_max_bytes()) =>
                     {
                         plan_with(x_bytes)?
                     }
