@@ -844,13 +844,14 @@ __device__ __forceinline__ void mma_finish(const float (*acc)[4], int M, int N, 
     if (lane == 0) counters[strip] = 0u;
 }
 
-// One warp's work: 32 output columns (a strip) for up to 8 rows of X over a run of 32-row k-tiles.
-// Warps are independent (the only block-level barrier ends the optional X copy): grid-wide, warp w
-// takes strip w / nsplit and k-split w % nsplit, the splits of a strip being `tiles_per_warp` tiles
-// each. The plan (runtime/src/cuda/gptq.rs, `mma_plan`) sizes the grid in whole waves of resident
-// warps, each streaming its run through its own cp.async ring of MMA_STAGES slots in shared memory
-// (the loop stays rolled: an unrolled register pipeline grew the code past the instruction cache and
-// made deeper pipelines slower). Split partials meet in `ws`; the last warp of a strip to finish
+// The ring variant of the tensor-core GEMV: any grouping (a tile's group may come from ugroup), and
+// the plan's choice where the register-pipelined variant (mmad_gemv, below) would hold too much of X
+// per block. One warp's work: 32 output columns (a strip) for up to 8 rows of X over a run of 32-row
+// k-tiles. Warps are independent (the only block-level barrier ends the optional X copy): grid-wide,
+// warp w takes strip w / nsplit and k-split w % nsplit, the splits of a strip being `tiles_per_warp`
+// tiles each. The plan (runtime/src/cuda/gptq.rs, `mma_plan`) sizes the grid in whole waves of
+// resident warps, each streaming its run through its own cp.async ring of MMA_STAGES slots in shared
+// memory (the loop stays rolled). Split partials meet in `ws`; the last warp of a strip to finish
 // adds them in split order (deterministic).
 // Dynamic shared memory: X [M][K] rounded up to 16 bytes when xblock, then MMA_WARPS *
 // mma_warp_smem(M, tiles_per_warp, bits, group_rows) bytes.
