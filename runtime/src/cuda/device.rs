@@ -30,11 +30,11 @@ pub struct CudaDevice {
     funcs: RwLock<HashMap<String, CudaFunction>>,
     pub(crate) ws: Mutex<Workspace>,
     pub(crate) busy: Mutex<Option<(CudaSlice<u8>, CudaSlice<u8>)>>,
-    /// Resident blocks per SM by (entry, dynamic shared bytes), as the driver's occupancy query
-    /// answered (the GEMV plans ask on every launch).
+    /// Resident blocks per SM by (entry and block size, dynamic shared bytes), as the driver's
+    /// occupancy query answered (asked while planning GEMV launches).
     pub(crate) occupancy: Mutex<HashMap<(String, usize), usize>>,
-    /// Tensor-core GEMV plans by (entry, K, N, M).
-    pub(crate) plans: Mutex<HashMap<(String, usize, usize, usize), Option<super::gptq::MmaPlan>>>,
+    /// Tensor-core GEMV launch choices by layer shape and M (`CudaDevice::mma_choice`).
+    pub(crate) plans: Mutex<HashMap<super::gptq::MmaKey, super::gptq::MmaChoice>>,
 }
 
 /// Scratch buffers, grown on demand, reused across calls (one stream: calls are ordered).

@@ -442,6 +442,25 @@ pub(crate) struct MmaPlan {
     cost: usize,
 }
 
+/// What a tensor-core GEMV launch runs ([`CudaDevice::mma_choice`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MmaChoice {
+    /// The register-pipelined variant (`gptq_mmad_gemv_*`), else the ring one (`gptq_mma_gemv_*`).
+    direct: bool,
+    /// Each block copies act-order X to shared memory first.
+    xblock: bool,
+    plan: MmaPlan,
+}
+
+/// The [`CudaDevice::mma_choice`] cache key: bits, X dtype, K, N, M, group rows, act-order.
+pub(crate) type MmaKey = (u32, &'static str, usize, usize, usize, i32, bool);
+
+/// The entry point of a tensor-core GEMV variant in kernels/gptq.cu.
+fn mma_entry<T: ActDtype>(direct: bool, bits: u32) -> String {
+    let variant = if direct { "mmad" } else { "mma" };
+    format!("gptq_{variant}_gemv_{bits}b_{}", T::NAME)
+}
+
 /// The fixed cost of one warp's run in the tensor-core GEMV, in tiles' worth of streaming (staging
 /// X, the first copies in flight, the split-K fence and sum), for [`CudaDevice::mma_plan`]'s cost
 /// model. Measured on an H200 (BENCHMARKS.md): 24 and 12 give the same 4-bit times, 24 is up to
@@ -885,7 +904,7 @@ impl CudaDevice {
     /// cost per warp run, [`mma_tuning`]'s tiles' worth: staging X, the first loads, the split sum),
     /// the waves counted with the blocks the driver keeps resident with that plan's block size,
     /// registers and shared memory (X grows with tiles per warp and M); the cheapest wins, the larger
-    /// split on ties. Cached per (entry, shared X bytes, group rows, K, N, M).
+    /// split on ties. [`CudaDevice::mma_choice`] caches the outcome.
     fn mma_plan(
         &self,
         f: &cudarc::driver::CudaFunction,
@@ -893,10 +912,6 @@ impl CudaDevice {
         (k, n, m, bits): (usize, usize, usize, u32),
         (xblock_bytes, group_rows, direct): (usize, usize, bool),
     ) -> Result<Option<MmaPlan>> {
-        let key = (format!("{entry}/{xblock_bytes}/{group_rows}"), k, n, m);
-        if let Some(p) = self.plans.lock().ok().and_then(|c| c.get(&key).copied()) {
-            return Ok(p);
-        }
         let (ring_warps, run_cost, _) = mma_tuning();
         let (tiles, strips, sms) = (k / 32, n / 32, self.sm_count());
         // Candidates (splits, tiles per warp, warps per block, blocks). The register-pipelined
@@ -949,26 +964,23 @@ impl CudaDevice {
                 best = Some((cost, plan));
             }
         }
-        let plan = best.map(|(_, p)| p);
-        if let Ok(mut c) = self.plans.lock() {
-            c.insert(key, plan);
-        }
-        Ok(plan)
+        Ok(best.map(|(_, p)| p))
     }
 
-    fn mma_gemv_launch<T: ActDtype>(
-        &self,
-        x: &CudaView<T>,
-        m: usize,
-        w: &DeviceGptq,
-        y: &mut CudaViewMut<f32>,
-    ) -> Result<()> {
+    /// What a tensor-core GEMV launch of `m` rows on `w` runs: the register-pipelined variant where
+    /// it applies, unless the ring variant's plan costs less (each with its own fixed run cost; the
+    /// register-pipelined blocks hold all of X, M x K, so with large M x K few warps fit per strip),
+    /// and whether each block copies act-order X to shared memory. Cached per layer shape and M, so
+    /// that a launch plans once.
+    fn mma_choice<T: ActDtype>(&self, w: &DeviceGptq, m: usize) -> Result<MmaChoice> {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
-        let strips = n / 32;
+        let key = (bits, T::NAME, k, n, m, w.group_rows, w.act_order());
+        if let Some(c) = self.plans.lock().ok().and_then(|c| c.get(&key).copied()) {
+            return Ok(c);
+        }
         let group_rows = w.group_rows as usize;
-        let planned = |direct: bool| -> Result<_> {
-            let variant = if direct { "mmad" } else { "mma" };
-            let entry = format!("gptq_{variant}_gemv_{bits}b_{}", T::NAME);
+        let planned = |direct: bool| -> Result<Option<MmaChoice>> {
+            let entry = mma_entry::<T>(direct, bits);
             let f = self.function(&GPTQ, &entry)?;
             // Act-order with X small enough: each block copies X to shared memory for its gathers
             // (MMA_XBLOCK_MAX_BYTES, mmad_xblock_max_bytes).
@@ -1003,11 +1015,12 @@ impl CudaDevice {
                     None => (without, false),
                 }
             };
-            Ok(plan.map(|p| (direct, entry.clone(), f.clone(), p, xblock)))
+            Ok(plan.map(|plan| MmaChoice {
+                direct,
+                xblock,
+                plan,
+            }))
         };
-        // The register-pipelined variant where it applies, unless the ring variant's plan costs
-        // less (each with its own fixed run cost): its blocks hold all of X (M x K), so with large
-        // M x K few warps fit per strip.
         let mut choice = if mma_direct(group_rows) {
             planned(true)?
         } else {
@@ -1015,31 +1028,47 @@ impl CudaDevice {
         };
         if let Some(ring) = planned(false)? {
             // (on a tie the register-pipelined variant stays)
-            if choice.as_ref().is_none_or(|c| ring.3.cost < c.3.cost) {
+            if choice.is_none_or(|c| ring.plan.cost < c.plan.cost) {
                 choice = Some(ring);
             }
         }
-        let Some((
-            direct,
-            entry,
-            f,
-            MmaPlan {
-                nsplit,
-                tiles_per_warp: tpw,
-                warps,
-                blocks,
-                smem,
-                ..
-            },
-            xblock,
-        )) = choice
-        else {
-            return Err(unsupported(
+        let choice = choice.ok_or_else(|| {
+            unsupported(
                 "tensor-core GEMV",
                 format!("{k}x{n} at M = {m}"),
                 "no split fits in the device's shared memory",
-            ));
-        };
+            )
+        })?;
+        if let Ok(mut c) = self.plans.lock() {
+            c.insert(key, choice);
+        }
+        Ok(choice)
+    }
+
+    fn mma_gemv_launch<T: ActDtype>(
+        &self,
+        x: &CudaView<T>,
+        m: usize,
+        w: &DeviceGptq,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let (k, n, bits) = (w.in_features, w.out_features, w.bits);
+        let strips = n / 32;
+        let MmaChoice {
+            direct,
+            xblock,
+            plan:
+                MmaPlan {
+                    nsplit,
+                    tiles_per_warp: tpw,
+                    warps,
+                    blocks,
+                    smem,
+                    ..
+                },
+        } = self.mma_choice::<T>(w, m)?;
+        let entry = mma_entry::<T>(direct, bits);
+        let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let (mi, ki, ni) = (m as i32, k as i32, n as i32);
         let (nsi, tpwi, xblocki) = (nsplit as i32, tpw as i32, xblock as i32);
