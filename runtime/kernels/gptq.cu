@@ -556,9 +556,10 @@ __host__ __device__ __forceinline__ int mma_warp_smem(int M, int tiles_per_warp,
 }
 
 // X of one 8-row block (words w0..w3 = (x0,x1) (x2,x3) (x4,x5) (x6,x7)) in the order the B
-// fragments pair the codes: 4 bits (x0,x4) (x1,x5) (x2,x6) (x3,x7); 8 bits (x0,x2) (x1,x3) (x4,x6) (x5,x7).
+// fragments pair the codes: 3 and 4 bits (x0,x4) (x1,x5) (x2,x6) (x3,x7); 8 bits (x0,x2) (x1,x3)
+// (x4,x6) (x5,x7).
 template <int BITS> __device__ __forceinline__ uint4 mma_order(u32 w0, u32 w1, u32 w2, u32 w3) {
-    if (BITS == 4)
+    if (BITS != 8)
         return make_uint4(__byte_perm(w0, w2, 0x5410), __byte_perm(w0, w2, 0x7632), __byte_perm(w1, w3, 0x5410),
                           __byte_perm(w1, w3, 0x7632));
     return make_uint4(__byte_perm(w0, w1, 0x5410), __byte_perm(w0, w1, 0x7632), __byte_perm(w2, w3, 0x5410),
@@ -590,6 +591,10 @@ __device__ __forceinline__ u32 h2_fma(u32 a, u32 b, u32 c) {
     const __half2 r = __hfma2(*(const __half2*)&a, *(const __half2*)&b, *(const __half2*)&c);
     return *(const u32*)&r;
 }
+__device__ __forceinline__ u32 b2_fma(u32 a, u32 b, u32 c) {
+    const __nv_bfloat162 r = __hfma2(*(const __nv_bfloat162*)&a, *(const __nv_bfloat162*)&b, *(const __nv_bfloat162*)&c);
+    return *(const u32*)&r;
+}
 __device__ __forceinline__ u32 b2_sub(u32 a, u32 b) {
     const __nv_bfloat162 r = __hsub2(*(const __nv_bfloat162*)&a, *(const __nv_bfloat162*)&b);
     return *(const u32*)&r;
@@ -600,16 +605,22 @@ __device__ __forceinline__ u32 f2_to_b2(float lo, float hi) {
 }
 // Per-column constants of the current group for the B operand (lane's 4 columns).
 template <int BITS, bool BF> struct MmaZero {
-    u32 lo[4]; // magic + z, as x2 (f16/bf16); at 8-bit bf16: unused
+    u32 lo[4]; // magic + z, as x2 (f16/bf16); at 8-bit bf16: unused; 3 bits: see mma_pairs3
     u32 hi[4]; // 4-bit f16: -(64 + z) for the shifted nibbles; 8-bit bf16: (2^23 + z) as float bits
-    // w: the lane's four stored (zero - 1) codes at bits BITS * j. Every constant is an exact small
-    // number, so its encoding is built with integer operations: f16 1024 + z = 0x6400 + z and
-    // -(64 + z) = 0xD400 + 16 z (z <= 16), bf16 128 + z = 0x4300 + z, f32 2^23 + z = 0x4B000000 + z.
+    // w: the lane's four stored (zero - 1) codes at bits BITS * j (bytes at 3 bits). Every constant
+    // is an exact small number, so its encoding is built with integer operations: f16 1024 + z =
+    // 0x6400 + z and -(64 + z) = 0xD400 + 16 z (z <= 16), bf16 128 + z = 0x4300 + z and -(8 + z) =
+    // 0xC100 + 16 z, f32 2^23 + z = 0x4B000000 + z.
     __device__ __forceinline__ void set(u32 w) {
+        constexpr int ZB = BITS == 3 ? 8 : BITS; // bits per stored code
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const u32 z = ((w >> (BITS * j)) & ((1u << BITS) - 1u)) + 1u;
-            if (BITS == 4 && !BF) {
+            const u32 z = ((w >> (ZB * j)) & ((1u << BITS) - 1u)) + 1u;
+            if (BITS == 3 && !BF) {
+                lo[j] = ((0xE400u + z) << 16) | (0xD400u + (z << 4)); // (-(64 + z), -(1024 + z))
+            } else if (BITS == 3) {
+                lo[j] = ((0xC300u + z) << 16) | (0xC100u + (z << 4)); // (-(8 + z), -(128 + z))
+            } else if (BITS == 4 && !BF) {
                 lo[j] = (0x6400u + z) * 0x10001u;
                 hi[j] = (0xD400u + (z << 4)) * 0x10001u;
             } else if (BITS == 4) {
@@ -657,6 +668,34 @@ __device__ __forceinline__ void mma_pairs(u32 w, const MmaZero<BITS, BF>& zc, in
     }
 }
 
+// 3 bits: the (q - z) pairs (v0,v4) (v1,v5) (v2,v6) (v3,v7) of values 8t .. 8t + 7 of one column's
+// 32-value unit (w0, w1, w2; value k at bit 3k of the 96-bit w0|w1|w2), the pairing of 4 bits. Pair e
+// comes from the unit shifted right by 24t + 3e - 4 (one SHF): v_{8t+e} then sits at bits 4..6 and
+// v_{8t+e+4} at bits 16..18, which one LOP3 keeps under the magic exponent (f16 1024, bf16 128:
+// halves 1024 + 16 a and 1024 + b, or 128 + 16 a and 128 + b), and one FMA by (1/16, 1) plus the
+// column's (-(64 + z), -(1024 + z)) (bf16: (-(8 + z), -(128 + z))) leaves (a - z, b - z), exact.
+template <bool BF, int T>
+__device__ __forceinline__ void mma_pairs3(u32 w0, u32 w1, u32 w2, u32 zc, u32* p) {
+    u32 magic, mul;
+    if (BF) {
+        asm volatile("mov.b32 %0, 0x43004300;" : "=r"(magic));
+        mul = 0x3F803D80u; // bf16x2 (1/16, 1)
+    } else {
+        asm volatile("mov.b32 %0, 0x64006400;" : "=r"(magic));
+        mul = 0x3C002C00u; // f16x2 (1/16, 1)
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int r = 24 * T + 3 * e - 4;
+        const u32 src = r < 0 ? w0 << -r
+                      : r < 32 ? __funnelshift_r(w0, w1, r)
+                      : r < 64 ? __funnelshift_r(w1, w2, r - 32)
+                               : w2 >> (r - 64);
+        const u32 v = and_or(src, 0x00070070u, magic);
+        p[e] = BF ? b2_fma(v, mul, zc) : h2_fma(v, mul, zc);
+    }
+}
+
 // One 32-row tile for the lane's four columns (words wv[h] = columns 4g + j): A row g is column
 // 4g + 2i, row g + 8 is column 4g + 2i + 1 (i = 0, 1: acc[i]); x holds the lane's B fragments of
 // X row g in the pairs' k order (mma_order).
@@ -683,6 +722,21 @@ __device__ __forceinline__ void mma_tile(const uint4* wv, const uint4& x, const 
                 mma_16816(acc[i], pa[0], pb[0], pa[1], pb[1], h == 0 ? x.x : x.z, h == 0 ? x.y : x.w, BF);
             }
         }
+    }
+}
+
+// 3 bits: step T (0..3) of a 128-row super-tile, whose lane (g, c) holds the whole 32-row unit c
+// of columns 4g .. 4g + 3 (wv[h]: word h of each column's unit) and takes its values 8T .. 8T + 7;
+// x holds X at those rows (mma_stage_x stages them so). Otherwise as mma_tile at 4 bits.
+template <bool BF, int T>
+__device__ __forceinline__ void mma_tile3(const uint4* wv, const uint4& x, const MmaZero<3, BF>& zc, float (*acc)[4]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        u32 pa[4], pb[4];
+        mma_pairs3<BF, T>(comp(wv[0], 2 * i), comp(wv[1], 2 * i), comp(wv[2], 2 * i), zc.lo[2 * i], pa);
+        mma_pairs3<BF, T>(comp(wv[0], 2 * i + 1), comp(wv[1], 2 * i + 1), comp(wv[2], 2 * i + 1), zc.lo[2 * i + 1], pb);
+        mma_16816(acc[i], pa[0], pb[0], pa[1], pb[1], x.x, x.y, BF);
+        mma_16816(acc[i], pa[2], pb[2], pa[3], pb[3], x.z, x.w, BF);
     }
 }
 
@@ -745,6 +799,8 @@ template <typename T> __device__ __forceinline__ size_t mma_copy_x_block(const T
 // at xs [M][xstride]: 8 consecutive k of one row per chunk, a 16-byte load (or, for act-order, one
 // index load pair and 8 gathers, from the block's copy of X when xblock is not null) and a 16-byte
 // store; CH chunks per lane and round trip. Ends with __syncwarp.
+// At 3 bits (runs of whole 128-row super-tiles), the chunk staged at tile 4s + t, lane slot c holds
+// rows 128 s + 32 c + 8 t .. + 7: lane c's rows of step t of super-tile s (mma_tile3).
 template <int BITS, int CH, typename T>
 __device__ __forceinline__ void mma_stage_x(const QMat& q, const T* __restrict__ X, int M, int K, const float* xblock,
                                             int t_begin, int nt, T* xs, int xstride, int lane) {
@@ -760,6 +816,12 @@ __device__ __forceinline__ void mma_stage_x(const QMat& q, const T* __restrict__
             ++m;
         }
     };
+    // Where staged chunk kk (in halves) reads X: the same place, or at 3 bits the transposed one.
+    auto src_k = [](int kk) {
+        if (BITS != 3) return kk;
+        const int kc = kk >> 3;
+        return ((kc & ~15) | ((kc & 3) << 2) | ((kc >> 2) & 3)) << 3;
+    };
     int m_next = 0, kc_next = lane - 32;
     if (chunks > 0) step(m_next, kc_next);
     for (int ch0 = lane; ch0 < chunks; ch0 += CH * 32) {
@@ -774,7 +836,7 @@ __device__ __forceinline__ void mma_stage_x(const QMat& q, const T* __restrict__
 #pragma unroll
         for (int u = 0; u < CH; ++u) {
             const int ch = ch0 + u * 32;
-            const int m = mu[u], kk = ku[u];
+            const int m = mu[u], kk = src_k(ku[u]);
             if (ch < chunks && !q.perm) {
                 const uint4 v = *(const uint4*)(xb + (size_t)m * K + k0 + kk);
                 w[u][0] = v.x; w[u][1] = v.y; w[u][2] = v.z; w[u][3] = v.w;
@@ -785,7 +847,7 @@ __device__ __forceinline__ void mma_stage_x(const QMat& q, const T* __restrict__
 #pragma unroll
             for (int u = 0; u < CH; ++u) {
                 const int ch = ch0 + u * 32;
-                const int kk = ku[u];
+                const int kk = src_k(ku[u]);
                 if (ch < chunks) {
                     const int4* pp = (const int4*)(q.perm + k0 + kk);
                     const int4 p0 = __ldg(pp), p1 = __ldg(pp + 1);
@@ -816,18 +878,23 @@ __device__ __forceinline__ void mma_stage_x(const QMat& q, const T* __restrict__
     __syncwarp();
 }
 
+// Stores lane (g, c)'s sums (X rows 2c and 2c + 1 where below M, the lane's four columns) at
+// out[row * stride + col .. + 3].
+__device__ __forceinline__ void mma_store_sums(const float (*acc)[4], int M, float* out, size_t stride, int col) {
+    const int c = threadIdx.x & 3;
+    const float4 r0 = make_float4(acc[0][0], acc[0][2], acc[1][0], acc[1][2]);
+    const float4 r1 = make_float4(acc[0][1], acc[0][3], acc[1][1], acc[1][3]);
+    if (2 * c < M) *(float4*)(out + (2 * c) * stride + col) = r0;
+    if (2 * c + 1 < M) *(float4*)(out + (2 * c + 1) * stride + col) = r1;
+}
+
 // Writes a warp's sums (lane (g, c): X rows 2c and 2c + 1, columns n0 + 4g .. n0 + 4g + 3): to Y
 // when nsplit is 1, else to its split's partial in ws; the last warp of the strip to finish adds the
 // partials in split order (deterministic) and resets the strip's counter.
 __device__ __forceinline__ void mma_finish(const float (*acc)[4], int M, int N, int n0, int strip, int split, int nsplit,
                                            float* __restrict__ ws, u32* __restrict__ counters, float* __restrict__ Y) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const int col = n0 + 4 * g;
-    const float4 r0 = make_float4(acc[0][0], acc[0][2], acc[1][0], acc[1][2]);
-    const float4 r1 = make_float4(acc[0][1], acc[0][3], acc[1][1], acc[1][3]);
-    float* out = nsplit == 1 ? Y : ws + (size_t)split * 8 * N;
-    if (2 * c < M) *(float4*)(out + (size_t)(2 * c) * N + col) = r0;
-    if (2 * c + 1 < M) *(float4*)(out + (size_t)(2 * c + 1) * N + col) = r1;
+    const int lane = threadIdx.x & 31;
+    mma_store_sums(acc, M, nsplit == 1 ? Y : ws + (size_t)split * 8 * N, N, n0 + 4 * (lane >> 2));
     if (nsplit == 1) return;
     __threadfence();
     __syncwarp();
@@ -1002,8 +1069,12 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                                           float* __restrict__ ws, u32* __restrict__ counters,
                                           float* __restrict__ Y) {
     constexpr bool BF = IsBf16<T>::value;
-    constexpr int LPT = BITS == 4 ? 1 : 2;  // 16-byte loads per lane and tile
-    constexpr int TS = BITS == 4 ? 32 : 64; // uint4 per tile
+    // A pipeline slot holds TPB tiles (at 3 bits a 128-row super-tile, see mma_tile3): LPT 16-byte
+    // loads per lane, TS uint4 in all.
+    constexpr int TPB = BITS == 3 ? 4 : 1;
+    constexpr int LPT = BITS == 4 ? 1 : (BITS == 8 ? 2 : 3);
+    constexpr int TS = 32 * LPT;
+    static_assert(BITS != 3 || (D == 1 && BLOCKED), "3 bits: one super-tile in flight, whole super-tiles");
     extern __shared__ float smem[];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1017,12 +1088,12 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     const int xstride = mma_xstride(tiles_per_warp);
     const size_t warp_bytes = (size_t)M * xstride * 2;
 
-    // The first D tiles, in flight before anything else.
-    const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * q.strip_rows * 32) + (size_t)t_begin * TS + LPT * c * 8 + g;
+    // The first D slots, in flight before anything else.
+    const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * q.strip_rows * 32) + (size_t)(t_begin / TPB) * TS + LPT * c * 8 + g;
     uint4 buf[D][LPT];
 #pragma unroll
     for (int d = 0; d < D; ++d)
-        if (d < nt)
+        if (d * TPB < nt)
 #pragma unroll
             for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * TS + h * 8));
 
@@ -1031,15 +1102,17 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     const int tpg = group_rows / 32;
     const int g0 = min(t_begin / tpg, K / group_rows - 1); // (a warp without tiles reads the last group)
     int gl = K / group_rows - 1 - g0;
+    // Zero words per group: packed at 4 and 8 bits, one byte per column at 3 bits.
+    const int zwords = BITS == 4 ? N / 8 : N / 4;
     const uint2* sp = (const uint2*)(q.scales + (size_t)g0 * N + n0 + 4 * g);
-    const u32* zp = (const u32*)q.zeros + (size_t)g0 * (N * BITS / 32) + (BITS == 4 ? n0 / 8 + g / 2 : n0 / 4 + g);
+    const u32* zp = (const u32*)q.zeros + (size_t)g0 * zwords + (BITS == 4 ? n0 / 8 + g / 2 : n0 / 4 + g);
     const int zshift = BITS == 4 ? (g & 1) * 16 : 0;
     uint2 nsr = __ldg(sp);
     u32 nzw = __ldg(zp);
     auto next_group = [&]() {
         if (gl > 0) {
             sp += N / 4;
-            zp += N * BITS / 32;
+            zp += zwords;
             --gl;
         }
         nsr = __ldg(sp);
@@ -1069,6 +1142,25 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     // and i0, so that every address in the unrolled body is a constant offset.
     const uint4* wq = wp + D * TS;
     const T* xq = xrow;
+    if constexpr (BITS == 3) {
+        // One super-tile in flight, reloaded piece by piece: after step 1 no step reads word 0 of
+        // the units, after step 2 word 1, after step 3 word 2.
+        uint4* b = buf[0];
+#pragma unroll 1
+        for (int i0 = 0; i0 < nt; i0 += 4) {
+            group_check(4);
+            const bool more = i0 + 4 < nt;
+            mma_tile3<BF, 0>(b, *(const uint4*)xq, a.zc, a.gacc);
+            mma_tile3<BF, 1>(b, *(const uint4*)(xq + 32), a.zc, a.gacc);
+            if (more) b[0] = ld_stream((const u32*)wq);
+            mma_tile3<BF, 2>(b, *(const uint4*)(xq + 64), a.zc, a.gacc);
+            if (more) b[1] = ld_stream((const u32*)(wq + 8));
+            mma_tile3<BF, 3>(b, *(const uint4*)(xq + 96), a.zc, a.gacc);
+            if (more) b[2] = ld_stream((const u32*)(wq + 16));
+            wq += TS;
+            xq += 128;
+        }
+    } else {
 #pragma unroll 1
     for (int i0 = 0; i0 < nt; i0 += D) {
         if (BLOCKED) group_check(D);
@@ -1088,17 +1180,14 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
         wq += D * TS;
         xq += D * 32;
     }
+    }
     a.flush();
 
     // The block's warps are the strip's splits: each leaves its sums [M][32] in its own area (its X
     // is no longer read, and the area holds M x xstride >= M x 64 halves), then the block adds them
     // in split order (deterministic) and writes Y.
     __syncwarp();
-    float* red = (float*)xs;
-    const float4 r0 = make_float4(a.acc[0][0], a.acc[0][2], a.acc[1][0], a.acc[1][2]);
-    const float4 r1 = make_float4(a.acc[0][1], a.acc[0][3], a.acc[1][1], a.acc[1][3]);
-    if (2 * c < M) *(float4*)(red + (2 * c) * 32 + 4 * g) = r0;
-    if (2 * c + 1 < M) *(float4*)(red + (2 * c + 1) * 32 + 4 * g) = r1;
+    mma_store_sums(a.acc, M, (float*)xs, 32, 4 * g);
     __syncthreads();
     for (int t = threadIdx.x; t < M * 32; t += blockDim.x) {
         float v = 0.0f;
@@ -1195,17 +1284,24 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
         int xblock, float* ws, u32* counters, float* Y) {                                                    \
         QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
         mma_gemv<B, T>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y);          \
-    }                                                                                                        \
+    }
+
+// 3 bits: whole 128-row super-tiles (K and the groups multiples of 128 rows), one in flight.
+#define MMAD_ENTRY(B, TN, T)                                                                                 \
     extern "C" __global__ void __launch_bounds__(MMAD_MAX_WARPS * 32) gptq_mmad_gemv_##B##b_##TN(          \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
         int xblock, float* ws, u32* counters, float* Y) {                                                    \
         QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
-        constexpr int D = mmad_depth(B);                                                                     \
-        if (mmad_blocked(D, K, group_rows, tiles_per_warp))                                                   \
-            mmad_gemv<B, T, D, true>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
-        else                                                                                                 \
-            mmad_gemv<B, T, D, false>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+        if constexpr (B == 3) {                                                                              \
+            mmad_gemv<B, T, 1, true>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+        } else {                                                                                             \
+            constexpr int D = mmad_depth(B);                                                                 \
+            if (mmad_blocked(D, K, group_rows, tiles_per_warp))                                               \
+                mmad_gemv<B, T, D, true>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+            else                                                                                             \
+                mmad_gemv<B, T, D, false>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+        }                                                                                                    \
     }
 
 GEMV_ENTRIES(3, f16, __half)
@@ -1224,6 +1320,12 @@ MMA_ENTRY(4, f16, __half)
 MMA_ENTRY(8, f16, __half)
 MMA_ENTRY(4, bf16, __nv_bfloat16)
 MMA_ENTRY(8, bf16, __nv_bfloat16)
+MMAD_ENTRY(3, f16, __half)
+MMAD_ENTRY(4, f16, __half)
+MMAD_ENTRY(8, f16, __half)
+MMAD_ENTRY(3, bf16, __nv_bfloat16)
+MMAD_ENTRY(4, bf16, __nv_bfloat16)
+MMAD_ENTRY(8, bf16, __nv_bfloat16)
 DEQUANT_ENTRY(3)
 DEQUANT_ENTRY(4)
 DEQUANT_ENTRY(8)

@@ -196,11 +196,11 @@ fn odd_shapes_match_reference() {
     }
 }
 
-/// The tensor-core GEMV (4 and 8 bits, K and N multiples of 32): every row count of one launch
-/// (M = 1..8), both dtypes, groups of 32, 64, 128 and per-channel, with and without act-order,
-/// split-K with idle warps (K = 96: 3 tiles for 8 warps) and with many splits; M = 8 at
-/// 14336 x 4096, where X takes more than 48 KiB of shared memory. The scalar GEMV is checked on the
-/// same layers too.
+/// The tensor-core GEMV (4 and 8 bits, K and N multiples of 32; 3 bits, K and groups multiples of
+/// 128): every row count of one launch (M = 1..8), both dtypes, groups of 32, 64, 128, 256 and
+/// per-channel, with and without act-order, split-K with idle warps (K = 96: 3 tiles for 8 warps)
+/// and with many splits; M = 8 at 14336 x 4096, where X takes more than 48 KiB of shared memory
+/// (M = 4 at 3 bits, its largest launch there). The scalar GEMV is checked on the same layers too.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn mma_gemv_matches_reference() {
@@ -213,6 +213,10 @@ fn mma_gemv_matches_reference() {
         (4, -1, 2048, 256, false),
         (8, 32, 4096, 512, true),
         (4, 128, 4096, 1024, true),
+        (3, 128, 384, 32, true),
+        (3, -1, 640, 96, false),
+        (3, 256, 2048, 64, false),
+        (3, 128, 4096, 1024, true),
     ];
     let mut seed = 5000;
     for &(bits, gs, k, n, act) in cases {
@@ -272,7 +276,14 @@ fn mma_gemv_matches_reference() {
             seed + 70,
         );
     }
-    for (bits, bf) in [(4, false), (4, true), (8, false), (8, true)] {
+    for (bits, bf, m) in [
+        (4, false, 8),
+        (4, true, 8),
+        (8, false, 8),
+        (8, true, 8),
+        (3, false, 4),
+        (3, true, 4),
+    ] {
         seed += 1;
         run_case(
             bits,
@@ -280,7 +291,7 @@ fn mma_gemv_matches_reference() {
             14336,
             4096,
             true,
-            8,
+            m,
             bf,
             Path::GemvTensorCore,
             seed,

@@ -299,14 +299,23 @@ fn ring_bytes(bits: u32, mt: usize) -> usize {
     }
 }
 
-/// Whether the tensor-core GEMV (`gptq_mma_gemv_*` in kernels/gptq.cu) can run this layer: 4 or 8
-/// bits, K and N multiples of 32, and every 32-row tile of the (sorted) rows inside one group.
-/// Real GPTQ checkpoints (groups of 32, 64, 128, ... or one per row) always qualify.
+/// Whether the tensor-core GEMV (`gptq_mma_gemv_*`, `gptq_mmad_gemv_*` in kernels/gptq.cu) can run
+/// this layer: N a multiple of 32, and at 4 or 8 bits K a multiple of 32 with every 32-row tile of
+/// the (sorted) rows inside one group, which real GPTQ checkpoints (groups of 32, 64, 128, ... or
+/// one per row) always meet; at 3 bits ([`MMA3_ROWS`]-row super-tiles) K and uniform groups
+/// ([`uniform_group_rows`]) multiples of 128 rows: groups of 128 and per-channel, the 3-bit
+/// branches Mixtral is published with, but not groups of 32.
 pub fn mma_eligible(p: &PreparedGptq) -> bool {
-    if !(p.bits == 4 || p.bits == 8)
-        || !p.in_features.is_multiple_of(32)
-        || !p.out_features.is_multiple_of(32)
-    {
+    if !p.out_features.is_multiple_of(32) {
+        return false;
+    }
+    if p.bits == 3 {
+        let rows = uniform_group_rows(p);
+        return p.in_features.is_multiple_of(MMA3_ROWS)
+            && rows > 0
+            && rows.is_multiple_of(MMA3_ROWS);
+    }
+    if !(p.bits == 4 || p.bits == 8) || !p.in_features.is_multiple_of(32) {
         return false;
     }
     let per_tile = 32 / unit_rows(p.bits);
@@ -320,9 +329,9 @@ pub fn mma_eligible(p: &PreparedGptq) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvKernel {
     /// The faster of the two where it was measured (BENCHMARKS.md, "CUDA kernels", H200):
-    /// tensor-core for 4- and 8-bit layers (act-order ones with K above 8192 take the scalar
-    /// kernel at more than 4 rows, [`gemv_on_tensor_cores`]); scalar for 3 bits (no tensor-core
-    /// kernel).
+    /// tensor-core for every layer [`mma_eligible`] takes, except the launches
+    /// [`gemv_on_tensor_cores`] sends to the scalar kernel (act-order with K above 8192 at more
+    /// than 4 rows; 3 bits with large M x K); scalar for the rest (3 bits in groups of 32).
     Auto,
     /// The tensor-core kernel (an error where [`mma_eligible`] is false).
     TensorCore,
@@ -366,9 +375,19 @@ pub fn auto_uses_mma(p: &PreparedGptq) -> bool {
 /// kernel's per-warp gathers of X from global memory were 1.7x slower than the scalar kernel at
 /// M = 8 (BENCHMARKS.md, H200: 14336 x 4096 4-bit, 155 against 93 us; at M = 1 and 4 the
 /// tensor-core kernel took 17.3 and 25.9 us against 23.1 and 61.7).
-pub fn gemv_on_tensor_cores(mma: bool, act_order: bool, k: usize, rows: usize) -> bool {
-    mma && !(act_order && k > 8192 && rows > 4)
+/// At 3 bits, only the register-pipelined variant exists, whose blocks hold all of X: launches with
+/// rows x K above [`MMA3_MAX_X`] run the scalar kernel.
+pub fn gemv_on_tensor_cores(mma: bool, bits: u32, act_order: bool, k: usize, rows: usize) -> bool {
+    mma && !(act_order && k > 8192 && rows > 4) && !(bits == 3 && rows * k > MMA3_MAX_X)
 }
+
+/// Rows of the 3-bit tensor-core GEMV's super-tile (`mma_tile3` in kernels/gptq.cu): lane c of a
+/// warp holds the whole 32-row packed unit c, so K and the groups must be multiples of it.
+pub const MMA3_ROWS: usize = 128;
+
+/// The most elements of X (rows x K) a 3-bit tensor-core GEMV launch takes ([`gemv_on_tensor_cores`]):
+/// M = 4 at K = 14336, M = 8 at K = 4096.
+pub const MMA3_MAX_X: usize = 4 * 14336;
 
 /// A `MIXTRAL_GPTQ_NVRTC_DEFINES` value (benchmark sweeps override the kernels' tuning defines).
 fn nvrtc_define(name: &str) -> Option<usize> {
@@ -525,6 +544,9 @@ fn mmad_max_warps() -> usize {
 /// its depth where K's tiles and the groups allow whole blocks of it (`mmad_blocked` in
 /// kernels/gptq.cu: the group and bounds checks then run once per block), else any.
 fn mmad_tile_step(k: usize, bits: u32, group_rows: usize) -> usize {
+    if bits == 3 {
+        return MMA3_ROWS / 32; // whole super-tiles (mma_eligible)
+    }
     let (d, tiles) = (mmad_depth(bits), k / 32);
     let tpg = group_rows / 32;
     if tiles.is_multiple_of(d) && (tpg.is_multiple_of(d) || tpg == tiles) {
@@ -623,7 +645,7 @@ impl CudaDevice {
                         "tensor-core for a {}-bit {}x{} layer",
                         p.bits, p.in_features, p.out_features
                     ),
-                    "needs 4 or 8 bits, K and N multiples of 32 and one group per 32-row tile",
+                    "needs N a multiple of 32 and, at 4 or 8 bits, K a multiple of 32 and one group per 32-row tile, or at 3 bits K and the groups multiples of 128 rows",
                 ))
             }
         };
@@ -867,8 +889,8 @@ impl CudaDevice {
             let rows = (m - r0).min(GEMV_ROWS_PER_LAUNCH);
             let xv = x.slice(r0 * k..(r0 + rows) * k);
             let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
-            let tc =
-                tensor_cores.unwrap_or_else(|| gemv_on_tensor_cores(w.mma, w.act_order(), k, rows));
+            let tc = tensor_cores
+                .unwrap_or_else(|| gemv_on_tensor_cores(w.mma, w.bits, w.act_order(), k, rows));
             if tc {
                 self.mma_gemv_launch(&xv, rows, w, &mut yv)?;
             } else {
@@ -889,6 +911,7 @@ impl CudaDevice {
     pub fn gemv_uses_tensor_cores(&self, w: &DeviceGptq, m: usize) -> bool {
         gemv_on_tensor_cores(
             w.mma,
+            w.bits,
             w.act_order(),
             w.in_features,
             m.min(GEMV_ROWS_PER_LAUNCH),
@@ -1021,12 +1044,14 @@ impl CudaDevice {
                 plan,
             }))
         };
-        let mut choice = if mma_direct(group_rows) {
+        // (3 bits: the register-pipelined variant only)
+        let mut choice = if bits == 3 || mma_direct(group_rows) {
             planned(true)?
         } else {
             None
         };
-        if let Some(ring) = planned(false)? {
+        let ring = if bits == 3 { None } else { planned(false)? };
+        if let Some(ring) = ring {
             // (on a tie the register-pipelined variant stays)
             if choice.is_none_or(|c| ring.plan.cost < c.plan.cost) {
                 choice = Some(ring);
@@ -1522,7 +1547,8 @@ mod tests {
     }
 
     /// The tensor-core GEMV takes 4- and 8-bit layers whose 32-row tiles each lie in one group
-    /// (after the act-order sort) with K and N multiples of 32; everything else keeps the scalar one.
+    /// (after the act-order sort) with K and N multiples of 32, and 3-bit layers with K and uniform
+    /// groups multiples of 128 rows; everything else keeps the scalar one.
     #[test]
     fn mma_eligibility() {
         for (bits, gs, k, n, act, want) in [
@@ -1535,7 +1561,12 @@ mod tests {
             (8, 24, 96, 32, false, false),   // a group boundary inside a tile
             (4, 128, 256, 40, false, false), // N not a multiple of 32
             (4, -1, 72, 32, false, false),   // K not a multiple of 32
-            (3, 128, 256, 64, false, false), // 3 bits: scalar kernel
+            (3, 128, 256, 64, false, true),
+            (3, -1, 384, 32, true, true),
+            (3, 256, 512, 32, true, true),
+            (3, 32, 256, 64, false, false), // 3 bits: groups smaller than a super-tile
+            (3, 128, 160, 64, false, false), // 3 bits: K not a multiple of 128
+            (3, -1, 96, 64, false, false),
         ] {
             let w = random_gptq(bits, gs, k, n, act, 3);
             assert_eq!(
@@ -1544,14 +1575,15 @@ mod tests {
                 "{bits}-bit g{gs} {k}x{n} act={act}"
             );
         }
-        // The automatic choice: 4 and 8 bits.
+        // The automatic choice: every bit width at Mixtral's K, groups of 128.
         for (bits, k, act, want) in [
             (4, 4096, true, true),
             (4, 14336, false, true),
             (4, 14336, true, true),
             (8, 4096, false, true),
             (8, 14336, true, true),
-            (3, 4096, false, false),
+            (3, 4096, false, true),
+            (3, 14336, true, true),
         ] {
             let w = random_gptq(bits, 128, k, 64, act, 4);
             assert_eq!(
@@ -1560,20 +1592,25 @@ mod tests {
                 "{bits}-bit K={k} act={act}"
             );
         }
-        // Per launch: act-order with K above 8192 leaves the tensor cores above 4 rows.
-        for (mma, act, k, rows, want) in [
-            (true, true, 14336, 1, true),
-            (true, true, 14336, 4, true),
-            (true, true, 14336, 5, false),
-            (true, true, 14336, 8, false),
-            (true, true, 4096, 8, true),
-            (true, false, 14336, 8, true),
-            (false, false, 4096, 1, false),
+        // Per launch: act-order with K above 8192 leaves the tensor cores above 4 rows, and 3 bits
+        // above M x K = 4 x 14336.
+        for (mma, bits, act, k, rows, want) in [
+            (true, 4, true, 14336, 1, true),
+            (true, 4, true, 14336, 4, true),
+            (true, 4, true, 14336, 5, false),
+            (true, 8, true, 14336, 8, false),
+            (true, 4, true, 4096, 8, true),
+            (true, 8, false, 14336, 8, true),
+            (false, 4, false, 4096, 1, false),
+            (true, 3, false, 14336, 4, true),
+            (true, 3, false, 14336, 5, false),
+            (true, 3, false, 4096, 8, true),
+            (true, 3, true, 4096, 8, true),
         ] {
             assert_eq!(
-                gemv_on_tensor_cores(mma, act, k, rows),
+                gemv_on_tensor_cores(mma, bits, act, k, rows),
                 want,
-                "mma={mma} act={act} K={k} rows={rows}"
+                "mma={mma} {bits}-bit act={act} K={k} rows={rows}"
             );
         }
     }
