@@ -513,6 +513,12 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MAX_WARPS // warps per block (= k-splits per strip) the register-pipelined GEMV allows:
 #define MMAD_MAX_WARPS 28 // 28 keeps ptxas at 72 registers (runtime/src/cuda/gptq.rs reads it)
 #endif
+#ifndef MMAD_DEPTH3 // 128-row super-tiles in flight per warp at 3 bits (1.5 KiB each)
+#define MMAD_DEPTH3 1
+#endif
+#ifndef MMAD_MAX_WARPS3 // MMAD_MAX_WARPS at 3 bits (runtime/src/cuda/gptq.rs reads it)
+#define MMAD_MAX_WARPS3 28
+#endif
 #ifndef MMAD_X_CHUNKS // its MMA_X_CHUNKS (the first tiles' registers are live while X is staged)
 #define MMAD_X_CHUNKS 1
 #endif
@@ -616,10 +622,10 @@ template <int BITS, bool BF> struct MmaZero {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const u32 z = ((w >> (ZB * j)) & ((1u << BITS) - 1u)) + 1u;
-            if (BITS == 3 && !BF) {
-                lo[j] = ((0xE400u + z) << 16) | (0xD400u + (z << 4)); // (-(64 + z), -(1024 + z))
-            } else if (BITS == 3) {
-                lo[j] = ((0xC300u + z) << 16) | (0xC100u + (z << 4)); // (-(8 + z), -(128 + z))
+            if (BITS == 3) {
+                // f16 (-(64 + z), -(1024 + z)) = (0xD400 + 16 z, 0xE400 + z); bf16 (-(8 + z),
+                // -(128 + z)) = (0xC100 + 16 z, 0xC300 + z): one multiply-add of the code (z - 1).
+                lo[j] = __byte_perm(w, 0u, 0x4440 + j) * 0x00010010u + (BF ? 0xC301C110u : 0xE401D410u);
             } else if (BITS == 4 && !BF) {
                 lo[j] = (0x6400u + z) * 0x10001u;
                 hi[j] = (0xD400u + (z << 4)) * 0x10001u;
@@ -1074,7 +1080,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     constexpr int TPB = BITS == 3 ? 4 : 1;
     constexpr int LPT = BITS == 4 ? 1 : (BITS == 8 ? 2 : 3);
     constexpr int TS = 32 * LPT;
-    static_assert(BITS != 3 || (D == 1 && BLOCKED), "3 bits: one super-tile in flight, whole super-tiles");
+    static_assert(BITS != 3 || BLOCKED, "3 bits: whole super-tiles");
     extern __shared__ float smem[];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1143,22 +1149,29 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     const uint4* wq = wp + D * TS;
     const T* xq = xrow;
     if constexpr (BITS == 3) {
-        // One super-tile in flight, reloaded piece by piece: after step 1 no step reads word 0 of
-        // the units, after step 2 word 1, after step 3 word 2.
-        uint4* b = buf[0];
+        // D super-tiles in flight, each reloaded piece by piece with the one D later: after step 1 no
+        // step reads word 0 of the units, after step 2 word 1, after step 3 word 2.
 #pragma unroll 1
-        for (int i0 = 0; i0 < nt; i0 += 4) {
-            group_check(4);
-            const bool more = i0 + 4 < nt;
-            mma_tile3<BF, 0>(b, *(const uint4*)xq, a.zc, a.gacc);
-            mma_tile3<BF, 1>(b, *(const uint4*)(xq + 32), a.zc, a.gacc);
-            if (more) b[0] = ld_stream((const u32*)wq);
-            mma_tile3<BF, 2>(b, *(const uint4*)(xq + 64), a.zc, a.gacc);
-            if (more) b[1] = ld_stream((const u32*)(wq + 8));
-            mma_tile3<BF, 3>(b, *(const uint4*)(xq + 96), a.zc, a.gacc);
-            if (more) b[2] = ld_stream((const u32*)(wq + 16));
-            wq += TS;
-            xq += 128;
+        for (int i0 = 0; i0 < nt; i0 += 4 * D) {
+#pragma unroll
+            for (int d = 0; d < D; ++d) {
+                if (i0 + 4 * d < nt) {
+                    group_check(4);
+                    uint4* b = buf[d];
+                    const bool more = i0 + 4 * (d + D) < nt;
+                    const uint4* wn = wq + d * TS;
+                    const T* xd = xq + d * 128;
+                    mma_tile3<BF, 0>(b, *(const uint4*)xd, a.zc, a.gacc);
+                    mma_tile3<BF, 1>(b, *(const uint4*)(xd + 32), a.zc, a.gacc);
+                    if (more) b[0] = ld_stream((const u32*)wn);
+                    mma_tile3<BF, 2>(b, *(const uint4*)(xd + 64), a.zc, a.gacc);
+                    if (more) b[1] = ld_stream((const u32*)(wn + 8));
+                    mma_tile3<BF, 3>(b, *(const uint4*)(xd + 96), a.zc, a.gacc);
+                    if (more) b[2] = ld_stream((const u32*)(wn + 16));
+                }
+            }
+            wq += D * TS;
+            xq += D * 128;
         }
     } else {
 #pragma unroll 1
@@ -1286,15 +1299,15 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
         mma_gemv<B, T>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y);          \
     }
 
-// 3 bits: whole 128-row super-tiles (K and the groups multiples of 128 rows), one in flight.
+// 3 bits: whole 128-row super-tiles (K and the groups multiples of 128 rows), MMAD_DEPTH3 in flight.
 #define MMAD_ENTRY(B, TN, T)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(MMAD_MAX_WARPS * 32) gptq_mmad_gemv_##B##b_##TN(          \
+    extern "C" __global__ void __launch_bounds__((B == 3 ? MMAD_MAX_WARPS3 : MMAD_MAX_WARPS) * 32) gptq_mmad_gemv_##B##b_##TN( \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
         int xblock, float* ws, u32* counters, float* Y) {                                                    \
         QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
         if constexpr (B == 3) {                                                                              \
-            mmad_gemv<B, T, 1, true>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+            mmad_gemv<B, T, MMAD_DEPTH3, true>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
         } else {                                                                                             \
             constexpr int D = mmad_depth(B);                                                                 \
             if (mmad_blocked(D, K, group_rows, tiles_per_warp))                                               \

@@ -200,7 +200,8 @@ fn odd_shapes_match_reference() {
 /// 128): every row count of one launch (M = 1..8), both dtypes, groups of 32, 64, 128, 256 and
 /// per-channel, with and without act-order, split-K with idle warps (K = 96: 3 tiles for 8 warps)
 /// and with many splits; M = 8 at 14336 x 4096, where X takes more than 48 KiB of shared memory
-/// (M = 4 at 3 bits, its largest launch there). The scalar GEMV is checked on the same layers too.
+/// (M = 4 at 3 bits, its largest launch there, and M = 8 and 13 in launches of 4 rows). The scalar
+/// GEMV is checked on the same layers too.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn mma_gemv_matches_reference() {
@@ -296,6 +297,11 @@ fn mma_gemv_matches_reference() {
             Path::GemvTensorCore,
             seed,
         );
+    }
+    // 3 bits at K = 14336: M = 8 and 13 in launches of at most 4 rows (gemv_launch_rows).
+    for (m, act, path) in [(8, false, Path::Auto), (13, true, Path::Gemv)] {
+        seed += 1;
+        run_case(3, 128, 14336, 4096, act, m, m == 8, path, seed);
     }
     // Groups of unequal sizes (64, 32, 96 and 64 rows, ids 0, 1, 3, 7): the kernel reads each
     // tile's group from `ugroup` instead of dividing by a group size.

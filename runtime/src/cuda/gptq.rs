@@ -376,7 +376,7 @@ pub fn auto_uses_mma(p: &PreparedGptq) -> bool {
 /// M = 8 (BENCHMARKS.md, H200: 14336 x 4096 4-bit, 155 against 93 us; at M = 1 and 4 the
 /// tensor-core kernel took 17.3 and 25.9 us against 23.1 and 61.7).
 /// At 3 bits, only the register-pipelined variant exists, whose blocks hold all of X: launches with
-/// rows x K above [`MMA3_MAX_X`] run the scalar kernel.
+/// rows x K above [`MMA3_MAX_X`] run the scalar kernel (with [`gemv_launch_rows`], only K above it).
 pub fn gemv_on_tensor_cores(mma: bool, bits: u32, act_order: bool, k: usize, rows: usize) -> bool {
     mma && !(act_order && k > 8192 && rows > 4) && !(bits == 3 && rows * k > MMA3_MAX_X)
 }
@@ -385,9 +385,21 @@ pub fn gemv_on_tensor_cores(mma: bool, bits: u32, act_order: bool, k: usize, row
 /// warp holds the whole 32-row packed unit c, so K and the groups must be multiples of it.
 pub const MMA3_ROWS: usize = 128;
 
-/// The most elements of X (rows x K) a 3-bit tensor-core GEMV launch takes ([`gemv_on_tensor_cores`]):
-/// M = 4 at K = 14336, M = 8 at K = 4096.
+/// The most elements of X (rows x K) a 3-bit tensor-core GEMV launch takes ([`gemv_launch_rows`],
+/// [`gemv_on_tensor_cores`]): M = 4 at K = 14336, M = 8 at K = 4096. Measured on an H200
+/// (BENCHMARKS.md), 3-bit 14336 x 4096 g128 at M = 8: two launches of 4 rows take 2 x 16.2 us (act-order
+/// 2 x 27.2) against the scalar kernel's 93 (103) us; at K = 4096 one launch of 8 rows beats two of 4.
 pub const MMA3_MAX_X: usize = 4 * 14336;
+
+/// Rows per GEMV launch on a layer (`mma`: uploaded for the tensor cores): [`GEMV_ROWS_PER_LAUNCH`],
+/// fewer at 3 bits where that many rows would take more of X than [`MMA3_MAX_X`].
+pub fn gemv_launch_rows(mma: bool, bits: u32, k: usize) -> usize {
+    if mma && bits == 3 {
+        (MMA3_MAX_X / k.max(1)).clamp(1, GEMV_ROWS_PER_LAUNCH)
+    } else {
+        GEMV_ROWS_PER_LAUNCH
+    }
+}
 
 /// A `MIXTRAL_GPTQ_NVRTC_DEFINES` value (benchmark sweeps override the kernels' tuning defines).
 fn nvrtc_define(name: &str) -> Option<usize> {
@@ -529,15 +541,24 @@ fn mmad_depth(bits: u32) -> usize {
     }
 }
 
-/// Most warps per block of the register-pipelined GEMV (`MMAD_MAX_WARPS` in kernels/gptq.cu,
-/// default 28, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override): its k-splits per strip.
-fn mmad_max_warps() -> usize {
-    static W: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *W.get_or_init(|| {
-        nvrtc_define("MMAD_MAX_WARPS")
-            .filter(|&w| (1..=32).contains(&w))
-            .unwrap_or(28)
-    })
+/// Most warps per block of the register-pipelined GEMV (`MMAD_MAX_WARPS`, at 3 bits
+/// `MMAD_MAX_WARPS3`, in kernels/gptq.cu, default 28, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may
+/// override): its k-splits per strip.
+fn mmad_max_warps(bits: u32) -> usize {
+    static W: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    let (w, w3) = *W.get_or_init(|| {
+        let get = |name| {
+            nvrtc_define(name)
+                .filter(|&w| (1..=32).contains(&w))
+                .unwrap_or(28)
+        };
+        (get("MMAD_MAX_WARPS"), get("MMAD_MAX_WARPS3"))
+    });
+    if bits == 3 {
+        w3
+    } else {
+        w
+    }
 }
 
 /// The split sizes (tiles per warp) the register-pipelined GEMV's plan may choose: multiples of
@@ -871,8 +892,9 @@ impl CudaDevice {
         self.gemv_rows(x, m, w, y, Some(false))
     }
 
-    /// One GEMV launch per [`GEMV_ROWS_PER_LAUNCH`] rows, on the tensor cores or the scalar kernel:
-    /// `tensor_cores` forces one, None lets [`gemv_on_tensor_cores`] choose per launch.
+    /// One GEMV launch per [`gemv_launch_rows`] rows ([`GEMV_ROWS_PER_LAUNCH`] on the scalar
+    /// kernel), on the tensor cores or the scalar kernel: `tensor_cores` forces one, None lets
+    /// [`gemv_on_tensor_cores`] choose per launch.
     fn gemv_rows<T: ActDtype>(
         &self,
         x: &CudaSlice<T>,
@@ -886,7 +908,12 @@ impl CudaDevice {
         Self::check_len("qmatmul: y", m * n, y.len())?;
         let mut r0 = 0;
         while r0 < m {
-            let rows = (m - r0).min(GEMV_ROWS_PER_LAUNCH);
+            let per_launch = if tensor_cores == Some(false) {
+                GEMV_ROWS_PER_LAUNCH
+            } else {
+                gemv_launch_rows(w.mma, w.bits, k)
+            };
+            let rows = (m - r0).min(per_launch);
             let xv = x.slice(r0 * k..(r0 + rows) * k);
             let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
             let tc = tensor_cores
@@ -914,7 +941,7 @@ impl CudaDevice {
             w.bits,
             w.act_order(),
             w.in_features,
-            m.min(GEMV_ROWS_PER_LAUNCH),
+            m.min(gemv_launch_rows(w.mma, w.bits, w.in_features)),
         )
     }
 
@@ -942,7 +969,7 @@ impl CudaDevice {
         // `MMA_WARPS` independent warps per block.
         let candidates: Vec<(usize, usize, usize, usize)> = if direct {
             let step = mmad_tile_step(k, bits, group_rows);
-            (1..=mmad_max_warps().min(tiles))
+            (1..=mmad_max_warps(bits).min(tiles))
                 .filter_map(|ns| {
                     let tpw = ceil_div(tiles, ns).next_multiple_of(step);
                     // A split count whose last warps would get no tile is another count's plan.
@@ -1611,6 +1638,20 @@ mod tests {
                 gemv_on_tensor_cores(mma, bits, act, k, rows),
                 want,
                 "mma={mma} {bits}-bit act={act} K={k} rows={rows}"
+            );
+        }
+        // Rows per launch: 8, but at 3 bits on the tensor cores at most M x K = 4 x 14336.
+        for (mma, bits, k, want) in [
+            (true, 4, 14336, 8),
+            (true, 3, 14336, 4),
+            (true, 3, 4096, 8),
+            (false, 3, 14336, 8),
+            (true, 3, 1 << 20, 1),
+        ] {
+            assert_eq!(
+                gemv_launch_rows(mma, bits, k),
+                want,
+                "mma={mma} {bits}-bit K={k}"
             );
         }
     }
