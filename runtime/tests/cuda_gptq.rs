@@ -160,7 +160,8 @@ fn mixtral_shapes_match_reference() {
 }
 
 /// Odd small shapes: one partial column tile, group sizes that divide K without being a power of
-/// two, M across the GEMV launches (1, 3, 9 = 8 + 1, 16) and the cuBLAS path (17, 33), both dtypes.
+/// two, M across the GEMV launches (1, 3, and where the tensor cores run without act-order 9 = 8 + 1
+/// and 16) and the cuBLAS path (17, 33), both dtypes.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn odd_shapes_match_reference() {

@@ -245,7 +245,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     })?;
                     let bytes = wbytes + m * k * 2 + m * n * 4;
                     let gbs = bytes as f64 / (t * 1e-3) / 1e9;
-                    let gemv = m <= runtime::cuda::GEMV_MAX_ROWS;
+                    let gemv = dev.qmatmul_uses_gemv(&ws[0], m);
                     let mma = gemv && dev.gemv_uses_tensor_cores(&ws[0], m);
                     let path = match (gemv, mma) {
                         (true, true) => "tensor-core GEMV",

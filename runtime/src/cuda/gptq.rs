@@ -3,7 +3,9 @@
 //! At load ([`prepare`]) the rows of `qweight` are sorted by `g_idx` when a checkpoint uses act-order,
 //! so that each group is a contiguous run of rows, and `perm` is kept; X columns are gathered through
 //! `perm` inside the GEMV kernel, and the GEMM path scatters dequantized rows back through it. Paths:
-//! * GEMV (M ≤ [`GEMV_MAX_ROWS`]): split-K over blocks, fp32 accumulation, one launch per 8 rows;
+//! * GEMV (M ≤ [`GEMV_MAX_ROWS`], or [`GEMV_MAX_ROWS_TENSOR_CORES`] on the tensor cores without
+//!   act-order, [`CudaDevice::qmatmul_uses_gemv`]): fp32 accumulation, one launch per 8 rows (fewer at
+//!   3 bits, [`gemv_launch_rows`]);
 //! * GEMM (larger M): dequantize the layer into an f16 buffer, then cuBLAS (fp32 accumulation);
 //! * fused MoE GEMV: one launch computes every (token, expert slot) pair, expert ids read on the device.
 
@@ -26,6 +28,15 @@ use crate::qlinear::GptqWeight;
 /// the GEMV takes ~44 us at M = 4, ~77 us per launch of 8 rows, while dequantize (~50 us) + cuBLAS
 /// (~50 us) stays near 100 us up to M = 16 (BENCHMARKS.md "CUDA kernels", 2026-11-28).
 pub const GEMV_MAX_ROWS: usize = 8;
+/// The same for layers on the tensor-core GEMV without act-order and with at least
+/// [`GEMV_MIN_WEIGHTS_TENSOR_CORES`] weights ([`CudaDevice::qmatmul_uses_gemv`]). Measured on an
+/// H200 at M = 16 (BENCHMARKS.md): two launches of 8 rows against dequantize + cuBLAS, 4096 x 14336
+/// 4-bit g128 40.1 against 79.2 us, 14336 x 4096 66.3 against 78.3, 4096 x 4096 18.1 against 24.6;
+/// but 4096 x 1024 17.1 against 13.5 (a launch's fixed cost dominates there), and not with
+/// act-order, whose X gathers grow with M (4096 x 14336: 2 x 41 us against 78).
+pub const GEMV_MAX_ROWS_TENSOR_CORES: usize = 16;
+/// See [`GEMV_MAX_ROWS_TENSOR_CORES`]: K x N of 4096 x 4096.
+pub const GEMV_MIN_WEIGHTS_TENSOR_CORES: usize = 4096 * 4096;
 /// Rows of X one GEMV launch handles.
 const GEMV_ROWS_PER_LAUNCH: usize = 8;
 /// Output columns per GEMV block (32 lanes × 4 columns).
@@ -834,8 +845,19 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// `y[M, N] = x[M, K] · dequant(w)`, picking the GEMV kernel for M ≤ [`GEMV_MAX_ROWS`] and
-    /// dequantize + cuBLAS above.
+    /// Whether [`CudaDevice::qmatmul`] of `m` rows runs the GEMV (else dequantize + cuBLAS): up to
+    /// [`GEMV_MAX_ROWS`] rows, and up to [`GEMV_MAX_ROWS_TENSOR_CORES`] on layers uploaded for the
+    /// tensor cores without act-order and with at least [`GEMV_MIN_WEIGHTS_TENSOR_CORES`] weights.
+    pub fn qmatmul_uses_gemv(&self, w: &DeviceGptq, m: usize) -> bool {
+        m <= GEMV_MAX_ROWS
+            || (m <= GEMV_MAX_ROWS_TENSOR_CORES
+                && w.mma
+                && !w.act_order()
+                && w.in_features * w.out_features >= GEMV_MIN_WEIGHTS_TENSOR_CORES)
+    }
+
+    /// `y[M, N] = x[M, K] · dequant(w)`, picking the GEMV kernel for few rows
+    /// ([`CudaDevice::qmatmul_uses_gemv`]) and dequantize + cuBLAS above.
     pub fn qmatmul<T: ActDtype>(
         &self,
         x: &CudaSlice<T>,
@@ -843,7 +865,7 @@ impl CudaDevice {
         w: &DeviceGptq,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        if m <= GEMV_MAX_ROWS {
+        if self.qmatmul_uses_gemv(w, m) {
             self.qmatmul_gemv(x, m, w, y)
         } else {
             self.qmatmul_gemm(x, m, w, y)

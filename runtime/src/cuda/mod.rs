@@ -20,5 +20,6 @@ pub use backend::{CudaBackend, CudaTensor};
 pub use device::CudaDevice;
 pub use gptq::{
     prepare, ActDtype, DenseLayer, DeviceExperts, DeviceGptq, PreparedGptq, GEMV_MAX_ROWS,
+    GEMV_MAX_ROWS_TENSOR_CORES, GEMV_MIN_WEIGHTS_TENSOR_CORES,
 };
 pub use half::{bf16, f16};
