@@ -1069,7 +1069,16 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 // unrolled, so D trades tiles in flight against code size (measured: deeper was slower).
 // Dynamic shared memory: X [M][K] rounded up to 16 bytes when xblock, then nsplit * M * xstride * 2.
 // ws and counters are not used.
-template <int BITS, typename T, int D, bool BLOCKED>
+// The group data in flight of mmad_gemv's groups of one tile (empty otherwise).
+template <int D, bool ON> struct MmadGroupPipe {
+    uint2 sr[D];
+    u32 zw[D];
+    const uint2* sp;
+    const u32* zp;
+};
+template <int D> struct MmadGroupPipe<D, false> {};
+
+template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS = false>
 __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N,
                                           int group_rows, int nsplit, int tiles_per_warp, int xblock,
                                           float* __restrict__ ws, u32* __restrict__ counters,
@@ -1081,6 +1090,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     constexpr int LPT = BITS == 4 ? 1 : (BITS == 8 ? 2 : 3);
     constexpr int TS = 32 * LPT;
     static_assert(BITS != 3 || BLOCKED, "3 bits: whole super-tiles");
+    static_assert(!TILE_GROUPS || (BLOCKED && BITS != 3), "groups of one tile: whole blocks, 4 or 8 bits");
     extern __shared__ float smem[];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1132,9 +1142,25 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
 
     MmaAcc<BITS, BF> a;
     a.init();
-    a.group(nsr, nzw >> zshift);
+    // Groups of one tile (TILE_GROUPS, g32): every tile starts a group, whose scales and zero word
+    // travel D tiles ahead with the tile's words (gp.sr, gp.zw), from gp.sp and gp.zp (tile i0 + D).
+    MmadGroupPipe<D, TILE_GROUPS> gp;
+    if constexpr (TILE_GROUPS) {
+        gp.sp = sp + D * (N / 4);
+        gp.zp = zp + D * zwords;
+        gp.sr[0] = nsr;
+        gp.zw[0] = nzw;
+#pragma unroll
+        for (int d = 1; d < D; ++d)
+            if (d < nt) {
+                gp.sr[d] = __ldg(sp + d * (N / 4));
+                gp.zw[d] = __ldg(zp + d * zwords);
+            }
+    } else {
+        a.group(nsr, nzw >> zshift);
+    }
     int left = tpg - (t_begin - g0 * tpg); // tiles left in the current group
-    next_group();
+    if constexpr (!TILE_GROUPS) next_group();
     auto group_check = [&](int tiles_done) {
         if (left == 0) {
             a.flush();
@@ -1176,13 +1202,22 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     } else {
 #pragma unroll 1
     for (int i0 = 0; i0 < nt; i0 += D) {
-        if (BLOCKED) group_check(D);
+        if (BLOCKED && !TILE_GROUPS) group_check(D);
         const bool more = i0 + D < nt;
 #pragma unroll
         for (int d = 0; d < D; ++d) {
             const int i = i0 + d;
             if (BLOCKED || i < nt) {
-                if (!BLOCKED) group_check(1);
+                if constexpr (TILE_GROUPS) {
+                    if (i > 0) a.flush();
+                    a.group(gp.sr[d], gp.zw[d] >> zshift);
+                    if (more) {
+                        gp.sr[d] = __ldg(gp.sp + d * (N / 4));
+                        gp.zw[d] = __ldg(gp.zp + d * zwords);
+                    }
+                } else if (!BLOCKED) {
+                    group_check(1);
+                }
                 const uint4 x = *(const uint4*)(xq + d * 32);
                 mma_tile<BITS, BF>(buf[d], x, a.zc, a.gacc);
                 if (BLOCKED ? more : i + D < nt)
@@ -1192,6 +1227,10 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
         }
         wq += D * TS;
         xq += D * 32;
+        if constexpr (TILE_GROUPS) {
+            gp.sp += D * (N / 4);
+            gp.zp += D * zwords;
+        }
     }
     }
     a.flush();
@@ -1218,6 +1257,10 @@ __host__ __device__ constexpr int mmad_depth(int bits) { return bits == 4 ? MMAD
 __device__ __forceinline__ bool mmad_blocked(int D, int K, int group_rows, int tiles_per_warp) {
     const int tiles = K / 32, tpg = group_rows / 32;
     return tiles % D == 0 && tiles_per_warp % D == 0 && (tpg % D == 0 || tpg == tiles);
+}
+// The same with a group per tile (g32): whole blocks, the group data pipelined with the tiles.
+__device__ __forceinline__ bool mmad_tile_groups(int D, int K, int group_rows, int tiles_per_warp) {
+    return group_rows == 32 && (K / 32) % D == 0 && tiles_per_warp % D == 0;
 }
 
 // Dequantize to f16 W[K, N] in input-row order (sorted row i goes to row perm[i]).
@@ -1317,6 +1360,21 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
         }                                                                                                    \
     }
 
+// Groups of one tile (g32, runtime/src/cuda/gptq.rs `mmad_tile_groups`), as its own entry so that the
+// other layers' kernel keeps its code.
+#define MMADG_ENTRY(B, TN, T)                                                                                \
+    extern "C" __global__ void __launch_bounds__(MMAD_MAX_WARPS * 32) gptq_mmadg_gemv_##B##b_##TN(         \
+        const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
+        const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
+        int xblock, float* ws, u32* counters, float* Y) {                                                    \
+        QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
+        constexpr int D = mmad_depth(B);                                                                     \
+        if (mmad_tile_groups(D, K, group_rows, tiles_per_warp))                                               \
+            mmad_gemv<B, T, D, true, true>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+        else                                                                                                 \
+            mmad_gemv<B, T, D, false>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+    }
+
 GEMV_ENTRIES(3, f16, __half)
 GEMV_ENTRIES(4, f16, __half)
 GEMV_ENTRIES(8, f16, __half)
@@ -1339,6 +1397,10 @@ MMAD_ENTRY(8, f16, __half)
 MMAD_ENTRY(3, bf16, __nv_bfloat16)
 MMAD_ENTRY(4, bf16, __nv_bfloat16)
 MMAD_ENTRY(8, bf16, __nv_bfloat16)
+MMADG_ENTRY(4, f16, __half)
+MMADG_ENTRY(8, f16, __half)
+MMADG_ENTRY(4, bf16, __nv_bfloat16)
+MMADG_ENTRY(8, bf16, __nv_bfloat16)
 DEQUANT_ENTRY(3)
 DEQUANT_ENTRY(4)
 DEQUANT_ENTRY(8)

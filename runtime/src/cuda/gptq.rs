@@ -497,10 +497,25 @@ pub(crate) struct MmaChoice {
 /// The [`CudaDevice::mma_choice`] cache key: bits, X dtype, K, N, M, group rows, act-order.
 pub(crate) type MmaKey = (u32, &'static str, usize, usize, usize, i32, bool);
 
-/// The entry point of a tensor-core GEMV variant in kernels/gptq.cu.
-fn mma_entry<T: ActDtype>(direct: bool, bits: u32) -> String {
-    let variant = if direct { "mmad" } else { "mma" };
+/// The entry point of a tensor-core GEMV variant in kernels/gptq.cu for a layer of `k` rows and
+/// `group_rows` ([`uniform_group_rows`]): the ring (`mma`), the register pipeline (`mmad`), or the
+/// register pipeline for groups of one 32-row tile (`mmadg`, [`mmad_tile_groups`]).
+fn mma_entry<T: ActDtype>(direct: bool, bits: u32, k: usize, group_rows: usize) -> String {
+    let variant = match direct {
+        false => "mma",
+        true if mmad_tile_groups(k, bits, group_rows) => "mmadg",
+        true => "mmad",
+    };
     format!("gptq_{variant}_gemv_{bits}b_{}", T::NAME)
+}
+
+/// Whether the register-pipelined GEMV runs its entry for groups of one tile (`gptq_mmadg_gemv_*`,
+/// `mmad_tile_groups` in kernels/gptq.cu: g32 at 4 or 8 bits with K's tiles whole blocks of its
+/// depth), whose scales and zeros travel through the pipeline with the tiles. A separate entry, so
+/// that the other layers' kernel stays as it was (with the third path in one entry, their times
+/// grew by 1-2 % on the small shapes, H200).
+fn mmad_tile_groups(k: usize, bits: u32, group_rows: usize) -> bool {
+    bits != 3 && group_rows == 32 && (k / 32).is_multiple_of(mmad_depth(bits))
 }
 
 /// The fixed cost of one warp's run in the tensor-core GEMV, in tiles' worth of streaming (staging
@@ -581,7 +596,8 @@ fn mmad_tile_step(k: usize, bits: u32, group_rows: usize) -> usize {
     }
     let (d, tiles) = (mmad_depth(bits), k / 32);
     let tpg = group_rows / 32;
-    if tiles.is_multiple_of(d) && (tpg.is_multiple_of(d) || tpg == tiles) {
+    // (`mmad_tile_groups`: groups of one tile take whole blocks too)
+    if tiles.is_multiple_of(d) && (tpg.is_multiple_of(d) || tpg == tiles || tpg == 1) {
         d
     } else {
         1
@@ -1052,7 +1068,7 @@ impl CudaDevice {
         }
         let group_rows = w.group_rows as usize;
         let planned = |direct: bool| -> Result<Option<MmaChoice>> {
-            let entry = mma_entry::<T>(direct, bits);
+            let entry = mma_entry::<T>(direct, bits, k, group_rows);
             let f = self.function(&GPTQ, &entry)?;
             // Act-order with X small enough: each block copies X to shared memory for its gathers
             // (MMA_XBLOCK_MAX_BYTES, mmad_xblock_max_bytes).
@@ -1141,7 +1157,7 @@ impl CudaDevice {
                     ..
                 },
         } = self.mma_choice::<T>(w, m)?;
-        let entry = mma_entry::<T>(direct, bits);
+        let entry = mma_entry::<T>(direct, bits, k, w.group_rows as usize);
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let (mi, ki, ni) = (m as i32, k as i32, n as i32);
