@@ -1434,6 +1434,16 @@ extern "C" __global__ void convert_bf16_f16(const __nv_bfloat16* x, __half* y, s
     }
 }
 
+// Act-order X in the sorted rows' order, so that the tensor-core GEMV of several rows reads it
+// directly instead of gathering it per warp: xs[m][i] = x[m][perm[i]] (f16 or bf16 bits).
+// grid = (ceil(K / 256), M), block = 256.
+extern "C" __global__ void __launch_bounds__(256) permute_x16(const unsigned short* __restrict__ x, const int* __restrict__ perm,
+                                                         int K, unsigned short* __restrict__ xs) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const size_t row = (size_t)blockIdx.y * K;
+    if (i < K) xs[row + i] = x[row + __ldg(perm + i)];
+}
+
 // Sum the top-k rows of each token: y[t, n] = sum_s Yp[t*topk + s, n] (f32).
 extern "C" __global__ void moe_combine_f32(const float* yp, int topk, int tokens, int N, float* y) {
     const size_t total = (size_t)tokens * N;

@@ -43,6 +43,8 @@ pub(crate) struct Workspace {
     pub(crate) counters: Option<CudaSlice<u32>>,
     pub(crate) dense: Option<CudaSlice<half::f16>>,
     pub(crate) xconv: Option<CudaSlice<half::f16>>,
+    /// Act-order X in sorted-row order (f16 or bf16 bits) for the tensor-core GEMV.
+    pub(crate) xperm: Option<CudaSlice<u16>>,
 }
 
 impl Workspace {
@@ -113,6 +115,7 @@ impl CudaDevice {
                 counters: None,
                 dense: None,
                 xconv: None,
+                xperm: None,
             }),
             busy: Mutex::new(None),
             occupancy: Mutex::new(HashMap::new()),

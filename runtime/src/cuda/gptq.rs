@@ -28,12 +28,12 @@ use crate::qlinear::GptqWeight;
 /// the GEMV takes ~44 us at M = 4, ~77 us per launch of 8 rows, while dequantize (~50 us) + cuBLAS
 /// (~50 us) stays near 100 us up to M = 16 (BENCHMARKS.md "CUDA kernels", 2026-11-28).
 pub const GEMV_MAX_ROWS: usize = 8;
-/// The same for layers on the tensor-core GEMV without act-order and with at least
-/// [`GEMV_MIN_WEIGHTS_TENSOR_CORES`] weights ([`CudaDevice::qmatmul_uses_gemv`]). Measured on an
-/// H200 at M = 16 (BENCHMARKS.md): two launches of 8 rows against dequantize + cuBLAS, 4096 x 14336
-/// 4-bit g128 40.1 against 79.2 us, 14336 x 4096 66.3 against 78.3, 4096 x 4096 18.1 against 24.6;
-/// but 4096 x 1024 17.1 against 13.5 (a launch's fixed cost dominates there), and not with
-/// act-order, whose X gathers grow with M (4096 x 14336: 2 x 41 us against 78).
+/// The same for layers on the tensor-core GEMV with at least [`GEMV_MIN_WEIGHTS_TENSOR_CORES`]
+/// weights, act-order ones with X put in sorted-row order first ([`prepermutes`];
+/// [`CudaDevice::qmatmul_uses_gemv`]). Measured on an H200 at M = 16 (BENCHMARKS.md): two launches
+/// of 8 rows against dequantize + cuBLAS, 4096 x 14336 4-bit g128 40.1 against 79.2 us (act-order
+/// 42.8 against 77.6), 14336 x 4096 66.3 against 78.3, 4096 x 4096 18.1 against 24.6; but
+/// 4096 x 1024 17.1 against 13.5 (a launch's fixed cost dominates there).
 pub const GEMV_MAX_ROWS_TENSOR_CORES: usize = 16;
 /// See [`GEMV_MAX_ROWS_TENSOR_CORES`]: K x N of 4096 x 4096.
 pub const GEMV_MIN_WEIGHTS_TENSOR_CORES: usize = 4096 * 4096;
@@ -340,9 +340,9 @@ pub fn mma_eligible(p: &PreparedGptq) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvKernel {
     /// The faster of the two where it was measured (BENCHMARKS.md, "CUDA kernels", H200):
-    /// tensor-core for every layer [`mma_eligible`] takes, except the launches
-    /// [`gemv_on_tensor_cores`] sends to the scalar kernel (act-order with K above 8192 at more
-    /// than 4 rows; 3 bits with large M x K); scalar for the rest (3 bits in groups of 32).
+    /// tensor-core for every layer [`mma_eligible`] takes (act-order X put in sorted-row order
+    /// first where [`prepermutes`]), except the launches [`gemv_on_tensor_cores`] sends to the
+    /// scalar kernel; scalar for the rest (3 bits in groups of 32).
     Auto,
     /// The tensor-core kernel (an error where [`mma_eligible`] is false).
     TensorCore,
@@ -379,9 +379,10 @@ pub fn auto_uses_mma(p: &PreparedGptq) -> bool {
     mma_eligible(p)
 }
 
-/// Whether a GEMV launch of `rows` rows on a layer uploaded for the tensor cores (`mma`) runs there:
-/// always, except act-order layers with K above 8192 at more than 4 rows, which run the scalar
-/// kernel on the same strip-major words. There every block of the register-pipelined kernel would
+/// Whether a GEMV launch of `rows` rows on a layer uploaded for the tensor cores (`mma`), with X
+/// gathered inside the kernel (not [`prepermutes`], which covers every such case of Mixtral's
+/// shapes), runs there: always, except act-order layers with K above 8192 at more than 4 rows,
+/// which run the scalar kernel on the same strip-major words. There every block of the register-pipelined kernel would
 /// hold all of X (M x K) in shared memory, too much for enough warps per strip, and the ring
 /// kernel's per-warp gathers of X from global memory were 1.7x slower than the scalar kernel at
 /// M = 8 (BENCHMARKS.md, H200: 14336 x 4096 4-bit, 155 against 93 us; at M = 1 and 4 the
@@ -391,6 +392,31 @@ pub fn auto_uses_mma(p: &PreparedGptq) -> bool {
 pub fn gemv_on_tensor_cores(mma: bool, bits: u32, act_order: bool, k: usize, rows: usize) -> bool {
     mma && !(act_order && k > 8192 && rows > 4) && !(bits == 3 && rows * k > MMA3_MAX_X)
 }
+
+/// Whether the tensor-core GEMV of `m` rows on `w` first puts act-order X in sorted-row order (one
+/// small `permute_x16` launch over M x K) and then runs as without act-order, instead of gathering X
+/// inside every block: act-order layers on the tensor cores at M >= 8, or at M >= 2 where M x K x N
+/// (what the blocks' gathers grow with) is above [`PREPERMUTE_MIN_PRODUCT`]. Measured on an H200
+/// (BENCHMARKS.md), 4-bit g128, prepermuted against gathered: 4096 x 14336 M = 2, 4, 8 17.9 / 19.1 /
+/// 23.6 us against 20.2 / 26.1 / 41.3; 14336 x 4096 M = 4 18.7 against 26.0, M = 8 37.5 against
+/// the scalar kernel's 92.9; but 4096 x 4096 M = 2 and 4 11.2 / 11.7 against 10.2 / 11.2 (the extra
+/// launch costs more than the gathers there), M = 8 12.7 against 13.7. `MIXTRAL_GPTQ_PREPERMUTE=0`
+/// or `1` turns it off or on everywhere (benchmark sweeps).
+pub fn prepermutes(w: &DeviceGptq, m: usize) -> bool {
+    static FORCE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let force = *FORCE.get_or_init(
+        || match std::env::var("MIXTRAL_GPTQ_PREPERMUTE").as_deref() {
+            Ok("0") => Some(false),
+            Ok("1") => Some(true),
+            _ => None,
+        },
+    );
+    let wanted = m >= 8 || (m >= 2 && m * w.in_features * w.out_features > PREPERMUTE_MIN_PRODUCT);
+    w.mma && w.act_order() && force.unwrap_or(wanted)
+}
+
+/// See [`prepermutes`]: M x K x N of 4 rows at 4096 x 4096.
+pub const PREPERMUTE_MIN_PRODUCT: usize = 4 * 4096 * 4096;
 
 /// Rows of the 3-bit tensor-core GEMV's super-tile (`mma_tile3` in kernels/gptq.cu): lane c of a
 /// warp holds the whole 32-row packed unit c, so K and the groups must be multiples of it.
@@ -402,7 +428,7 @@ pub const MMA3_ROWS: usize = 128;
 /// 2 x 27.2) against the scalar kernel's 93 (103) us; at K = 4096 one launch of 8 rows beats two of 4.
 pub const MMA3_MAX_X: usize = 4 * 14336;
 
-/// Rows per GEMV launch on a layer (`mma`: uploaded for the tensor cores): [`GEMV_ROWS_PER_LAUNCH`],
+/// Rows per GEMV launch on a layer (`mma`: uploaded for the tensor cores): `GEMV_ROWS_PER_LAUNCH` (8),
 /// fewer at 3 bits where that many rows would take more of X than [`MMA3_MAX_X`].
 pub fn gemv_launch_rows(mma: bool, bits: u32, k: usize) -> usize {
     if mma && bits == 3 {
@@ -652,16 +678,23 @@ pub fn to_strip_major(q: &[u32], n: usize) -> Vec<u32> {
 }
 
 /// Pushes a layer's kernel arguments in the order every GPTQ kernel takes them: qweight,
-/// strip_rows, scales, zeros, ugroup, then perm or a null pointer.
-fn layer_args<'a>(b: &mut LaunchArgs<'a>, w: &'a DeviceGptq, strip_rows: &'a i32, null: &'a u64) {
+/// strip_rows, scales, zeros, ugroup, then perm, or a null pointer where the layer has none or X
+/// already is in sorted-row order (`x_sorted`, [`CudaDevice::gemv_rows`]).
+fn layer_args<'a>(
+    b: &mut LaunchArgs<'a>,
+    w: &'a DeviceGptq,
+    strip_rows: &'a i32,
+    null: &'a u64,
+    x_sorted: bool,
+) {
     b.arg(&w.qweight)
         .arg(strip_rows)
         .arg(&w.scales)
         .arg(&w.zeros)
         .arg(&w.ugroup);
     match &w.perm {
-        Some(p) => b.arg(p),
-        None => b.arg(null),
+        Some(p) if !x_sorted => b.arg(p),
+        _ => b.arg(null),
     };
 }
 
@@ -863,12 +896,13 @@ impl CudaDevice {
 
     /// Whether [`CudaDevice::qmatmul`] of `m` rows runs the GEMV (else dequantize + cuBLAS): up to
     /// [`GEMV_MAX_ROWS`] rows, and up to [`GEMV_MAX_ROWS_TENSOR_CORES`] on layers uploaded for the
-    /// tensor cores without act-order and with at least [`GEMV_MIN_WEIGHTS_TENSOR_CORES`] weights.
+    /// tensor cores with at least [`GEMV_MIN_WEIGHTS_TENSOR_CORES`] weights (act-order ones where
+    /// X is put in sorted-row order first, [`prepermutes`]).
     pub fn qmatmul_uses_gemv(&self, w: &DeviceGptq, m: usize) -> bool {
         m <= GEMV_MAX_ROWS
             || (m <= GEMV_MAX_ROWS_TENSOR_CORES
                 && w.mma
-                && !w.act_order()
+                && (!w.act_order() || prepermutes(w, m))
                 && w.in_features * w.out_features >= GEMV_MIN_WEIGHTS_TENSOR_CORES)
     }
 
@@ -944,6 +978,9 @@ impl CudaDevice {
         let (k, n) = (w.in_features, w.out_features);
         Self::check_len("qmatmul: x", m * k, x.len())?;
         Self::check_len("qmatmul: y", m * n, y.len())?;
+        if tensor_cores != Some(false) && prepermutes(w, m) {
+            return self.gemv_rows_sorted(x, m, w, y);
+        }
         let mut r0 = 0;
         while r0 < m {
             let per_launch = if tensor_cores == Some(false) {
@@ -957,11 +994,77 @@ impl CudaDevice {
             let tc = tensor_cores
                 .unwrap_or_else(|| gemv_on_tensor_cores(w.mma, w.bits, w.act_order(), k, rows));
             if tc {
-                self.mma_gemv_launch(&xv, rows, w, &mut yv)?;
+                self.mma_gemv_launch(&xv, rows, w, &mut yv, false)?;
             } else {
                 self.gemv_launch(&xv, rows, w, &mut yv)?;
             }
             r0 += rows;
+        }
+        Ok(())
+    }
+
+    /// The tensor-core GEMV of an act-order layer with X first put in sorted-row order by one
+    /// `permute_x16` launch ([`prepermutes`]), then read as is: launches of [`gemv_launch_rows`].
+    fn gemv_rows_sorted<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        m: usize,
+        w: &DeviceGptq,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (k, n) = (w.in_features, w.out_features);
+        let perm = w
+            .perm
+            .as_ref()
+            .ok_or_else(|| unsupported("X permutation", "none", "the layer has no act-order"))?;
+        // The buffer leaves the workspace while the launches below (which lock it) run, and returns
+        // after them; the stream orders its next use after them.
+        let mut slot = self
+            .ws
+            .lock()
+            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?
+            .xperm
+            .take();
+        ensure(self.stream(), &mut slot, m * k)?;
+        let xs = slot.as_mut().unwrap_or_else(unreachable_ws);
+        let f = self.function(&GPTQ, "permute_x16")?;
+        let ki = k as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (ceil_div(k, 256) as u32, m as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(x).arg(perm).arg(&ki).arg(&mut *xs);
+        // SAFETY: matches `permute_x16(const u16*, const int*, int, u16*)`; x holds m·K 2-byte
+        // elements (checked by the caller), perm K indices below K (`prepare`), xs ≥ m·K.
+        drv(
+            "launching permute_x16",
+            unsafe { b.launch(cfg) }.map(|_| ()),
+        )?;
+        {
+            // SAFETY: f16 and bf16 are 2-byte values like u16, and xs holds ≥ m·K of them.
+            let xt = unsafe { xs.transmute::<T>(m * k) }.ok_or_else(|| {
+                unsupported(
+                    "X permutation",
+                    m * k,
+                    "the workspace is smaller than M x K",
+                )
+            })?;
+            let per_launch = gemv_launch_rows(w.mma, w.bits, k);
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = (m - r0).min(per_launch);
+                let xv = xt.slice(r0 * k..(r0 + rows) * k);
+                let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
+                self.mma_gemv_launch(&xv, rows, w, &mut yv, true)?;
+                r0 += rows;
+            }
+        }
+        if let Ok(mut ws) = self.ws.lock() {
+            if ws.xperm.as_ref().is_none_or(|b| b.len() < xs.len()) {
+                ws.xperm = slot;
+            }
         }
         Ok(())
     }
@@ -974,13 +1077,14 @@ impl CudaDevice {
     /// Whether [`CudaDevice::qmatmul`] runs the GEMV of `m` rows (m ≤ [`GEMV_MAX_ROWS`]) on the
     /// tensor cores ([`gemv_on_tensor_cores`]).
     pub fn gemv_uses_tensor_cores(&self, w: &DeviceGptq, m: usize) -> bool {
-        gemv_on_tensor_cores(
-            w.mma,
-            w.bits,
-            w.act_order(),
-            w.in_features,
-            m.min(gemv_launch_rows(w.mma, w.bits, w.in_features)),
-        )
+        prepermutes(w, m)
+            || gemv_on_tensor_cores(
+                w.mma,
+                w.bits,
+                w.act_order(),
+                w.in_features,
+                m.min(gemv_launch_rows(w.mma, w.bits, w.in_features)),
+            )
     }
 
     /// Plan of one variant of the tensor-core GEMV (`direct`: the register-pipelined one), or None
@@ -1060,9 +1164,16 @@ impl CudaDevice {
     /// register-pipelined blocks hold all of X, M x K, so with large M x K few warps fit per strip),
     /// and whether each block copies act-order X to shared memory. Cached per layer shape and M, so
     /// that a launch plans once.
-    fn mma_choice<T: ActDtype>(&self, w: &DeviceGptq, m: usize) -> Result<MmaChoice> {
+    fn mma_choice<T: ActDtype>(
+        &self,
+        w: &DeviceGptq,
+        m: usize,
+        x_sorted: bool,
+    ) -> Result<MmaChoice> {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
-        let key = (bits, T::NAME, k, n, m, w.group_rows, w.act_order());
+        // (act-order X already in sorted-row order is planned as without act-order)
+        let act_order = w.act_order() && !x_sorted;
+        let key = (bits, T::NAME, k, n, m, w.group_rows, act_order);
         if let Some(c) = self.plans.lock().ok().and_then(|c| c.get(&key).copied()) {
             return Ok(c);
         }
@@ -1081,7 +1192,7 @@ impl CudaDevice {
                     (xblock_bytes, group_rows, direct),
                 )
             };
-            let (plan, xblock) = if !w.act_order() {
+            let (plan, xblock) = if !act_order {
                 (plan_with(0)?, false)
             } else if !direct {
                 let xblock = x_bytes <= MMA_XBLOCK_MAX_BYTES;
@@ -1141,6 +1252,7 @@ impl CudaDevice {
         m: usize,
         w: &DeviceGptq,
         y: &mut CudaViewMut<f32>,
+        x_sorted: bool,
     ) -> Result<()> {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
         let strips = n / 32;
@@ -1156,7 +1268,7 @@ impl CudaDevice {
                     smem,
                     ..
                 },
-        } = self.mma_choice::<T>(w, m)?;
+        } = self.mma_choice::<T>(w, m, x_sorted)?;
         let entry = mma_entry::<T>(direct, bits, k, w.group_rows as usize);
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
@@ -1177,7 +1289,7 @@ impl CudaDevice {
             Some(self.split_k_workspace(nsplit * 8 * n, strips)?)
         };
         let mut b = self.stream().launch_builder(&f);
-        layer_args(&mut b, w, &strip_rows, &nullp);
+        layer_args(&mut b, w, &strip_rows, &nullp, x_sorted);
         b.arg(x)
             .arg(&mi)
             .arg(&ki)
@@ -1237,7 +1349,7 @@ impl CudaDevice {
         };
         let strip_rows = w.strip_rows();
         let mut b = self.stream().launch_builder(&f);
-        layer_args(&mut b, w, &strip_rows, &nullp);
+        layer_args(&mut b, w, &strip_rows, &nullp, false);
         b.arg(x)
             .arg(&mi)
             .arg(&ki)
@@ -1386,7 +1498,7 @@ impl CudaDevice {
         let nullp = null();
         let strip_rows = w.strip_rows();
         let mut b = self.stream().launch_builder(&f);
-        layer_args(&mut b, w, &strip_rows, &nullp);
+        layer_args(&mut b, w, &strip_rows, &nullp, false);
         b.arg(&ki).arg(&ni).arg(out);
         let cfg = LaunchConfig {
             grid_dim: (ceil_div(n / 4, 256) as u32, (k / unit_rows(bits)) as u32, 1),
