@@ -698,6 +698,25 @@ fn layer_args<'a>(
     };
 }
 
+/// Runs `launch` on consecutive chunks of at most `per_launch` rows of X (m x K) and Y (m x N).
+fn for_row_chunks<T>(
+    x: &CudaView<T>,
+    (m, k, n): (usize, usize, usize),
+    per_launch: usize,
+    y: &mut CudaSlice<f32>,
+    mut launch: impl FnMut(&CudaView<T>, usize, &mut CudaViewMut<f32>) -> Result<()>,
+) -> Result<()> {
+    let mut r0 = 0;
+    while r0 < m {
+        let rows = (m - r0).min(per_launch);
+        let xv = x.slice(r0 * k..(r0 + rows) * k);
+        let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
+        launch(&xv, rows, &mut yv)?;
+        r0 += rows;
+    }
+    Ok(())
+}
+
 fn ceil_div(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
@@ -964,9 +983,10 @@ impl CudaDevice {
         self.gemv_rows(x, m, w, y, Some(false))
     }
 
-    /// One GEMV launch per [`gemv_launch_rows`] rows ([`GEMV_ROWS_PER_LAUNCH`] on the scalar
+    /// One GEMV launch per [`gemv_launch_rows`] rows (`GEMV_ROWS_PER_LAUNCH` on the scalar
     /// kernel), on the tensor cores or the scalar kernel: `tensor_cores` forces one, None lets
-    /// [`gemv_on_tensor_cores`] choose per launch.
+    /// [`gemv_on_tensor_cores`] choose per launch. Act-order X is put in sorted-row order first
+    /// where [`prepermutes`] says so, and the tensor-core launches then read it as is.
     fn gemv_rows<T: ActDtype>(
         &self,
         x: &CudaSlice<T>,
@@ -979,46 +999,58 @@ impl CudaDevice {
         Self::check_len("qmatmul: x", m * k, x.len())?;
         Self::check_len("qmatmul: y", m * n, y.len())?;
         if tensor_cores != Some(false) && prepermutes(w, m) {
-            return self.gemv_rows_sorted(x, m, w, y);
+            let sorted = self.sorted_x(x, m, w)?;
+            // SAFETY: f16 and bf16 are 2-byte values like u16, and `sorted` holds >= m·K of them.
+            let xt = unsafe { sorted.transmute::<T>(m * k) }.ok_or_else(|| {
+                unsupported(
+                    "X permutation",
+                    m * k,
+                    "the workspace is smaller than M x K",
+                )
+            })?;
+            let per_launch = gemv_launch_rows(w.mma, w.bits, k);
+            for_row_chunks(&xt, (m, k, n), per_launch, y, |xv, rows, yv| {
+                self.mma_gemv_launch(xv, rows, w, yv, true)
+            })?;
+            // The buffer goes back to the workspace; the stream orders its next use after these
+            // launches.
+            if let Ok(mut ws) = self.ws.lock() {
+                if ws.xperm.as_ref().is_none_or(|b| b.len() < sorted.len()) {
+                    ws.xperm = Some(sorted);
+                }
+            }
+            return Ok(());
         }
-        let mut r0 = 0;
-        while r0 < m {
-            let per_launch = if tensor_cores == Some(false) {
-                GEMV_ROWS_PER_LAUNCH
-            } else {
-                gemv_launch_rows(w.mma, w.bits, k)
-            };
-            let rows = (m - r0).min(per_launch);
-            let xv = x.slice(r0 * k..(r0 + rows) * k);
-            let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
+        let per_launch = if tensor_cores == Some(false) {
+            GEMV_ROWS_PER_LAUNCH
+        } else {
+            gemv_launch_rows(w.mma, w.bits, k)
+        };
+        for_row_chunks(&x.as_view(), (m, k, n), per_launch, y, |xv, rows, yv| {
             let tc = tensor_cores
                 .unwrap_or_else(|| gemv_on_tensor_cores(w.mma, w.bits, w.act_order(), k, rows));
             if tc {
-                self.mma_gemv_launch(&xv, rows, w, &mut yv, false)?;
+                self.mma_gemv_launch(xv, rows, w, yv, false)
             } else {
-                self.gemv_launch(&xv, rows, w, &mut yv)?;
+                self.gemv_launch(xv, rows, w, yv)
             }
-            r0 += rows;
-        }
-        Ok(())
+        })
     }
 
-    /// The tensor-core GEMV of an act-order layer with X first put in sorted-row order by one
-    /// `permute_x16` launch ([`prepermutes`]), then read as is: launches of [`gemv_launch_rows`].
-    fn gemv_rows_sorted<T: ActDtype>(
+    /// Act-order X (m x K) in sorted-row order, by one `permute_x16` launch into the workspace's
+    /// buffer, which leaves the workspace until the caller gives it back (the launches that read
+    /// it lock the workspace themselves).
+    fn sorted_x<T: ActDtype>(
         &self,
         x: &CudaSlice<T>,
         m: usize,
         w: &DeviceGptq,
-        y: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let (k, n) = (w.in_features, w.out_features);
+    ) -> Result<CudaSlice<u16>> {
+        let k = w.in_features;
         let perm = w
             .perm
             .as_ref()
             .ok_or_else(|| unsupported("X permutation", "none", "the layer has no act-order"))?;
-        // The buffer leaves the workspace while the launches below (which lock it) run, and returns
-        // after them; the stream orders its next use after them.
         let mut slot = self
             .ws
             .lock()
@@ -1026,7 +1058,7 @@ impl CudaDevice {
             .xperm
             .take();
         ensure(self.stream(), &mut slot, m * k)?;
-        let xs = slot.as_mut().unwrap_or_else(unreachable_ws);
+        let mut xs = slot.unwrap_or_else(unreachable_ws);
         let f = self.function(&GPTQ, "permute_x16")?;
         let ki = k as i32;
         let cfg = LaunchConfig {
@@ -1035,38 +1067,14 @@ impl CudaDevice {
             shared_mem_bytes: 0,
         };
         let mut b = self.stream().launch_builder(&f);
-        b.arg(x).arg(perm).arg(&ki).arg(&mut *xs);
+        b.arg(x).arg(perm).arg(&ki).arg(&mut xs);
         // SAFETY: matches `permute_x16(const u16*, const int*, int, u16*)`; x holds m·K 2-byte
-        // elements (checked by the caller), perm K indices below K (`prepare`), xs ≥ m·K.
+        // elements (checked by the caller), perm K indices below K (`prepare`), xs >= m·K.
         drv(
             "launching permute_x16",
             unsafe { b.launch(cfg) }.map(|_| ()),
         )?;
-        {
-            // SAFETY: f16 and bf16 are 2-byte values like u16, and xs holds ≥ m·K of them.
-            let xt = unsafe { xs.transmute::<T>(m * k) }.ok_or_else(|| {
-                unsupported(
-                    "X permutation",
-                    m * k,
-                    "the workspace is smaller than M x K",
-                )
-            })?;
-            let per_launch = gemv_launch_rows(w.mma, w.bits, k);
-            let mut r0 = 0;
-            while r0 < m {
-                let rows = (m - r0).min(per_launch);
-                let xv = xt.slice(r0 * k..(r0 + rows) * k);
-                let mut yv = y.slice_mut(r0 * n..(r0 + rows) * n);
-                self.mma_gemv_launch(&xv, rows, w, &mut yv, true)?;
-                r0 += rows;
-            }
-        }
-        if let Ok(mut ws) = self.ws.lock() {
-            if ws.xperm.as_ref().is_none_or(|b| b.len() < xs.len()) {
-                ws.xperm = slot;
-            }
-        }
-        Ok(())
+        Ok(xs)
     }
 
     /// Whether this layer was uploaded for the tensor-core GEMV (strip-major words).
