@@ -3,9 +3,10 @@
 //! At load ([`prepare`]) the rows of `qweight` are sorted by `g_idx` when a checkpoint uses act-order,
 //! so that each group is a contiguous run of rows, and `perm` is kept; X columns are gathered through
 //! `perm` inside the GEMV kernel, and the GEMM path scatters dequantized rows back through it. Paths:
-//! * GEMV (M ≤ [`GEMV_MAX_ROWS`], or [`GEMV_MAX_ROWS_TENSOR_CORES`] on the tensor cores without
-//!   act-order, [`CudaDevice::qmatmul_uses_gemv`]): fp32 accumulation, one launch per 8 rows (fewer at
-//!   3 bits, [`gemv_launch_rows`]);
+//! * GEMV (M ≤ [`GEMV_MAX_ROWS`], or [`GEMV_MAX_ROWS_TENSOR_CORES`] on the tensor cores,
+//!   [`CudaDevice::qmatmul_uses_gemv`]): fp32 accumulation, one launch per 8 rows (fewer at 3 bits,
+//!   [`gemv_launch_rows`]); act-order X gathered inside the kernel, or first put in sorted-row order
+//!   by one small launch ([`prepermutes`]);
 //! * GEMM (larger M): dequantize the layer into an f16 buffer, then cuBLAS (fp32 accumulation);
 //! * fused MoE GEMV: one launch computes every (token, expert slot) pair, expert ids read on the device.
 
@@ -382,11 +383,11 @@ pub fn auto_uses_mma(p: &PreparedGptq) -> bool {
 /// Whether a GEMV launch of `rows` rows on a layer uploaded for the tensor cores (`mma`), with X
 /// gathered inside the kernel (not [`prepermutes`], which covers every such case of Mixtral's
 /// shapes), runs there: always, except act-order layers with K above 8192 at more than 4 rows,
-/// which run the scalar kernel on the same strip-major words. There every block of the register-pipelined kernel would
-/// hold all of X (M x K) in shared memory, too much for enough warps per strip, and the ring
-/// kernel's per-warp gathers of X from global memory were 1.7x slower than the scalar kernel at
-/// M = 8 (BENCHMARKS.md, H200: 14336 x 4096 4-bit, 155 against 93 us; at M = 1 and 4 the
-/// tensor-core kernel took 17.3 and 25.9 us against 23.1 and 61.7).
+/// which run the scalar kernel on the same strip-major words. There every block of the
+/// register-pipelined kernel would hold all of X (M x K) in shared memory, too much for enough
+/// warps per strip, and the ring kernel's per-warp gathers of X from global memory were 1.7x slower
+/// than the scalar kernel at M = 8 (BENCHMARKS.md, H200: 14336 x 4096 4-bit, 155 against 93 us; at
+/// M = 1 and 4 the tensor-core kernel took 17.3 and 25.9 us against 23.1 and 61.7).
 /// At 3 bits, only the register-pipelined variant exists, whose blocks hold all of X: launches with
 /// rows x K above [`MMA3_MAX_X`] run the scalar kernel (with [`gemv_launch_rows`], only K above it).
 pub fn gemv_on_tensor_cores(mma: bool, bits: u32, act_order: bool, k: usize, rows: usize) -> bool {
@@ -412,7 +413,9 @@ pub fn prepermutes(w: &DeviceGptq, m: usize) -> bool {
         },
     );
     let wanted = m >= 8 || (m >= 2 && m * w.in_features * w.out_features > PREPERMUTE_MIN_PRODUCT);
-    w.mma && w.act_order() && force.unwrap_or(wanted)
+    // (3 bits: only where one row fits the tensor-core launch, `gemv_on_tensor_cores`)
+    let fits = w.bits != 3 || w.in_features <= MMA3_MAX_X;
+    w.mma && w.act_order() && fits && force.unwrap_or(wanted)
 }
 
 /// See [`prepermutes`]: M x K x N of 4 rows at 4096 x 4096.
