@@ -612,7 +612,8 @@ __device__ __forceinline__ u32 f2_to_b2(float lo, float hi) {
 // Per-column constants of the current group for the B operand (lane's 4 columns).
 template <int BITS, bool BF> struct MmaZero {
     u32 lo[4]; // magic + z, as x2 (f16/bf16); at 8-bit bf16: unused; 3 bits: see mma_pairs3
-    u32 hi[4]; // 4-bit f16: -(64 + z) for the shifted nibbles; 8-bit bf16: (2^23 + z) as float bits
+    u32 hi[4]; // 4-bit f16: -(64 + z) for the shifted nibbles; 8-bit bf16: (2^23 + z) as float bits;
+               // 3-bit f16: see mma_pairs3
     // w: the lane's four stored (zero - 1) codes at bits BITS * j (bytes at 3 bits). Every constant
     // is an exact small number, so its encoding is built with integer operations: f16 1024 + z =
     // 0x6400 + z and -(64 + z) = 0xD400 + 16 z (z <= 16), bf16 128 + z = 0x4300 + z and -(8 + z) =
@@ -624,8 +625,11 @@ template <int BITS, bool BF> struct MmaZero {
             const u32 z = ((w >> (ZB * j)) & ((1u << BITS) - 1u)) + 1u;
             if (BITS == 3) {
                 // f16 (-(64 + z), -(1024 + z)) = (0xD400 + 16 z, 0xE400 + z); bf16 (-(8 + z),
-                // -(128 + z)) = (0xC100 + 16 z, 0xC300 + z): one multiply-add of the code (z - 1).
-                lo[j] = __byte_perm(w, 0u, 0x4440 + j) * 0x00010010u + (BF ? 0xC301C110u : 0xE401D410u);
+                // -(128 + z)) = (0xC100 + 16 z, 0xC300 + z): one multiply-add of the code (z - 1);
+                // f16 also (-(8 + z), -(128 + z)) = (0xC800 + 128 z, 0xD800 + 8 z) (mma_pairs3).
+                const u32 code = __byte_perm(w, 0u, 0x4440 + j);
+                lo[j] = code * 0x00010010u + (BF ? 0xC301C110u : 0xE401D410u);
+                if (!BF) hi[j] = code * 0x00080080u + 0xD808C880u;
             } else if (BITS == 4 && !BF) {
                 lo[j] = (0x6400u + z) * 0x10001u;
                 hi[j] = (0xD400u + (z << 4)) * 0x10001u;
@@ -675,30 +679,35 @@ __device__ __forceinline__ void mma_pairs(u32 w, const MmaZero<BITS, BF>& zc, in
 }
 
 // 3 bits: the (q - z) pairs (v0,v4) (v1,v5) (v2,v6) (v3,v7) of values 8t .. 8t + 7 of one column's
-// 32-value unit (w0, w1, w2; value k at bit 3k of the 96-bit w0|w1|w2), the pairing of 4 bits. Pair e
-// comes from the unit shifted right by 24t + 3e - 4 (one SHF): v_{8t+e} then sits at bits 4..6 and
-// v_{8t+e+4} at bits 16..18, which one LOP3 keeps under the magic exponent (f16 1024, bf16 128:
-// halves 1024 + 16 a and 1024 + b, or 128 + 16 a and 128 + b), and one FMA by (1/16, 1) plus the
-// column's (-(64 + z), -(1024 + z)) (bf16: (-(8 + z), -(128 + z))) leaves (a - z, b - z), exact.
+// 32-value unit (w0, w1, w2; value k at bit 3k of the 96-bit w0|w1|w2), the pairing of 4 bits. One
+// SHF brings a pair's codes into one half each, one LOP3 keeps them under the magic exponent (f16
+// 1024, bf16 128), and one FMA unscales them and subtracts the zero, exactly:
+// * bf16 (7 mantissa bits, codes at bits <= 4): pair e from the unit shifted right by 24t + 3e - 4,
+//   v_{8t+e} at bits 4..6 and v_{8t+e+4} at 16..18: halves 128 + 16 a and 128 + b, times (1/16, 1),
+//   plus (-(8 + z), -(128 + z)) (zlo);
+// * f16 (10 mantissa bits): one shift serves two pairs. Shifted right by 24t - 4, (v0, v4) sit at
+//   bits 4 and 16 as above and (v1, v5) at 7 and 19: halves 1024 + 128 a and 1024 + 8 b, times
+//   (1/128, 1/8), plus (-(8 + z), -(128 + z)) (zhi); shifted right by 24t + 2, (v2, v6) and (v3, v7)
+//   likewise. The first kind takes (1/16, 1) and (-(64 + z), -(1024 + z)) (zlo).
 template <bool BF, int T>
-__device__ __forceinline__ void mma_pairs3(u32 w0, u32 w1, u32 w2, u32 zc, u32* p) {
-    u32 magic, mul;
+__device__ __forceinline__ void mma_pairs3(u32 w0, u32 w1, u32 w2, u32 zlo, u32 zhi, u32* p) {
+    auto shifted = [&](int r) {
+        return r < 0 ? w0 << -r : r < 32 ? __funnelshift_r(w0, w1, r) : r < 64 ? __funnelshift_r(w1, w2, r - 32) : w2 >> (r - 64);
+    };
+    u32 magic;
     if (BF) {
         asm volatile("mov.b32 %0, 0x43004300;" : "=r"(magic));
-        mul = 0x3F803D80u; // bf16x2 (1/16, 1)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            p[e] = b2_fma(and_or(shifted(24 * T + 3 * e - 4), 0x00070070u, magic), 0x3F803D80u, zlo); // (1/16, 1)
     } else {
         asm volatile("mov.b32 %0, 0x64006400;" : "=r"(magic));
-        mul = 0x3C002C00u; // f16x2 (1/16, 1)
-    }
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const int r = 24 * T + 3 * e - 4;
-        const u32 src = r < 0 ? w0 << -r
-                      : r < 32 ? __funnelshift_r(w0, w1, r)
-                      : r < 64 ? __funnelshift_r(w1, w2, r - 32)
-                               : w2 >> (r - 64);
-        const u32 v = and_or(src, 0x00070070u, magic);
-        p[e] = BF ? b2_fma(v, mul, zc) : h2_fma(v, mul, zc);
+        for (int h = 0; h < 2; ++h) {
+            const u32 src = shifted(24 * T + 6 * h - 4);
+            p[2 * h] = h2_fma(and_or(src, 0x00070070u, magic), 0x3C002C00u, zlo);     // (1/16, 1)
+            p[2 * h + 1] = h2_fma(and_or(src, 0x00380380u, magic), 0x30002000u, zhi); // (1/128, 1/8)
+        }
     }
 }
 
@@ -739,8 +748,9 @@ __device__ __forceinline__ void mma_tile3(const uint4* wv, const uint4& x, const
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         u32 pa[4], pb[4];
-        mma_pairs3<BF, T>(comp(wv[0], 2 * i), comp(wv[1], 2 * i), comp(wv[2], 2 * i), zc.lo[2 * i], pa);
-        mma_pairs3<BF, T>(comp(wv[0], 2 * i + 1), comp(wv[1], 2 * i + 1), comp(wv[2], 2 * i + 1), zc.lo[2 * i + 1], pb);
+        mma_pairs3<BF, T>(comp(wv[0], 2 * i), comp(wv[1], 2 * i), comp(wv[2], 2 * i), zc.lo[2 * i], zc.hi[2 * i], pa);
+        mma_pairs3<BF, T>(comp(wv[0], 2 * i + 1), comp(wv[1], 2 * i + 1), comp(wv[2], 2 * i + 1), zc.lo[2 * i + 1],
+                          zc.hi[2 * i + 1], pb);
         mma_16816(acc[i], pa[0], pb[0], pa[1], pb[1], x.x, x.y, BF);
         mma_16816(acc[i], pa[2], pb[2], pa[3], pb[3], x.z, x.w, BF);
     }
