@@ -614,15 +614,14 @@ template <int BITS, bool BF> struct MmaZero {
     u32 lo[4]; // magic + z, as x2 (f16/bf16); at 8-bit bf16: unused; 3 bits: see mma_pairs3
     u32 hi[4]; // 4-bit f16: -(64 + z) for the shifted nibbles; 8-bit bf16: (2^23 + z) as float bits;
                // 3-bit f16: see mma_pairs3
-    // w: the lane's four stored (zero - 1) codes at bits BITS * j (bytes at 3 bits). Every constant
+    // w: the lane's four stored (zero - 1) codes at bits BITS * j (bytes j at 3 bits). Every constant
     // is an exact small number, so its encoding is built with integer operations: f16 1024 + z =
     // 0x6400 + z and -(64 + z) = 0xD400 + 16 z (z <= 16), bf16 128 + z = 0x4300 + z and -(8 + z) =
     // 0xC100 + 16 z, f32 2^23 + z = 0x4B000000 + z.
     __device__ __forceinline__ void set(u32 w) {
-        constexpr int ZB = BITS == 3 ? 8 : BITS; // bits per stored code
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const u32 z = ((w >> (ZB * j)) & ((1u << BITS) - 1u)) + 1u;
+            const u32 z = ((w >> (BITS * j)) & ((1u << BITS) - 1u)) + 1u; // (not used at 3 bits)
             if (BITS == 3) {
                 // f16 (-(64 + z), -(1024 + z)) = (0xD400 + 16 z, 0xE400 + z); bf16 (-(8 + z),
                 // -(128 + z)) = (0xC100 + 16 z, 0xC300 + z): one multiply-add of the code (z - 1);

@@ -413,8 +413,8 @@ pub fn prepermutes(w: &DeviceGptq, m: usize) -> bool {
         },
     );
     let wanted = m >= 8 || (m >= 2 && m * w.in_features * w.out_features > PREPERMUTE_MIN_PRODUCT);
-    // (3 bits: only where one row fits the tensor-core launch, `gemv_on_tensor_cores`)
-    let fits = w.bits != 3 || w.in_features <= MMA3_MAX_X;
+    // (3 bits: only where a launch of one row runs on the tensor cores)
+    let fits = gemv_on_tensor_cores(w.mma, w.bits, false, w.in_features, 1);
     w.mma && w.act_order() && fits && force.unwrap_or(wanted)
 }
 
@@ -812,15 +812,20 @@ impl CudaDevice {
     /// The workspace, locked, with its split-K partial sums grown to `partial` floats and its
     /// counters to `counters` words (the GEMV and fused MoE launches; `Workspace::split_k` lends
     /// both).
+    /// The device's shared workspace, locked (an error, not a panic, if an earlier call panicked
+    /// while holding it).
+    fn lock_workspace(&self) -> Result<std::sync::MutexGuard<'_, crate::cuda::device::Workspace>> {
+        self.ws
+            .lock()
+            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))
+    }
+
     fn split_k_workspace(
         &self,
         partial: usize,
         counters: usize,
     ) -> Result<std::sync::MutexGuard<'_, crate::cuda::device::Workspace>> {
-        let mut ws = self
-            .ws
-            .lock()
-            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
+        let mut ws = self.lock_workspace()?;
         ensure(self.stream(), &mut ws.partial, partial)?;
         ensure(self.stream(), &mut ws.counters, counters)?;
         Ok(ws)
@@ -1054,12 +1059,7 @@ impl CudaDevice {
             .perm
             .as_ref()
             .ok_or_else(|| unsupported("X permutation", "none", "the layer has no act-order"))?;
-        let mut slot = self
-            .ws
-            .lock()
-            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?
-            .xperm
-            .take();
+        let mut slot = self.lock_workspace()?.xperm.take();
         ensure(self.stream(), &mut slot, m * k)?;
         let mut xs = slot.unwrap_or_else(unreachable_ws);
         let f = self.function(&GPTQ, "permute_x16")?;
@@ -1390,10 +1390,7 @@ impl CudaDevice {
         let (k, n) = (w.in_features, w.out_features);
         Self::check_len("qmatmul: x", m * k, x.len())?;
         Self::check_len("qmatmul: y", m * n, y.len())?;
-        let mut ws = self
-            .ws
-            .lock()
-            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
+        let mut ws = self.lock_workspace()?;
         ensure(self.stream(), &mut ws.dense, k * n)?;
         let crate::cuda::device::Workspace { dense, xconv, .. } = &mut *ws;
         let dense = dense.as_mut().unwrap_or_else(unreachable_ws);
@@ -1439,10 +1436,7 @@ impl CudaDevice {
         let (k, n) = (d.in_features, d.out_features);
         Self::check_len("dense_matmul: x", m * k, x.len())?;
         Self::check_len("dense_matmul: y", m * n, y.len())?;
-        let mut ws = self
-            .ws
-            .lock()
-            .map_err(|_| unsupported("workspace", "poisoned", "an earlier call panicked"))?;
+        let mut ws = self.lock_workspace()?;
         let w_ptr = d.w.device_ptr(self.stream()).0;
         self.f16_weight_gemm(x, m, w_ptr, k, n, &mut ws.xconv, y)
     }
