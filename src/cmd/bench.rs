@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use runtime::cuda::gptq::{mma_eligible, prepare, ActDtype, DeviceGptq, GemvKernel};
 use runtime::cuda::random::{random_activations, random_gptq};
+use runtime::cuda::timing::Timing;
 use runtime::cuda::{bf16, f16, CudaDevice};
 
 /// Arguments of `mixtral-gptq bench`.
@@ -96,12 +97,29 @@ pub struct KernelArgs {
     /// Warm-up runs per case.
     #[arg(long, default_value_t = 10)]
     pub warmup: usize,
+    /// Runs queued back to back between one pair of CUDA events (each timed sample is their mean).
+    /// 1 times every run alone between its own events, which adds the fixed cost of an event pair
+    /// around a launch to every figure; 16 or more gives the steady state of a stream of launches,
+    /// as a decoding step queues them. Applies to every timed case (ours, cuBLAS, read-only, empty).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub back_to_back: u64,
     /// Experts for the fused-MoE timing (0 skips it).
     #[arg(long, default_value_t = 8)]
     pub moe_experts: usize,
     /// Bytes the rotated input copies of one case should span at least (defeats the 50 MB L2).
     #[arg(long, default_value_t = 256 << 20)]
     pub rotate_bytes: usize,
+}
+
+impl KernelArgs {
+    /// How each case is timed: `iters` samples after the warm-up, `--back-to-back` runs each.
+    fn timing(&self, iters: usize) -> Timing {
+        Timing {
+            warmup: self.warmup,
+            iters,
+            back_to_back: self.back_to_back as usize,
+        }
+    }
 }
 
 fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -151,12 +169,18 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
         dev.arch(),
         dev.sm_count()
     );
-    println!("times are medians of {} runs after {} warm-up runs, CUDA events, inputs rotated over >= {} MiB", a.iters, a.warmup, a.rotate_bytes >> 20);
-    let empty = dev.empty_kernel_ms(a.warmup, a.iters)?;
-    println!("an empty kernel takes {:.2} us between its events; \"read-only\" is one kernel that only streams the layer's bytes (same rotation)", empty * 1e3);
+    let tm = a.timing(a.iters);
+    let tm30 = a.timing(a.iters.min(30));
+    if tm.back_to_back == 1 {
+        println!("times are medians of {} runs after {} warm-up runs, each run between its own CUDA events, inputs rotated over >= {} MiB", a.iters, a.warmup, a.rotate_bytes >> 20);
+    } else {
+        println!("times are medians of {} samples after {} warm-up runs, a sample being the mean of {} runs queued back to back between one pair of CUDA events, inputs rotated over >= {} MiB", a.iters, a.warmup, tm.back_to_back, a.rotate_bytes >> 20);
+    }
+    let empty = dev.empty_kernel(tm)?;
+    println!("an empty kernel takes {:.2} us, timed the same way, and {:.1} us of host time to queue; \"read-only\" is one kernel that only streams the layer's bytes (same rotation); \"host\" is the host's time to queue one call", empty.device_ms * 1e3, empty.host_ms * 1e3);
     println!();
-    println!("| K x N | bits | group | act-order | M | X | path | time (us) | GB/s | % of copy | cuBLAS (us) | cuBLAS / ours | other GEMV kernel (us) | other / ours | read-only (us) | read-only / ours |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| K x N | bits | group | act-order | M | X | path | time (us) | host (us) | GB/s | % of copy | cuBLAS (us) | cuBLAS / ours | other GEMV kernel (us) | other / ours | read-only (us) | read-only / ours |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rng_seed = 1u64;
     for &(k, n) in &shapes {
         // cuBLAS baselines for this shape: f16 at each GEMV M, bf16 at the GEMM M.
@@ -173,9 +197,9 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                 let x: Vec<f16> = to_dtype(&random_activations(m * k, 12));
                 let xd = dev.upload(&x)?;
                 let mut y = dev.zeros::<f32>(m * n)?;
-                let t = dev.median_ms(a.warmup, a.iters, |i| {
-                    dev.dense_gemm(&xd, m, &ws[i % dcopies], k, n, &mut y)
-                })?;
+                let t = dev
+                    .median_times(tm, |i| dev.dense_gemm(&xd, m, &ws[i % dcopies], k, n, &mut y))?
+                    .device_ms;
                 base_f16.push(t);
             }
         }
@@ -187,10 +211,10 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
             let x: Vec<bf16> = to_dtype(&random_activations(m * k, 13));
             let xd = dev.upload(&x)?;
             let mut y = dev.zeros::<f32>(m * n)?;
-            let t = dev.median_ms(a.warmup, a.iters.min(30), |i| {
-                dev.dense_gemm(&xd, m, &ws[i % 2], k, n, &mut y)
-            })?;
-            println!("| {k} x {n} | dense | | | {m} | bf16 | cuBLAS bf16 | {:.1} | | | | {:.0} TFLOP/s |", t * 1e3, 2.0 * (m * k * n) as f64 / (t * 1e-3) / 1e12);
+            let t = dev
+                .median_times(tm30, |i| dev.dense_gemm(&xd, m, &ws[i % 2], k, n, &mut y))?
+                .device_ms;
+            println!("| {k} x {n} | dense | | | {m} | bf16 | cuBLAS bf16 | {:.1} | | | | | {:.0} TFLOP/s |", t * 1e3, 2.0 * (m * k * n) as f64 / (t * 1e-3) / 1e12);
             base_bf16 = Some(t);
         }
         for &bits in &a.bits {
@@ -225,7 +249,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     let bufs: Vec<_> = (0..copies)
                         .map(|_| dev.zeros::<u8>(wbytes.next_multiple_of(16)))
                         .collect::<Result<_, _>>()?;
-                    dev.stream_read_ms(&bufs, a.warmup, a.iters)?
+                    dev.stream_read_ms(&bufs, tm)?
                 };
                 let group = if gs < 0 {
                     "-1".to_string()
@@ -240,9 +264,10 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         })
                         .collect::<Result<_, _>>()?;
                     let mut y = dev.zeros::<f32>(m * n)?;
-                    let t = dev.median_ms(a.warmup, a.iters, |i| {
+                    let timed = dev.median_times(tm, |i| {
                         dev.qmatmul(&xs[i % xc], m, &ws[i % copies], &mut y)
                     })?;
+                    let t = timed.device_ms;
                     let bytes = wbytes + m * k * 2 + m * n * 4;
                     let gbs = bytes as f64 / (t * 1e-3) / 1e9;
                     let gemv = dev.qmatmul_uses_gemv(&ws[0], m);
@@ -254,17 +279,20 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     };
                     // The other GEMV kernel on the same inputs (the choice `GemvKernel::Auto` did not make).
                     let other_time = if gemv && !other_ws.is_empty() {
-                        let ts = dev.median_ms(a.warmup, a.iters, |i| {
-                            dev.qmatmul_gemv(&xs[i % xc], m, &other_ws[i % copies], &mut y)
-                        })?;
+                        let ts = dev
+                            .median_times(tm, |i| {
+                                dev.qmatmul_gemv(&xs[i % xc], m, &other_ws[i % copies], &mut y)
+                            })?
+                            .device_ms;
                         format!("{:.2} | {:.2}x", ts * 1e3, ts / t)
                     } else {
                         " | ".to_string()
                     };
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | {path} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2}x | {other_time} | {:.2} | {:.2} |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | {path} | {:.2} | {:.1} | {gbs:.0} | {:.0} % | {:.2} | {:.2}x | {other_time} | {:.2} | {:.2} |",
                         if act { "yes" } else { "no" },
                         t * 1e3,
+                        timed.host_ms * 1e3,
                         100.0 * gbs / copy,
                         base_f16[mi] * 1e3,
                         base_f16[mi] / t,
@@ -277,11 +305,11 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     let x: Vec<bf16> = to_dtype(&random_activations(m * k, 14));
                     let xd = dev.upload(&x)?;
                     let mut y = dev.zeros::<f32>(m * n)?;
-                    let t = dev.median_ms(a.warmup, a.iters.min(30), |i| {
-                        dev.qmatmul(&xd, m, &ws[i % copies], &mut y)
-                    })?;
+                    let t = dev
+                        .median_times(tm30, |i| dev.qmatmul(&xd, m, &ws[i % copies], &mut y))?
+                        .device_ms;
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | dequant+cuBLAS | {:.1} | | | {:.1} (bf16) | {:.2} of dense | | | | |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | dequant+cuBLAS | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | |",
                         if act { "yes" } else { "no" },
                         t * 1e3,
                         tb * 1e3,
@@ -290,14 +318,14 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     // Layer-major mode: the layer is dequantized once (timed on its own), then
                     // every call is the bf16 -> f16 conversion of X + cuBLAS f16.
                     let mut dense = dev.prepare_dense(&ws[0])?;
-                    let td = dev.median_ms(a.warmup, a.iters.min(30), |i| {
-                        dev.dequant_into_dense(&ws[i % copies], &mut dense)
-                    })?;
-                    let tp = dev.median_ms(a.warmup, a.iters.min(30), |_| {
-                        dev.dense_matmul(&xd, m, &dense, &mut y)
-                    })?;
+                    let td = dev
+                        .median_times(tm30, |i| dev.dequant_into_dense(&ws[i % copies], &mut dense))?
+                        .device_ms;
+                    let tp = dev
+                        .median_times(tm30, |_| dev.dense_matmul(&xd, m, &dense, &mut y))?
+                        .device_ms;
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | prepared dense (dequant once: {:.1} us) | {:.1} | | | {:.1} (bf16) | {:.2} of dense | | | | |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | prepared dense (dequant once: {:.1} us) | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | |",
                         if act { "yes" } else { "no" },
                         td * 1e3,
                         tp * 1e3,
@@ -342,19 +370,22 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
         let idd = dev.upload(&ids)?;
         let x = dev.upload(&to_dtype::<bf16>(&random_activations(tokens * k, 21)))?;
         let mut y = dev.zeros::<f32>(pairs * n)?;
-        let t = dev.median_ms(a.warmup, a.iters, |_| {
-            dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y)
-        })?;
+        let tm = a.timing(a.iters);
+        let t = dev
+            .median_times(tm, |_| dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y))?
+            .device_ms;
         let xs: Vec<_> = (0..tokens)
             .map(|t| dev.upload(&to_dtype::<bf16>(&random_activations(k, 30 + t as u64))))
             .collect::<Result<_, _>>()?;
         let mut y1 = dev.zeros::<f32>(n)?;
-        let t2 = dev.median_ms(a.warmup, a.iters, |_| {
-            for p in 0..pairs {
-                dev.qmatmul(&xs[p / topk], 1, &singles[ids[p] as usize], &mut y1)?;
-            }
-            Ok(())
-        })?;
+        let t2 = dev
+            .median_times(tm, |_| {
+                for p in 0..pairs {
+                    dev.qmatmul(&xs[p / topk], 1, &singles[ids[p] as usize], &mut y1)?;
+                }
+                Ok(())
+            })?
+            .device_ms;
         let gbs = (distinct * wbytes) as f64 / (t * 1e-3) / 1e9;
         println!(
             "| | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} |",
