@@ -39,7 +39,7 @@ impl Hessian {
     /// reference's hook never fires for an expert that got no token).
     pub fn add_batch(&mut self, x: &[f32]) -> Result<()> {
         let cols = self.cols();
-        if cols == 0 || x.len() % cols != 0 {
+        if cols == 0 || !x.len().is_multiple_of(cols) {
             return Err(Error::Shape {
                 what: "Hessian batch".into(),
                 expected: format!("a multiple of {cols} values ([tokens, {cols}])"),

@@ -114,7 +114,7 @@ pub fn hessian_inverse(h: &Mat<f32>, percdamp: f32) -> InverseFactor {
                 },
             };
         }
-        if !(p > 0.0) {
+        if p.is_nan() || p <= 0.0 {
             break;
         }
         p += DAMP_INCREMENT;

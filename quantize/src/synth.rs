@@ -166,7 +166,9 @@ impl SynthShape {
                 return Err(setting(what, "a positive number".into(), v));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 || self.head_dim() % 2 != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads)
+            || !self.head_dim().is_multiple_of(2)
+        {
             return Err(setting(
                 "`hidden_size` (--hidden)",
                 format!(
@@ -176,7 +178,7 @@ impl SynthShape {
                 self.hidden_size,
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(setting(
                 "`num_key_value_heads` (--kv-heads)",
                 format!(

@@ -134,7 +134,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let total = start.elapsed().as_secs_f64();
     let spent = model.arch.backend.spent.borrow();
     let mut rows: Vec<_> = spent.iter().collect();
-    rows.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));
     println!("{windows} windows of 2048 tokens, {total:.2} s; per window:");
     for (what, (d, n)) in rows {
         let s = d.as_secs_f64() / windows as f64;

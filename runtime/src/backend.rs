@@ -52,7 +52,7 @@ impl AttentionShape {
         let ((t, qw), (tk, kw), (tv, vw)) = (q, k, v);
         let d = self.head_dim;
         if self.n_kv_heads == 0
-            || self.n_heads % self.n_kv_heads != 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
             || qw != self.n_heads * d
             || kw != self.n_kv_heads * d
             || vw != kw

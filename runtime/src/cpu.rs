@@ -455,7 +455,11 @@ impl Backend for CpuBackend {
 
     fn rope(&self, x: &Tensor, head_dim: usize, positions: &[u32], theta: f64) -> Result<Tensor> {
         let (rows, cols) = dims2(x, "rope input")?;
-        if rows != positions.len() || head_dim == 0 || head_dim % 2 != 0 || cols % head_dim != 0 {
+        if rows != positions.len()
+            || head_dim == 0
+            || !head_dim.is_multiple_of(2)
+            || !cols.is_multiple_of(head_dim)
+        {
             return Err(Error::Input(format!(
                 "rope: {rows} rows, {} positions, width {cols}, head_dim {head_dim}",
                 positions.len()

@@ -10,7 +10,10 @@ use runtime::{Backend, Checkpoint, CpuBackend, Error, Model};
 use safetensors::tensor::Dtype;
 use serde_json::json;
 
-fn tiny_dir(dtype: Dtype) -> (tempfile::TempDir, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+/// Tensors by name: shape and values.
+type Weights = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+fn tiny_dir(dtype: Dtype) -> (tempfile::TempDir, Weights) {
     let config = tiny_config();
     let weights = tiny_weights(&config, 11);
     let dir = tempfile::tempdir().unwrap();

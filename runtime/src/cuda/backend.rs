@@ -292,7 +292,11 @@ impl Backend for CudaBackend {
         theta: f64,
     ) -> Result<CudaTensor> {
         let (rows, cols) = x.dims2("rope input")?;
-        if rows != positions.len() || head_dim == 0 || head_dim % 2 != 0 || cols % head_dim != 0 {
+        if rows != positions.len()
+            || head_dim == 0
+            || !head_dim.is_multiple_of(2)
+            || !cols.is_multiple_of(head_dim)
+        {
             return Err(Error::Input(format!(
                 "rope: {rows} rows, {} positions, width {cols}, head_dim {head_dim}",
                 positions.len()
