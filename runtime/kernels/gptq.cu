@@ -1087,11 +1087,13 @@ template <int D, bool ON> struct MmadGroupPipe {
 };
 template <int D> struct MmadGroupPipe<D, false> {};
 
+// yscale multiplies every output (the fused MoE's routing weight; the plain entries pass 1, which
+// the compiler folds away).
 template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS = false>
 __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N,
                                           int group_rows, int nsplit, int tiles_per_warp, int xblock,
                                           float* __restrict__ ws, u32* __restrict__ counters,
-                                          float* __restrict__ Y) {
+                                          float* __restrict__ Y, float yscale = 1.0f) {
     constexpr bool BF = IsBf16<T>::value;
     // A pipeline slot holds TPB tiles (at 3 bits a 128-row super-tile, see mma_tile3): LPT 16-byte
     // loads per lane, TS uint4 in all.
@@ -1253,7 +1255,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     for (int t = threadIdx.x; t < M * 32; t += blockDim.x) {
         float v = 0.0f;
         for (int w = 0; w < nsplit; ++w) v += ((const float*)(areas + w * warp_bytes))[t];
-        Y[(size_t)(t >> 5) * N + n0 + (t & 31)] = v;
+        Y[(size_t)(t >> 5) * N + n0 + (t & 31)] = v * yscale;
     }
 }
 
@@ -1384,6 +1386,34 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
             mmad_gemv<B, T, D, false>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
     }
 
+// Fused MoE on the tensor cores: block (strip, p) runs the register-pipelined GEMV of one row for
+// pair p = blockIdx.y, Y[p, :] = scale[p] * X[p / x_div, :] . W_e with e = expert_ids[p] (`table` as
+// in gemv_moe: 5 pointers per expert). Every expert shares bits, shape, grouping and act-order, so
+// one plan (runtime/src/cuda/gptq.rs, `mma_choice` on the first expert) fits them all; groups of
+// one tile (g32) keep the scalar fused kernel.
+#define MMAD_MOE_ENTRY(B, TN, T)                                                                             \
+    extern "C" __global__ void __launch_bounds__((B == 3 ? MMAD_MAX_WARPS3 : MMAD_MAX_WARPS) * 32) gptq_mmad_moe_##B##b_##TN( \
+        const unsigned long long* table, int strip_rows, const int* expert_ids, const float* pair_scale,      \
+        const T* X, int x_div, int K, int N, int group_rows, int nsplit, int tiles_per_warp, int xblock,     \
+        float* Y) {                                                                                          \
+        const int p = blockIdx.y;                                                                            \
+        const unsigned long long* t = table + 5 * (size_t)expert_ids[p];                                    \
+        QMat q = {(const u32*)t[0], strip_rows, (const __half*)t[1], (const void*)t[2], (const int*)t[3],     \
+                  (const int*)t[4]};                                                                         \
+        const T* x = X + (size_t)(p / x_div) * K;                                                            \
+        float* y = Y + (size_t)p * N;                                                                        \
+        const float s = pair_scale ? pair_scale[p] : 1.0f;                                                   \
+        if constexpr (B == 3) {                                                                              \
+            mmad_gemv<B, T, MMAD_DEPTH3, true>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, nullptr, nullptr, y, s); \
+        } else {                                                                                             \
+            constexpr int D = mmad_depth(B);                                                                 \
+            if (mmad_blocked(D, K, group_rows, tiles_per_warp))                                               \
+                mmad_gemv<B, T, D, true>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, nullptr, nullptr, y, s); \
+            else                                                                                             \
+                mmad_gemv<B, T, D, false>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, nullptr, nullptr, y, s); \
+        }                                                                                                    \
+    }
+
 GEMV_ENTRIES(3, f16, __half)
 GEMV_ENTRIES(4, f16, __half)
 GEMV_ENTRIES(8, f16, __half)
@@ -1410,6 +1440,12 @@ MMADG_ENTRY(4, f16, __half)
 MMADG_ENTRY(8, f16, __half)
 MMADG_ENTRY(4, bf16, __nv_bfloat16)
 MMADG_ENTRY(8, bf16, __nv_bfloat16)
+MMAD_MOE_ENTRY(3, f16, __half)
+MMAD_MOE_ENTRY(4, f16, __half)
+MMAD_MOE_ENTRY(8, f16, __half)
+MMAD_MOE_ENTRY(3, bf16, __nv_bfloat16)
+MMAD_MOE_ENTRY(4, bf16, __nv_bfloat16)
+MMAD_MOE_ENTRY(8, bf16, __nv_bfloat16)
 DEQUANT_ENTRY(3)
 DEQUANT_ENTRY(4)
 DEQUANT_ENTRY(8)

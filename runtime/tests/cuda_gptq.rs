@@ -340,13 +340,30 @@ fn mma_gemv_matches_reference() {
 #[ignore = "needs a CUDA device"]
 fn fused_moe_matches_reference() {
     let dev = device();
-    for (bits, gs) in [(4u32, 128i32), (3, 32), (8, -1)] {
-        let (k, n, experts, tokens, topk) = (512usize, 384usize, 8usize, 5usize, 2usize);
+    // (bits, group, K, N, layout): the tensor-core fused kernel where the layout allows it (3-bit
+    // g32 and the scalar layout: the scalar fused kernel), K = 4096 with the act-order X copy.
+    let cases = [
+        (4u32, 128i32, 512usize, 384usize, GemvKernel::Auto),
+        (4, 128, 512, 384, GemvKernel::Scalar),
+        (4, 128, 4096, 1024, GemvKernel::Auto),
+        (3, 32, 512, 384, GemvKernel::Auto),
+        (3, 128, 512, 384, GemvKernel::Auto),
+        (8, -1, 512, 384, GemvKernel::Auto),
+        (8, -1, 512, 384, GemvKernel::Scalar),
+    ];
+    for (bits, gs, k, n, layout) in cases {
+        let (experts, tokens, topk) = (8usize, 5usize, 2usize);
         let ws: Vec<GptqWeight> = (0..experts)
             .map(|e| random_gptq(bits, gs, k, n, gs > 0, 77 + e as u64))
             .collect();
-        let dws = ws.iter().map(|w| dev.upload_gptq(w).unwrap()).collect();
+        let dws = ws
+            .iter()
+            .map(|w| dev.upload_prepared_as(&prepare(w).unwrap(), layout).unwrap())
+            .collect();
         let table = dev.upload_experts(dws).unwrap_or_else(|e| panic!("{e}"));
+        let tc = dev.moe_uses_tensor_cores::<bf16>(&table);
+        let want_tc = layout == GemvKernel::Auto && !(bits == 3 && gs == 32);
+        assert_eq!(tc, want_tc, "MoE {bits}-bit g{gs} {k}x{n} {layout:?}: tensor cores");
         let mut rng = Rng::new(bits as u64);
         let mut ids = Vec::new();
         let mut rw = Vec::new();
@@ -402,10 +419,10 @@ fn fused_moe_matches_reference() {
             }
         }
         let e2 = rel_err(&y2, &r2);
-        eprintln!("MoE {bits}-bit g{gs}: gate/up rel err {e1:.2e}, down+combine rel err {e2:.2e}");
+        eprintln!("MoE {bits}-bit g{gs} {k}x{n} (tensor cores: {tc}): gate/up rel err {e1:.2e}, down+combine rel err {e2:.2e}");
         assert!(
             e1 < REL_TOL && e2 < REL_TOL,
-            "MoE {bits}-bit g{gs}: {e1:.3e} / {e2:.3e}"
+            "MoE {bits}-bit g{gs} {k}x{n} (tensor cores: {tc}): {e1:.3e} / {e2:.3e}"
         );
     }
 }

@@ -350,17 +350,26 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
         .map(|i| random_gptq(4, 128, k, n, true, 500 + i as u64))
         .collect();
     let mut dws = Vec::new();
+    let mut scalar_dws = Vec::new();
     let mut singles = Vec::new();
     for w in &experts {
         let p = prepare(w)?;
         dws.push(dev.upload_prepared(&p)?);
+        scalar_dws.push(dev.upload_prepared_as(&p, GemvKernel::Scalar)?);
         singles.push(dev.upload_prepared(&p)?);
     }
     let table = dev.upload_experts(dws)?;
+    // The same experts in the scalar kernel's layout: the scalar fused kernel, for comparison.
+    let scalar_table = dev.upload_experts(scalar_dws)?;
+    let kernel = if dev.moe_uses_tensor_cores::<bf16>(&table) {
+        "tensor-core"
+    } else {
+        "scalar"
+    };
     let wbytes = singles[0].checkpoint_bytes();
     println!();
-    println!("| fused MoE, {e} experts of 4096 x 14336, 4-bit g128 act-order | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| fused MoE, {e} experts of 4096 x 14336, 4-bit g128 act-order ({kernel} kernel) | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) | scalar fused kernel (us) |");
+    println!("|---|---|---|---|---|---|---|---|");
     for tokens in [1usize, 4] {
         let pairs = tokens * topk;
         let ids: Vec<i32> = (0..pairs)
@@ -373,6 +382,11 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
         let tm = a.timing(a.iters);
         let t = dev
             .median_times(tm, |_| dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y))?
+            .device_ms;
+        let ts = dev
+            .median_times(tm, |_| {
+                dev.moe_gemv(&x, topk, &scalar_table, &idd, None, pairs, &mut y)
+            })?
             .device_ms;
         let xs: Vec<_> = (0..tokens)
             .map(|t| dev.upload(&to_dtype::<bf16>(&random_activations(k, 30 + t as u64))))
@@ -388,10 +402,11 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
             .device_ms;
         let gbs = (distinct * wbytes) as f64 / (t * 1e-3) / 1e9;
         println!(
-            "| | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} |",
+            "| | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2} |",
             t * 1e3,
             100.0 * gbs / copy,
-            t2 * 1e3
+            t2 * 1e3,
+            ts * 1e3
         );
     }
     Ok(())

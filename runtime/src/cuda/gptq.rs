@@ -1588,10 +1588,109 @@ impl CudaDevice {
         self.gemm_f32_out(dtype, wp, xp, m, k, n, y)
     }
 
+    /// Whether [`CudaDevice::moe_gemv`] on `experts` runs on the tensor cores (else the scalar fused
+    /// kernel): see `moe_mma_choice`.
+    pub fn moe_uses_tensor_cores<T: ActDtype>(&self, experts: &DeviceExperts) -> bool {
+        self.moe_mma_choice::<T>(experts).is_some()
+    }
+
+    /// The tensor-core plan of a fused MoE launch: the register-pipelined GEMV's plan for one row
+    /// of the first expert, used for every pair (`gptq_mmad_moe_*`). None, and the scalar fused
+    /// kernel, unless every expert was uploaded for the tensor cores with the same grouping and
+    /// act-order, one row runs there ([`gemv_on_tensor_cores`]), the plan is the register-pipelined
+    /// variant's, and its groups are not one tile each (g32 has its own entry, `mmadg`).
+    fn moe_mma_choice<T: ActDtype>(&self, experts: &DeviceExperts) -> Option<MmaChoice> {
+        let first = experts.experts.first()?;
+        let (k, bits, rows) = (first.in_features, first.bits, first.group_rows);
+        let uniform = experts
+            .experts
+            .iter()
+            .all(|e| e.mma && e.group_rows == rows && e.act_order() == first.act_order());
+        if !uniform
+            || !gemv_on_tensor_cores(true, bits, first.act_order(), k, 1)
+            || (rows > 0 && mmad_tile_groups(k, bits, rows as usize))
+        {
+            return None;
+        }
+        // (a layer no plan fits keeps the scalar fused kernel, which reports any real fault itself)
+        match self.mma_choice::<T>(first, 1, false) {
+            Ok(c) if c.direct => Some(c),
+            _ => None,
+        }
+    }
+
+    /// One `gptq_mmad_moe_*` launch: block (strip, pair) of the register-pipelined GEMV, planned as
+    /// one row of one expert ([`CudaDevice::moe_mma_choice`]).
+    #[allow(clippy::too_many_arguments)]
+    fn mmad_moe_launch<T: ActDtype>(
+        &self,
+        x: &CudaSlice<T>,
+        x_div: usize,
+        experts: &DeviceExperts,
+        expert_ids: &CudaSlice<i32>,
+        pair_scale: Option<&CudaSlice<f32>>,
+        pairs: usize,
+        y: &mut CudaSlice<f32>,
+        choice: MmaChoice,
+    ) -> Result<()> {
+        let first = &experts.experts[0];
+        let (k, n, bits) = (first.in_features, first.out_features, first.bits);
+        let MmaChoice {
+            xblock,
+            plan:
+                MmaPlan {
+                    nsplit,
+                    tiles_per_warp: tpw,
+                    warps,
+                    blocks,
+                    smem,
+                    ..
+                },
+            ..
+        } = choice;
+        let entry = format!("gptq_mmad_moe_{bits}b_{}", T::NAME);
+        let f = self.function(&GPTQ, &entry)?;
+        Self::allow_smem(&f, smem, &entry)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, pairs as u32, 1),
+            block_dim: ((warps * 32) as u32, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let strip_rows = first.strip_rows();
+        let (xd, ki, ni) = (x_div as i32, k as i32, n as i32);
+        let (nsi, tpwi, xblocki) = (nsplit as i32, tpw as i32, xblock as i32);
+        let nullp = null();
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&experts.table).arg(&strip_rows).arg(expert_ids);
+        match pair_scale {
+            Some(p) => b.arg(p),
+            None => b.arg(&nullp),
+        };
+        b.arg(x)
+            .arg(&xd)
+            .arg(&ki)
+            .arg(&ni)
+            .arg(&first.group_rows)
+            .arg(&nsi)
+            .arg(&tpwi)
+            .arg(&xblocki)
+            .arg(y);
+        // SAFETY: matches `gptq_mmad_moe_*` in kernels/gptq.cu; the plan is the register-pipelined
+        // GEMV's for one row of an expert of this shape, grouping and act-order (one block per strip,
+        // nsplit warps), which every expert shares (`moe_mma_choice`); every expert id must be <
+        // experts.len() (the caller's routing guarantees it); lengths checked by `moe_gemv`.
+        drv(
+            format!("launching {entry}"),
+            unsafe { b.launch(cfg) }.map(|_| ()),
+        )
+    }
+
     /// Fused MoE GEMV: for each pair p < `pairs`, `y[p, :] = scale[p] · x[p / x_div, :] · W[ids[p]]`.
     /// With `x` the tokens `[T, K]` and `x_div` = top-k this runs the gate/up projections of every
     /// (token, expert slot); with `x` the per-pair intermediate and `x_div` = 1 (and the routing
     /// weights as `scale`) it runs the down projection. One launch; expert ids stay on the device.
+    /// Experts uploaded for the tensor cores run the register-pipelined tensor-core GEMV, one block
+    /// per (strip, pair) ([`CudaDevice::moe_uses_tensor_cores`]); others the scalar fused kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_gemv<T: ActDtype>(
         &self,
@@ -1614,6 +1713,9 @@ impl CudaDevice {
         }
         if pairs == 0 {
             return Ok(());
+        }
+        if let Some(choice) = self.moe_mma_choice::<T>(experts) {
+            return self.mmad_moe_launch(x, x_div, experts, expert_ids, pair_scale, pairs, y, choice);
         }
         let uk = unit_rows(bits);
         let units = k / uk;
