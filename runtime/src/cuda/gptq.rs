@@ -701,6 +701,54 @@ fn layer_args<'a>(
     };
 }
 
+/// The leading arguments both fused MoE kernels take (`gptq_moe_gemv_*`, `gptq_mmad_moe_*`): the
+/// expert table, strip_rows, the expert ids, the pair scales or a null pointer, X, then the
+/// (x_div, K, N) scalars.
+struct MoeArgs<'a, T> {
+    experts: &'a DeviceExperts,
+    strip_rows: i32,
+    expert_ids: &'a CudaSlice<i32>,
+    pair_scale: Option<&'a CudaSlice<f32>>,
+    null: u64,
+    x: &'a CudaSlice<T>,
+    dims: [i32; 3],
+}
+
+impl<'a, T: ActDtype> MoeArgs<'a, T> {
+    fn new(
+        experts: &'a DeviceExperts,
+        expert_ids: &'a CudaSlice<i32>,
+        pair_scale: Option<&'a CudaSlice<f32>>,
+        x: &'a CudaSlice<T>,
+        x_div: usize,
+    ) -> Self {
+        let first = &experts.experts[0];
+        Self {
+            experts,
+            strip_rows: first.strip_rows(),
+            expert_ids,
+            pair_scale,
+            null: null(),
+            x,
+            dims: [x_div as i32, first.in_features as i32, first.out_features as i32],
+        }
+    }
+
+    fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
+        b.arg(&self.experts.table)
+            .arg(&self.strip_rows)
+            .arg(self.expert_ids);
+        match self.pair_scale {
+            Some(p) => b.arg(p),
+            None => b.arg(&self.null),
+        };
+        b.arg(self.x)
+            .arg(&self.dims[0])
+            .arg(&self.dims[1])
+            .arg(&self.dims[2]);
+    }
+}
+
 /// Runs `launch` on consecutive chunks of at most `per_launch` rows of X (m x K) and Y (m x N).
 fn for_row_chunks<T>(
     x: &CudaView<T>,
@@ -1621,56 +1669,30 @@ impl CudaDevice {
 
     /// One `gptq_mmad_moe_*` launch: block (strip, pair) of the register-pipelined GEMV, planned as
     /// one row of one expert ([`CudaDevice::moe_mma_choice`]).
-    #[allow(clippy::too_many_arguments)]
     fn mmad_moe_launch<T: ActDtype>(
         &self,
-        x: &CudaSlice<T>,
-        x_div: usize,
-        experts: &DeviceExperts,
-        expert_ids: &CudaSlice<i32>,
-        pair_scale: Option<&CudaSlice<f32>>,
+        args: &MoeArgs<'_, T>,
         pairs: usize,
         y: &mut CudaSlice<f32>,
         choice: MmaChoice,
     ) -> Result<()> {
-        let first = &experts.experts[0];
-        let (k, n, bits) = (first.in_features, first.out_features, first.bits);
-        let MmaChoice {
-            xblock,
-            plan:
-                MmaPlan {
-                    nsplit,
-                    tiles_per_warp: tpw,
-                    warps,
-                    blocks,
-                    smem,
-                    ..
-                },
-            ..
-        } = choice;
+        let first = &args.experts.experts[0];
+        let bits = first.bits;
+        let plan = choice.plan;
+        let smem = plan.smem;
         let entry = format!("gptq_mmad_moe_{bits}b_{}", T::NAME);
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, pairs as u32, 1),
-            block_dim: ((warps * 32) as u32, 1, 1),
+            grid_dim: (plan.blocks as u32, pairs as u32, 1),
+            block_dim: ((plan.warps * 32) as u32, 1, 1),
             shared_mem_bytes: smem,
         };
-        let strip_rows = first.strip_rows();
-        let (xd, ki, ni) = (x_div as i32, k as i32, n as i32);
-        let (nsi, tpwi, xblocki) = (nsplit as i32, tpw as i32, xblock as i32);
-        let nullp = null();
+        let (nsi, tpwi) = (plan.nsplit as i32, plan.tiles_per_warp as i32);
+        let xblocki = choice.xblock as i32;
         let mut b = self.stream().launch_builder(&f);
-        b.arg(&experts.table).arg(&strip_rows).arg(expert_ids);
-        match pair_scale {
-            Some(p) => b.arg(p),
-            None => b.arg(&nullp),
-        };
-        b.arg(x)
-            .arg(&xd)
-            .arg(&ki)
-            .arg(&ni)
-            .arg(&first.group_rows)
+        args.push(&mut b);
+        b.arg(&first.group_rows)
             .arg(&nsi)
             .arg(&tpwi)
             .arg(&xblocki)
@@ -1714,8 +1736,9 @@ impl CudaDevice {
         if pairs == 0 {
             return Ok(());
         }
+        let args = MoeArgs::new(experts, expert_ids, pair_scale, x, x_div);
         if let Some(choice) = self.moe_mma_choice::<T>(experts) {
-            return self.mmad_moe_launch(x, x_div, experts, expert_ids, pair_scale, pairs, y, choice);
+            return self.mmad_moe_launch(&args, pairs, y, choice);
         }
         let uk = unit_rows(bits);
         let units = k / uk;
@@ -1726,25 +1749,15 @@ impl CudaDevice {
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(pairs * nsplit * n, pairs * tiles)?;
         let (partial, counters) = ws.split_k();
-        let (xd, ki, ni, upsi) = (x_div as i32, k as i32, n as i32, ups as i32);
-        let nullp = null();
+        let upsi = ups as i32;
         let cfg = LaunchConfig {
             grid_dim: (tiles as u32, nsplit as u32, pairs as u32),
             block_dim: (GEMV_THREADS, 1, 1),
             shared_mem_bytes: smem,
         };
         let mut b = self.stream().launch_builder(&f);
-        let strip_rows = first.strip_rows();
-        b.arg(&experts.table).arg(&strip_rows).arg(expert_ids);
-        match pair_scale {
-            Some(p) => b.arg(p),
-            None => b.arg(&nullp),
-        };
-        b.arg(x)
-            .arg(&xd)
-            .arg(&ki)
-            .arg(&ni)
-            .arg(&upsi)
+        args.push(&mut b);
+        b.arg(&upsi)
             .arg(partial)
             .arg(counters)
             .arg(y);
