@@ -178,7 +178,10 @@ impl SynthShape {
                 self.hidden_size,
             ));
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(setting(
                 "`num_key_value_heads` (--kv-heads)",
                 format!(

@@ -257,7 +257,10 @@ impl MixtralConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "`num_attention_heads` {} is not a multiple of `num_key_value_heads` {}",
                 self.num_attention_heads, self.num_key_value_heads

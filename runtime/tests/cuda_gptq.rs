@@ -358,12 +358,18 @@ fn fused_moe_matches_reference() {
             .collect();
         let dws = ws
             .iter()
-            .map(|w| dev.upload_prepared_as(&prepare(w).unwrap(), layout).unwrap())
+            .map(|w| {
+                dev.upload_prepared_as(&prepare(w).unwrap(), layout)
+                    .unwrap()
+            })
             .collect();
         let table = dev.upload_experts(dws).unwrap_or_else(|e| panic!("{e}"));
         let tc = dev.moe_uses_tensor_cores::<bf16>(&table);
         let want_tc = layout == GemvKernel::Auto && !(bits == 3 && gs == 32);
-        assert_eq!(tc, want_tc, "MoE {bits}-bit g{gs} {k}x{n} {layout:?}: tensor cores");
+        assert_eq!(
+            tc, want_tc,
+            "MoE {bits}-bit g{gs} {k}x{n} {layout:?}: tensor cores"
+        );
         let mut rng = Rng::new(bits as u64);
         let mut ids = Vec::new();
         let mut rw = Vec::new();

@@ -198,7 +198,9 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                 let xd = dev.upload(&x)?;
                 let mut y = dev.zeros::<f32>(m * n)?;
                 let t = dev
-                    .median_times(tm, |i| dev.dense_gemm(&xd, m, &ws[i % dcopies], k, n, &mut y))?
+                    .median_times(tm, |i| {
+                        dev.dense_gemm(&xd, m, &ws[i % dcopies], k, n, &mut y)
+                    })?
                     .device_ms;
                 base_f16.push(t);
             }
@@ -319,7 +321,9 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     // every call is the bf16 -> f16 conversion of X + cuBLAS f16.
                     let mut dense = dev.prepare_dense(&ws[0])?;
                     let td = dev
-                        .median_times(tm30, |i| dev.dequant_into_dense(&ws[i % copies], &mut dense))?
+                        .median_times(tm30, |i| {
+                            dev.dequant_into_dense(&ws[i % copies], &mut dense)
+                        })?
                         .device_ms;
                     let tp = dev
                         .median_times(tm30, |_| dev.dense_matmul(&xd, m, &dense, &mut y))?
@@ -381,7 +385,9 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
         let mut y = dev.zeros::<f32>(pairs * n)?;
         let tm = a.timing(a.iters);
         let t = dev
-            .median_times(tm, |_| dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y))?
+            .median_times(tm, |_| {
+                dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y)
+            })?
             .device_ms;
         let ts = dev
             .median_times(tm, |_| {

@@ -730,7 +730,11 @@ impl<'a, T: ActDtype> MoeArgs<'a, T> {
             pair_scale,
             null: null(),
             x,
-            dims: [x_div as i32, first.in_features as i32, first.out_features as i32],
+            dims: [
+                x_div as i32,
+                first.in_features as i32,
+                first.out_features as i32,
+            ],
         }
     }
 
@@ -1757,10 +1761,7 @@ impl CudaDevice {
         };
         let mut b = self.stream().launch_builder(&f);
         args.push(&mut b);
-        b.arg(&upsi)
-            .arg(partial)
-            .arg(counters)
-            .arg(y);
+        b.arg(&upsi).arg(partial).arg(counters).arg(y);
         // SAFETY: matches `gptq_moe_gemv_*`; every expert id must be < experts.len() (the caller's
         // routing guarantees it); lengths checked above.
         drv(

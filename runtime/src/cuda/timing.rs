@@ -84,7 +84,11 @@ impl CudaDevice {
             drv("recording an event", events[0].record(self.stream()))?;
         }
         for s in 0..iters {
-            let (open, close) = if chained { (s, s + 1) } else { (2 * s, 2 * s + 1) };
+            let (open, close) = if chained {
+                (s, s + 1)
+            } else {
+                (2 * s, 2 * s + 1)
+            };
             if !chained {
                 self.synchronize()?;
                 self.busy_wait_ms((per as f64 * 0.02).max(0.2))?;
@@ -101,7 +105,11 @@ impl CudaDevice {
         self.synchronize()?;
         let mut times = Vec::with_capacity(iters);
         for s in 0..iters {
-            let (open, close) = if chained { (s, s + 1) } else { (2 * s, 2 * s + 1) };
+            let (open, close) = if chained {
+                (s, s + 1)
+            } else {
+                (2 * s, 2 * s + 1)
+            };
             let ms = drv("reading an event", events[open].elapsed_ms(&events[close]))?;
             times.push(ms as f64 / per as f64);
         }
