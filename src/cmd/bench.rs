@@ -197,11 +197,9 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                 let x: Vec<f16> = to_dtype(&random_activations(m * k, 12));
                 let xd = dev.upload(&x)?;
                 let mut y = dev.zeros::<f32>(m * n)?;
-                let t = dev
-                    .median_times(tm, |i| {
-                        dev.dense_gemm(&xd, m, &ws[i % dcopies], k, n, &mut y)
-                    })?
-                    .device_ms;
+                let t = dev.median_ms(tm, |i| {
+                    dev.dense_gemm(&xd, m, &ws[i % dcopies], k, n, &mut y)
+                })?;
                 base_f16.push(t);
             }
         }
@@ -213,9 +211,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
             let x: Vec<bf16> = to_dtype(&random_activations(m * k, 13));
             let xd = dev.upload(&x)?;
             let mut y = dev.zeros::<f32>(m * n)?;
-            let t = dev
-                .median_times(tm30, |i| dev.dense_gemm(&xd, m, &ws[i % 2], k, n, &mut y))?
-                .device_ms;
+            let t = dev.median_ms(tm30, |i| dev.dense_gemm(&xd, m, &ws[i % 2], k, n, &mut y))?;
             println!("| {k} x {n} | dense | | | {m} | bf16 | cuBLAS bf16 | {:.1} | | | | | {:.0} TFLOP/s |", t * 1e3, 2.0 * (m * k * n) as f64 / (t * 1e-3) / 1e12);
             base_bf16 = Some(t);
         }
@@ -281,11 +277,9 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     };
                     // The other GEMV kernel on the same inputs (the choice `GemvKernel::Auto` did not make).
                     let other_time = if gemv && !other_ws.is_empty() {
-                        let ts = dev
-                            .median_times(tm, |i| {
-                                dev.qmatmul_gemv(&xs[i % xc], m, &other_ws[i % copies], &mut y)
-                            })?
-                            .device_ms;
+                        let ts = dev.median_ms(tm, |i| {
+                            dev.qmatmul_gemv(&xs[i % xc], m, &other_ws[i % copies], &mut y)
+                        })?;
                         format!("{:.2} | {:.2}x", ts * 1e3, ts / t)
                     } else {
                         " | ".to_string()
@@ -307,9 +301,8 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     let x: Vec<bf16> = to_dtype(&random_activations(m * k, 14));
                     let xd = dev.upload(&x)?;
                     let mut y = dev.zeros::<f32>(m * n)?;
-                    let t = dev
-                        .median_times(tm30, |i| dev.qmatmul(&xd, m, &ws[i % copies], &mut y))?
-                        .device_ms;
+                    let t =
+                        dev.median_ms(tm30, |i| dev.qmatmul(&xd, m, &ws[i % copies], &mut y))?;
                     println!(
                         "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | dequant+cuBLAS | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | |",
                         if act { "yes" } else { "no" },
@@ -320,14 +313,10 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     // Layer-major mode: the layer is dequantized once (timed on its own), then
                     // every call is the bf16 -> f16 conversion of X + cuBLAS f16.
                     let mut dense = dev.prepare_dense(&ws[0])?;
-                    let td = dev
-                        .median_times(tm30, |i| {
-                            dev.dequant_into_dense(&ws[i % copies], &mut dense)
-                        })?
-                        .device_ms;
-                    let tp = dev
-                        .median_times(tm30, |_| dev.dense_matmul(&xd, m, &dense, &mut y))?
-                        .device_ms;
+                    let td = dev.median_ms(tm30, |i| {
+                        dev.dequant_into_dense(&ws[i % copies], &mut dense)
+                    })?;
+                    let tp = dev.median_ms(tm30, |_| dev.dense_matmul(&xd, m, &dense, &mut y))?;
                     println!(
                         "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | prepared dense (dequant once: {:.1} us) | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | |",
                         if act { "yes" } else { "no" },
@@ -374,6 +363,7 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
     println!();
     println!("| fused MoE, {e} experts of 4096 x 14336, 4-bit g128 act-order ({kernel} kernel) | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) | scalar fused kernel (us) |");
     println!("|---|---|---|---|---|---|---|---|");
+    let tm = a.timing(a.iters);
     for tokens in [1usize, 4] {
         let pairs = tokens * topk;
         let ids: Vec<i32> = (0..pairs)
@@ -383,29 +373,22 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
         let idd = dev.upload(&ids)?;
         let x = dev.upload(&to_dtype::<bf16>(&random_activations(tokens * k, 21)))?;
         let mut y = dev.zeros::<f32>(pairs * n)?;
-        let tm = a.timing(a.iters);
-        let t = dev
-            .median_times(tm, |_| {
-                dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y)
-            })?
-            .device_ms;
-        let ts = dev
-            .median_times(tm, |_| {
-                dev.moe_gemv(&x, topk, &scalar_table, &idd, None, pairs, &mut y)
-            })?
-            .device_ms;
+        let t = dev.median_ms(tm, |_| {
+            dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y)
+        })?;
+        let ts = dev.median_ms(tm, |_| {
+            dev.moe_gemv(&x, topk, &scalar_table, &idd, None, pairs, &mut y)
+        })?;
         let xs: Vec<_> = (0..tokens)
             .map(|t| dev.upload(&to_dtype::<bf16>(&random_activations(k, 30 + t as u64))))
             .collect::<Result<_, _>>()?;
         let mut y1 = dev.zeros::<f32>(n)?;
-        let t2 = dev
-            .median_times(tm, |_| {
-                for p in 0..pairs {
-                    dev.qmatmul(&xs[p / topk], 1, &singles[ids[p] as usize], &mut y1)?;
-                }
-                Ok(())
-            })?
-            .device_ms;
+        let t2 = dev.median_ms(tm, |_| {
+            for p in 0..pairs {
+                dev.qmatmul(&xs[p / topk], 1, &singles[ids[p] as usize], &mut y1)?;
+            }
+            Ok(())
+        })?;
         let gbs = (distinct * wbytes) as f64 / (t * 1e-3) / 1e9;
         println!(
             "| | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2} |",

@@ -1594,7 +1594,8 @@ pub fn time_dense_gemm(
         n,
     };
     let (xp, yp) = (ptr(dev, &x.buf), ptr(dev, &y));
-    Ok(dev.median_ms(3, iters, |_| gemm(dev, xp, m, &r, yp, n, 0.0))?)
+    let t = super::timing::Timing::one_by_one(3, iters);
+    Ok(dev.median_ms(t, |_| gemm(dev, xp, m, &r, yp, n, 0.0))?)
 }
 
 /// Dequantizes `w` on the device with the evaluation's kernel and returns `[K, N]` (input-row

@@ -24,6 +24,17 @@ pub struct Timing {
     pub back_to_back: usize,
 }
 
+impl Timing {
+    /// `iters` runs after `warmup`, each between its own pair of events.
+    pub fn one_by_one(warmup: usize, iters: usize) -> Self {
+        Self {
+            warmup,
+            iters,
+            back_to_back: 1,
+        }
+    }
+}
+
 /// Median times of one benchmark case.
 #[derive(Clone, Copy, Debug)]
 pub struct Timed {
@@ -35,19 +46,8 @@ pub struct Timed {
 }
 
 impl CudaDevice {
-    /// Median milliseconds of `run(i)` over `iters` runs after `warmup` runs (i counts from 0 across
-    /// both, so callers can rotate inputs with `i % copies`).
-    pub fn median_ms(
-        &self,
-        warmup: usize,
-        iters: usize,
-        run: impl FnMut(usize) -> Result<()>,
-    ) -> Result<f64> {
-        let t = Timing {
-            warmup,
-            iters,
-            back_to_back: 1,
-        };
+    /// Median device milliseconds per run of `run(i)` as `t` says ([`CudaDevice::median_times`]).
+    pub fn median_ms(&self, t: Timing, run: impl FnMut(usize) -> Result<()>) -> Result<f64> {
         Ok(self.median_times(t, run)?.device_ms)
     }
 
@@ -83,12 +83,16 @@ impl CudaDevice {
             self.busy_wait_ms(10.0)?;
             drv("recording an event", events[0].record(self.stream()))?;
         }
-        for s in 0..iters {
-            let (open, close) = if chained {
+        // The events that open and close sample s.
+        let window = |s: usize| {
+            if chained {
                 (s, s + 1)
             } else {
                 (2 * s, 2 * s + 1)
-            };
+            }
+        };
+        for s in 0..iters {
+            let (open, close) = window(s);
             if !chained {
                 self.synchronize()?;
                 self.busy_wait_ms((per as f64 * 0.02).max(0.2))?;
@@ -105,11 +109,7 @@ impl CudaDevice {
         self.synchronize()?;
         let mut times = Vec::with_capacity(iters);
         for s in 0..iters {
-            let (open, close) = if chained {
-                (s, s + 1)
-            } else {
-                (2 * s, 2 * s + 1)
-            };
+            let (open, close) = window(s);
             let ms = drv("reading an event", events[open].elapsed_ms(&events[close]))?;
             times.push(ms as f64 / per as f64);
         }
@@ -147,7 +147,7 @@ impl CudaDevice {
     pub fn copy_bandwidth_gbs(&self, bytes: usize, iters: usize) -> Result<f64> {
         let src: CudaSlice<u8> = self.upload(&vec![0x5Au8; bytes])?;
         let mut dst: CudaSlice<u8> = self.zeros(bytes)?;
-        let ms = self.median_ms(3, iters, |_| {
+        let ms = self.median_ms(Timing::one_by_one(3, iters), |_| {
             drv(
                 "copying on the device",
                 self.stream().memcpy_dtod(&src, &mut dst),
@@ -185,7 +185,7 @@ impl CudaDevice {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let timed = self.median_times(t, |i| {
+        self.median_ms(t, |i| {
             let b = &bufs[i % bufs.len()];
             let n16 = b.len() / 16;
             let mut l = self.stream().launch_builder(&f);
@@ -196,8 +196,7 @@ impl CudaDevice {
                 "launching bench_stream_read",
                 unsafe { l.launch(cfg) }.map(|_| ()),
             )
-        })?;
-        Ok(timed.device_ms)
+        })
     }
 }
 
