@@ -65,6 +65,23 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// Programmatic dependent launch (sm_90; runtime/src/cuda/gptq.rs launches the register-pipelined
+// GEMV and MoE entries with it). `pdl_wait` returns once the previous kernel in the stream has
+// finished and its writes are visible: a kernel reads nothing that kernel may write (X, expert ids,
+// pair scales) and writes nothing before it. Only the weights (written by uploads, never by a
+// kernel) are read earlier. `pdl_launch_dependents` lets the next such launch start its blocks as
+// this one's leave the SMs. Both do nothing in a launch without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
@@ -1104,9 +1121,9 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     static_assert(!TILE_GROUPS || (BLOCKED && BITS != 3), "groups of one tile: whole blocks, 4 or 8 bits");
     extern __shared__ float smem[];
 
+    pdl_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
-    const size_t xblock_bytes = xblock ? mma_copy_x_block(X, M, K, smem) : 0;
     const int strip = blockIdx.x, split = warp; // nsplit warps per block
     const int n0 = strip * 32;
     const int tiles = K / 32;
@@ -1146,6 +1163,10 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
         nzw = __ldg(zp);
     };
 
+    // Everything above reads only the layer's words; everything below may read what the previous
+    // kernel wrote (X) or write what it reads (Y).
+    pdl_wait();
+    const size_t xblock_bytes = xblock ? mma_copy_x_block(X, M, K, smem) : 0;
     unsigned char* areas = (unsigned char*)smem + xblock_bytes;
     T* xs = (T*)(areas + warp * warp_bytes);
     mma_stage_x<BITS, MMAD_X_CHUNKS>(q, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs, xstride, lane);
@@ -1396,6 +1417,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
         const unsigned long long* table, int strip_rows, const int* expert_ids, const float* pair_scale,      \
         const T* X, int x_div, int K, int N, int group_rows, int nsplit, int tiles_per_warp, int xblock,     \
         float* Y) {                                                                                          \
+        pdl_wait(); /* the expert ids and pair scales may come from the previous kernel */                  \
         const int p = blockIdx.y;                                                                            \
         const unsigned long long* t = table + 5 * (size_t)expert_ids[p];                                    \
         QMat q = {(const u32*)t[0], strip_rows, (const __half*)t[1], (const void*)t[2], (const int*)t[3],     \

@@ -457,6 +457,53 @@ fn gemv_is_deterministic() {
         .all(|(a, b)| a.to_bits() == b.to_bits())));
 }
 
+/// Programmatic dependent launch keeps stream order: two layers written into one output back to
+/// back, eight times (each launch may start while the one before runs), leave the second layer's
+/// result, bit for bit what ordinary launches give. The second layer has act-order, so at M = 16
+/// its X comes from the permutation kernel launched right before it.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn dependent_launches_keep_stream_order() {
+    let dev = device();
+    eprintln!("dependent launch: {}", dev.dependent_launch());
+    let (k, n) = (4096, 14336);
+    let upload = |w: &GptqWeight| dev.upload_prepared(&prepare(w).unwrap()).unwrap();
+    let wa = upload(&random_gptq(4, 128, k, n, false, 31));
+    let wb_host = random_gptq(4, 128, k, n, true, 32);
+    let wb = upload(&wb_host);
+    for m in [1, 16] {
+        let xs: Vec<f16> = random_activations(m * k, 33 + m as u64)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let xd = dev.upload(&xs).unwrap();
+        let run = |rounds: usize| {
+            let mut yd = dev.upload(&vec![f32::NAN; m * n]).unwrap();
+            for _ in 0..rounds {
+                dev.qmatmul(&xd, m, &wa, &mut yd).unwrap();
+                dev.qmatmul(&xd, m, &wb, &mut yd).unwrap();
+            }
+            dev.download(&yd).unwrap()
+        };
+        let queued = run(8);
+        let was = dev.dependent_launch();
+        dev.set_dependent_launch(false);
+        let ordinary = run(1);
+        dev.set_dependent_launch(was);
+        let x64: Vec<f64> = xs.iter().map(|v| v.to_f64()).collect();
+        let e = rel_err(&ordinary, &reference(&x64, m, &wb_host));
+        eprintln!("M = {m}: rel err {e:.2e}");
+        assert!(e < REL_TOL, "M = {m}: rel err {e:.3e} >= {REL_TOL}");
+        assert!(
+            queued
+                .iter()
+                .zip(&ordinary)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "M = {m}: back-to-back launches differ from ordinary ones"
+        );
+    }
+}
+
 /// Without a device, asking for one gives a named error, never a panic (runs everywhere).
 #[test]
 fn missing_cuda_is_a_named_error() {

@@ -178,9 +178,14 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
     }
     let empty = dev.empty_kernel(tm)?;
     println!("an empty kernel takes {:.2} us, timed the same way, and {:.1} us of host time to queue; \"read-only\" is one kernel that only streams the layer's bytes (same rotation); \"host\" is the host's time to queue one call", empty.device_ms * 1e3, empty.host_ms * 1e3);
+    if dev.dependent_launch() {
+        println!("the tensor-core GEMV and fused MoE run as programmatic dependent launches (each starts while the previous kernel finishes); \"no PDL\" times ours again as ordinary launches");
+    } else {
+        println!("programmatic dependent launch is off (before sm_90, or MIXTRAL_GPTQ_DEPENDENT_LAUNCH=0)");
+    }
     println!();
-    println!("| K x N | bits | group | act-order | M | X | path | time (us) | host (us) | GB/s | % of copy | cuBLAS (us) | cuBLAS / ours | other GEMV kernel (us) | other / ours | read-only (us) | read-only / ours |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| K x N | bits | group | act-order | M | X | path | time (us) | host (us) | GB/s | % of copy | cuBLAS (us) | cuBLAS / ours | other GEMV kernel (us) | other / ours | read-only (us) | read-only / ours | no PDL (us) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rng_seed = 1u64;
     for &(k, n) in &shapes {
         // cuBLAS baselines for this shape: f16 at each GEMV M, bf16 at the GEMM M.
@@ -266,6 +271,9 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         dev.qmatmul(&xs[i % xc], m, &ws[i % copies], &mut y)
                     })?;
                     let t = timed.device_ms;
+                    let no_pdl = without_dependent_launch(&dev, || {
+                        dev.median_ms(tm, |i| dev.qmatmul(&xs[i % xc], m, &ws[i % copies], &mut y))
+                    })?;
                     let bytes = wbytes + m * k * 2 + m * n * 4;
                     let gbs = bytes as f64 / (t * 1e-3) / 1e9;
                     let gemv = dev.qmatmul_uses_gemv(&ws[0], m);
@@ -285,7 +293,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         " | ".to_string()
                     };
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | {path} | {:.2} | {:.1} | {gbs:.0} | {:.0} % | {:.2} | {:.2}x | {other_time} | {:.2} | {:.2} |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | {path} | {:.2} | {:.1} | {gbs:.0} | {:.0} % | {:.2} | {:.2}x | {other_time} | {:.2} | {:.2} | {} |",
                         if act { "yes" } else { "no" },
                         t * 1e3,
                         timed.host_ms * 1e3,
@@ -293,7 +301,8 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         base_f16[mi] * 1e3,
                         base_f16[mi] / t,
                         read_only * 1e3,
-                        read_only / t
+                        read_only / t,
+                        us_or_blank(no_pdl)
                     );
                 }
                 if let (Some(tb), true) = (base_bf16, gs == 128) {
@@ -335,6 +344,25 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `time()` again with programmatic dependent launch off, where it is on (then back on).
+fn without_dependent_launch(
+    dev: &CudaDevice,
+    time: impl FnOnce() -> runtime::cuda::Result<f64>,
+) -> anyhow::Result<Option<f64>> {
+    if !dev.dependent_launch() {
+        return Ok(None);
+    }
+    dev.set_dependent_launch(false);
+    let t = time();
+    dev.set_dependent_launch(true);
+    Ok(Some(t?))
+}
+
+/// Milliseconds as microseconds with two decimals, or nothing.
+fn us_or_blank(ms: Option<f64>) -> String {
+    ms.map(|t| format!("{:.2}", t * 1e3)).unwrap_or_default()
+}
+
 /// Fused MoE GEMV at w1's shape (4096 x 14336), 4-bit g128 act-order: one launch for every
 /// (token, slot) pair against one qmatmul launch per pair.
 fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
@@ -361,8 +389,8 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
     };
     let wbytes = singles[0].checkpoint_bytes();
     println!();
-    println!("| fused MoE, {e} experts of 4096 x 14336, 4-bit g128 act-order ({kernel} kernel) | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) | scalar fused kernel (us) |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| fused MoE, {e} experts of 4096 x 14336, 4-bit g128 act-order ({kernel} kernel) | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) | scalar fused kernel (us) | no PDL (us) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let tm = a.timing(a.iters);
     for tokens in [1usize, 4] {
         let pairs = tokens * topk;
@@ -379,6 +407,11 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
         let ts = dev.median_ms(tm, |_| {
             dev.moe_gemv(&x, topk, &scalar_table, &idd, None, pairs, &mut y)
         })?;
+        let no_pdl = without_dependent_launch(dev, || {
+            dev.median_ms(tm, |_| {
+                dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y)
+            })
+        })?;
         let xs: Vec<_> = (0..tokens)
             .map(|t| dev.upload(&to_dtype::<bf16>(&random_activations(k, 30 + t as u64))))
             .collect::<Result<_, _>>()?;
@@ -391,11 +424,12 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
         })?;
         let gbs = (distinct * wbytes) as f64 / (t * 1e-3) / 1e9;
         println!(
-            "| | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2} |",
+            "| | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2} | {} |",
             t * 1e3,
             100.0 * gbs / copy,
             t2 * 1e3,
-            ts * 1e3
+            ts * 1e3,
+            us_or_blank(no_pdl)
         );
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! kernels share (split-K partial sums, tile counters, the dense buffer of the cuBLAS path).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use cudarc::cublas::CudaBlas;
@@ -24,6 +25,7 @@ pub struct CudaDevice {
     libs: CudaLibs,
     name: String,
     arch: String,
+    cc_major: i32,
     sm_count: usize,
     smem_optin: usize,
     modules: RwLock<HashMap<&'static str, Arc<CudaModule>>>,
@@ -35,6 +37,9 @@ pub struct CudaDevice {
     pub(crate) occupancy: Mutex<HashMap<(String, usize), usize>>,
     /// Tensor-core GEMV launch choices by layer shape and M (`CudaDevice::mma_choice`).
     pub(crate) plans: Mutex<HashMap<super::gptq::MmaKey, super::gptq::MmaChoice>>,
+    /// Whether the kernels written for it run as programmatic dependent launches
+    /// ([`CudaDevice::set_dependent_launch`]).
+    dependent_launch: AtomicBool,
 }
 
 /// Scratch buffers, grown on demand, reused across calls (one stream: calls are ordered).
@@ -106,6 +111,7 @@ impl CudaDevice {
             libs,
             name,
             arch: format!("sm_{maj}{min}"),
+            cc_major: maj,
             sm_count,
             smem_optin,
             modules: RwLock::new(HashMap::new()),
@@ -120,6 +126,10 @@ impl CudaDevice {
             busy: Mutex::new(None),
             occupancy: Mutex::new(HashMap::new()),
             plans: Mutex::new(HashMap::new()),
+            // (sm_90 and later; MIXTRAL_GPTQ_DEPENDENT_LAUNCH=0 turns it off)
+            dependent_launch: AtomicBool::new(
+                maj >= 9 && std::env::var("MIXTRAL_GPTQ_DEPENDENT_LAUNCH").as_deref() != Ok("0"),
+            ),
         }))
     }
 
@@ -151,6 +161,20 @@ impl CudaDevice {
     /// The context.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// Whether the register-pipelined tensor-core GEMV and fused MoE launch as programmatic
+    /// dependent launches: each launch's blocks start as the previous kernel's leave the SMs and
+    /// load their first weights while it finishes, then wait for it before reading X. On by default
+    /// from sm_90 (off with MIXTRAL_GPTQ_DEPENDENT_LAUNCH=0); it changes timing only, never results.
+    pub fn dependent_launch(&self) -> bool {
+        self.dependent_launch.load(Ordering::Relaxed)
+    }
+    /// Turns [`CudaDevice::dependent_launch`] on or off (ignored before sm_90); `bench kernels`
+    /// times both.
+    pub fn set_dependent_launch(&self, on: bool) {
+        self.dependent_launch
+            .store(on && self.cc_major >= 9, Ordering::Relaxed);
     }
 
     /// Waits for all queued work.

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use cudarc::cublas::{result as cublas_result, sys as cublas_sys};
 use cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs,
-    LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use super::device::{ensure, CudaDevice};
 use super::error::{drv, CudaError, Result};
 use super::kernels::GPTQ;
+use super::launch::ExLaunch;
 use crate::qlinear::GptqWeight;
 
 /// Above this many rows of X, dequantize + cuBLAS replaces the GEMV kernel: on an H100 at 4096 x 14336
@@ -683,21 +684,15 @@ pub fn to_strip_major(q: &[u32], n: usize) -> Vec<u32> {
 /// Pushes a layer's kernel arguments in the order every GPTQ kernel takes them: qweight,
 /// strip_rows, scales, zeros, ugroup, then perm, or a null pointer where the layer has none or X
 /// already is in sorted-row order (`x_sorted`, [`CudaDevice::gemv_rows`]).
-fn layer_args<'a>(
-    b: &mut LaunchArgs<'a>,
-    w: &'a DeviceGptq,
-    strip_rows: &'a i32,
-    null: &'a u64,
-    x_sorted: bool,
-) {
-    b.arg(&w.qweight)
-        .arg(strip_rows)
-        .arg(&w.scales)
-        .arg(&w.zeros)
-        .arg(&w.ugroup);
+fn layer_args(b: &mut ExLaunch, w: &DeviceGptq, x_sorted: bool) {
+    b.buf(&w.qweight)
+        .int(w.strip_rows())
+        .buf(&w.scales)
+        .buf(&w.zeros)
+        .buf(&w.ugroup);
     match &w.perm {
-        Some(p) if !x_sorted => b.arg(p),
-        _ => b.arg(null),
+        Some(p) if !x_sorted => b.buf(p),
+        _ => b.ptr(0),
     };
 }
 
@@ -709,7 +704,6 @@ struct MoeArgs<'a, T> {
     strip_rows: i32,
     expert_ids: &'a CudaSlice<i32>,
     pair_scale: Option<&'a CudaSlice<f32>>,
-    null: u64,
     x: &'a CudaSlice<T>,
     dims: [i32; 3],
 }
@@ -728,7 +722,6 @@ impl<'a, T: ActDtype> MoeArgs<'a, T> {
             strip_rows: first.strip_rows(),
             expert_ids,
             pair_scale,
-            null: null(),
             x,
             dims: [
                 x_div as i32,
@@ -738,18 +731,18 @@ impl<'a, T: ActDtype> MoeArgs<'a, T> {
         }
     }
 
-    fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
-        b.arg(&self.experts.table)
-            .arg(&self.strip_rows)
-            .arg(self.expert_ids);
+    fn push(&self, b: &mut ExLaunch) {
+        b.buf(&self.experts.table)
+            .int(self.strip_rows)
+            .buf(self.expert_ids);
         match self.pair_scale {
-            Some(p) => b.arg(p),
-            None => b.arg(&self.null),
+            Some(p) => b.buf(p),
+            None => b.ptr(0),
         };
-        b.arg(self.x)
-            .arg(&self.dims[0])
-            .arg(&self.dims[1])
-            .arg(&self.dims[2]);
+        b.buf(self.x)
+            .int(self.dims[0])
+            .int(self.dims[1])
+            .int(self.dims[2]);
     }
 }
 
@@ -774,10 +767,6 @@ fn for_row_chunks<T>(
 
 fn ceil_div(a: usize, b: usize) -> usize {
     a.div_ceil(b)
-}
-
-fn null() -> u64 {
-    0
 }
 
 impl CudaDevice {
@@ -1335,15 +1324,11 @@ impl CudaDevice {
         let entry = mma_entry::<T>(direct, bits, k, w.group_rows as usize);
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
-        let (mi, ki, ni) = (m as i32, k as i32, n as i32);
-        let (nsi, tpwi, xblocki) = (nsplit as i32, tpw as i32, xblock as i32);
-        let nullp = null();
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: ((warps * 32) as u32, 1, 1),
             shared_mem_bytes: smem,
         };
-        let strip_rows = w.strip_rows();
         // The ring variant's split partials meet in the split-K workspace; the register-pipelined
         // one adds its splits inside the block and takes null pointers there.
         let mut ws = if direct {
@@ -1351,33 +1336,34 @@ impl CudaDevice {
         } else {
             Some(self.split_k_workspace(nsplit * 8 * n, strips)?)
         };
-        let mut b = self.stream().launch_builder(&f);
-        layer_args(&mut b, w, &strip_rows, &nullp, x_sorted);
-        b.arg(x)
-            .arg(&mi)
-            .arg(&ki)
-            .arg(&ni)
-            .arg(&w.group_rows)
-            .arg(&nsi)
-            .arg(&tpwi)
-            .arg(&xblocki);
+        let mut b = ExLaunch::new(self.stream());
+        layer_args(&mut b, w, x_sorted);
+        b.buf(x)
+            .int(m as i32)
+            .int(k as i32)
+            .int(n as i32)
+            .int(w.group_rows)
+            .int(nsplit as i32)
+            .int(tpw as i32)
+            .int(xblock as i32);
         match ws.as_mut() {
             Some(ws) => {
                 let (partial, counters) = ws.split_k();
-                b.arg(partial).arg(counters)
+                b.buf_mut(partial).buf_mut(counters)
             }
-            None => b.arg(&nullp).arg(&nullp),
+            None => b.ptr(0).ptr(0),
         };
-        b.arg(y);
+        b.buf_mut(y);
         // SAFETY: argument types and order match `gptq_mma_gemv_*` and `gptq_mmad_gemv_*` in
         // kernels/gptq.cu; `w.mma` holds (K, N multiples of 32, one group per 32-row tile); x holds
         // m·K and y m·N elements (checked by the caller); for the ring variant the workspaces were
         // grown to nsplit·8·N floats and N/32 counters; the register-pipelined variant has one block
-        // of nsplit warps per strip and never reads the null workspace pointers.
-        drv(
-            format!("launching {entry}"),
-            unsafe { b.launch(cfg) }.map(|_| ()),
-        )
+        // of nsplit warps per strip and never reads the null workspace pointers. Only it is written
+        // for dependent launch (`pdl_wait` before X, Y and the workspaces).
+        let dependent = direct && self.dependent_launch();
+        drv(format!("launching {entry}"), unsafe {
+            b.launch(&f, cfg, dependent)
+        })
     }
 
     fn gemv_launch<T: ActDtype>(
@@ -1403,30 +1389,27 @@ impl CudaDevice {
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(nsplit * mt * n, tiles)?;
         let (partial, counters) = ws.split_k();
-        let (mi, ki, ni, upsi) = (m as i32, k as i32, n as i32, ups as i32);
-        let nullp = null();
         let cfg = LaunchConfig {
             grid_dim: (tiles as u32, nsplit as u32, 1),
             block_dim: (GEMV_THREADS, 1, 1),
             shared_mem_bytes: smem,
         };
-        let strip_rows = w.strip_rows();
-        let mut b = self.stream().launch_builder(&f);
-        layer_args(&mut b, w, &strip_rows, &nullp, false);
-        b.arg(x)
-            .arg(&mi)
-            .arg(&ki)
-            .arg(&ni)
-            .arg(&upsi)
-            .arg(partial)
-            .arg(counters)
-            .arg(y);
+        let mut b = ExLaunch::new(self.stream());
+        layer_args(&mut b, w, false);
+        b.buf(x)
+            .int(m as i32)
+            .int(k as i32)
+            .int(n as i32)
+            .int(ups as i32)
+            .buf_mut(partial)
+            .buf_mut(counters)
+            .buf_mut(y);
         // SAFETY: argument types and order match `gptq_gemv_*` in kernels/gptq.cu; buffer lengths were
-        // checked above (x: m·K, y: m·N, workspaces grown to nsplit·MT·N and tiles).
-        drv(
-            format!("launching {entry}"),
-            unsafe { b.launch(cfg) }.map(|_| ()),
-        )
+        // checked above (x: m·K, y: m·N, workspaces grown to nsplit·MT·N and tiles); an ordinary
+        // launch.
+        drv(format!("launching {entry}"), unsafe {
+            b.launch(&f, cfg, false)
+        })
     }
 
     /// The GEMM path: dequantize into an f16 buffer (input-row order), convert bf16 X to f16, cuBLAS.
@@ -1551,22 +1534,18 @@ impl CudaDevice {
         Self::check_len("dequantize: output", k * n, out.len())?;
         let entry = format!("gptq_dequant_{bits}b_f16");
         let f = self.function(&GPTQ, &entry)?;
-        let (ki, ni) = (k as i32, n as i32);
-        let nullp = null();
-        let strip_rows = w.strip_rows();
-        let mut b = self.stream().launch_builder(&f);
-        layer_args(&mut b, w, &strip_rows, &nullp, false);
-        b.arg(&ki).arg(&ni).arg(out);
+        let mut b = ExLaunch::new(self.stream());
+        layer_args(&mut b, w, false);
+        b.int(k as i32).int(n as i32).buf_mut(out);
         let cfg = LaunchConfig {
             grid_dim: (ceil_div(n / 4, 256) as u32, (k / unit_rows(bits)) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `gptq_dequant_*`; out holds K·N elements.
-        drv(
-            format!("launching {entry}"),
-            unsafe { b.launch(cfg) }.map(|_| ()),
-        )
+        // SAFETY: matches `gptq_dequant_*`; out holds K·N elements; an ordinary launch.
+        drv(format!("launching {entry}"), unsafe {
+            b.launch(&f, cfg, false)
+        })
     }
 
     /// `y[M, N] (f32) = x[M, K] · w[K, N]` through cuBLAS GemmEx, both operands of type `dtype`
@@ -1692,23 +1671,21 @@ impl CudaDevice {
             block_dim: ((plan.warps * 32) as u32, 1, 1),
             shared_mem_bytes: smem,
         };
-        let (nsi, tpwi) = (plan.nsplit as i32, plan.tiles_per_warp as i32);
-        let xblocki = choice.xblock as i32;
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = ExLaunch::new(self.stream());
         args.push(&mut b);
-        b.arg(&first.group_rows)
-            .arg(&nsi)
-            .arg(&tpwi)
-            .arg(&xblocki)
-            .arg(y);
+        b.int(first.group_rows)
+            .int(plan.nsplit as i32)
+            .int(plan.tiles_per_warp as i32)
+            .int(choice.xblock as i32)
+            .buf_mut(y);
         // SAFETY: matches `gptq_mmad_moe_*` in kernels/gptq.cu; the plan is the register-pipelined
         // GEMV's for one row of an expert of this shape, grouping and act-order (one block per strip,
         // nsplit warps), which every expert shares (`moe_mma_choice`); every expert id must be <
-        // experts.len() (the caller's routing guarantees it); lengths checked by `moe_gemv`.
-        drv(
-            format!("launching {entry}"),
-            unsafe { b.launch(cfg) }.map(|_| ()),
-        )
+        // experts.len() (the caller's routing guarantees it); lengths checked by `moe_gemv`. The
+        // kernel waits (`pdl_wait`) before it reads the ids, scales or X and before it writes Y.
+        drv(format!("launching {entry}"), unsafe {
+            b.launch(&f, cfg, self.dependent_launch())
+        })
     }
 
     /// Fused MoE GEMV: for each pair p < `pairs`, `y[p, :] = scale[p] · x[p / x_div, :] · W[ids[p]]`.
@@ -1753,21 +1730,22 @@ impl CudaDevice {
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(pairs * nsplit * n, pairs * tiles)?;
         let (partial, counters) = ws.split_k();
-        let upsi = ups as i32;
         let cfg = LaunchConfig {
             grid_dim: (tiles as u32, nsplit as u32, pairs as u32),
             block_dim: (GEMV_THREADS, 1, 1),
             shared_mem_bytes: smem,
         };
-        let mut b = self.stream().launch_builder(&f);
+        let mut b = ExLaunch::new(self.stream());
         args.push(&mut b);
-        b.arg(&upsi).arg(partial).arg(counters).arg(y);
+        b.int(ups as i32)
+            .buf_mut(partial)
+            .buf_mut(counters)
+            .buf_mut(y);
         // SAFETY: matches `gptq_moe_gemv_*`; every expert id must be < experts.len() (the caller's
-        // routing guarantees it); lengths checked above.
-        drv(
-            format!("launching {entry}"),
-            unsafe { b.launch(cfg) }.map(|_| ()),
-        )
+        // routing guarantees it); lengths checked above; an ordinary launch.
+        drv(format!("launching {entry}"), unsafe {
+            b.launch(&f, cfg, false)
+        })
     }
 
     /// `y[t, :] = Σ_s yp[t·topk + s, :]` for `tokens` tokens (f32).

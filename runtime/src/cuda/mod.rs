@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod kernels;
+mod launch;
 pub mod probe;
 pub mod random;
 pub mod timing;
