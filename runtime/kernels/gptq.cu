@@ -1506,9 +1506,12 @@ extern "C" __global__ void convert_bf16_f16(const __nv_bfloat16* x, __half* y, s
 // grid = (ceil(K / 256), M), block = 256.
 extern "C" __global__ void __launch_bounds__(256) permute_x16(const unsigned short* __restrict__ x, const int* __restrict__ perm,
                                                          int K, unsigned short* __restrict__ xs) {
+    pdl_launch_dependents(); // (the tensor-core GEMV that reads xs waits for this kernel to finish)
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     const size_t row = (size_t)blockIdx.y * K;
-    if (i < K) xs[row + i] = x[row + __ldg(perm + i)];
+    const int src = i < K ? __ldg(perm + i) : 0; // perm is written by uploads only
+    pdl_wait(); // x may come from the previous kernel, which may still read xs
+    if (i < K) xs[row + i] = x[row + src];
 }
 
 // Sum the top-k rows of each token: y[t, n] = sum_s Yp[t*topk + s, n] (f32).

@@ -62,9 +62,13 @@ enum Path {
     Prepared,
 }
 
-/// Runs one product on the GPU and returns (relative error, path label).
+/// Runs one product on the GPU and returns its relative error.
 fn check<T: ActDtype>(w: &GptqWeight, m: usize, path: Path, seed: u64) -> f64 {
-    let dev = device();
+    check_on::<T>(&device(), w, m, path, seed)
+}
+
+/// [`check`] on a given device.
+fn check_on<T: ActDtype>(dev: &CudaDevice, w: &GptqWeight, m: usize, path: Path, seed: u64) -> f64 {
     let (k, n) = (w.in_features, w.out_features);
     let xs: Vec<T> = random_activations(m * k, seed)
         .into_iter()
@@ -207,6 +211,10 @@ fn odd_shapes_match_reference() {
 #[ignore = "needs a CUDA device"]
 fn mma_gemv_matches_reference() {
     let dev = device();
+    // A second device handle without programmatic dependent launch: act-order X is then gathered
+    // inside the kernel at small M instead of put in order first (`prepermutes`).
+    let gathering = CudaDevice::new(0).unwrap_or_else(|e| panic!("{e}"));
+    gathering.set_dependent_launch(false);
     let cases: &[(u32, i32, usize, usize, bool)] = &[
         (4, 32, 96, 64, true),
         (4, 128, 512, 96, false),
@@ -241,6 +249,21 @@ fn mma_gemv_matches_reference() {
                 Path::GemvTensorCore,
                 seed,
             );
+        }
+        if act {
+            for m in [1usize, 3] {
+                seed += 1;
+                let e = if m == 3 {
+                    check_on::<bf16>(&gathering, &w, m, Path::GemvTensorCore, seed)
+                } else {
+                    check_on::<f16>(&gathering, &w, m, Path::GemvTensorCore, seed)
+                };
+                eprintln!("{bits}-bit g{gs} act K={k} N={n} M={m} X gathered: rel err {e:.2e}");
+                assert!(
+                    e < REL_TOL,
+                    "{bits}-bit g{gs} {k}x{n} M={m} X gathered: {e:.3e}"
+                );
+            }
         }
         // The scalar kernel on the strip-major layout (the fused MoE GEMV and the dequantize
         // kernel read it too), then on its own.
@@ -459,8 +482,8 @@ fn gemv_is_deterministic() {
 
 /// Programmatic dependent launch keeps stream order: two layers written into one output back to
 /// back, eight times (each launch may start while the one before runs), leave the second layer's
-/// result, bit for bit what ordinary launches give. The second layer has act-order, so at M = 16
-/// its X comes from the permutation kernel launched right before it.
+/// result, bit for bit what the second layer gives when launched on an idle device. The second
+/// layer has act-order, so its X comes from the permutation kernel launched right before it.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn dependent_launches_keep_stream_order() {
@@ -477,19 +500,16 @@ fn dependent_launches_keep_stream_order() {
             .map(f16::from_f32)
             .collect();
         let xd = dev.upload(&xs).unwrap();
-        let run = |rounds: usize| {
-            let mut yd = dev.upload(&vec![f32::NAN; m * n]).unwrap();
-            for _ in 0..rounds {
-                dev.qmatmul(&xd, m, &wa, &mut yd).unwrap();
-                dev.qmatmul(&xd, m, &wb, &mut yd).unwrap();
-            }
-            dev.download(&yd).unwrap()
-        };
-        let queued = run(8);
-        let was = dev.dependent_launch();
-        dev.set_dependent_launch(false);
-        let ordinary = run(1);
-        dev.set_dependent_launch(was);
+        let mut yd = dev.upload(&vec![f32::NAN; m * n]).unwrap();
+        for _ in 0..8 {
+            dev.qmatmul(&xd, m, &wa, &mut yd).unwrap();
+            dev.qmatmul(&xd, m, &wb, &mut yd).unwrap();
+        }
+        let queued = dev.download(&yd).unwrap();
+        let mut yd = dev.upload(&vec![f32::NAN; m * n]).unwrap();
+        dev.synchronize().unwrap();
+        dev.qmatmul(&xd, m, &wb, &mut yd).unwrap();
+        let ordinary = dev.download(&yd).unwrap();
         let x64: Vec<f64> = xs.iter().map(|v| v.to_f64()).collect();
         let e = rel_err(&ordinary, &reference(&x64, m, &wb_host));
         eprintln!("M = {m}: rel err {e:.2e}");
@@ -499,7 +519,7 @@ fn dependent_launches_keep_stream_order() {
                 .iter()
                 .zip(&ordinary)
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "M = {m}: back-to-back launches differ from ordinary ones"
+            "M = {m}: back-to-back launches differ from one launch on an idle device"
         );
     }
 }

@@ -179,7 +179,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
     let empty = dev.empty_kernel(tm)?;
     println!("an empty kernel takes {:.2} us, timed the same way, and {:.1} us of host time to queue; \"read-only\" is one kernel that only streams the layer's bytes (same rotation); \"host\" is the host's time to queue one call", empty.device_ms * 1e3, empty.host_ms * 1e3);
     if dev.dependent_launch() {
-        println!("the tensor-core GEMV and fused MoE run as programmatic dependent launches (each starts while the previous kernel finishes); \"no PDL\" times ours again as ordinary launches");
+        println!("the tensor-core GEMV and fused MoE run as programmatic dependent launches (each starts while the previous kernel finishes); \"no PDL\" times ours again with it off (ordinary launches; act-order X then gathered inside the kernel at small M)");
     } else {
         println!("programmatic dependent launch is off (before sm_90, or MIXTRAL_GPTQ_DEPENDENT_LAUNCH=0)");
     }

@@ -397,14 +397,21 @@ pub fn gemv_on_tensor_cores(mma: bool, bits: u32, act_order: bool, k: usize, row
 
 /// Whether the tensor-core GEMV of `m` rows on `w` first puts act-order X in sorted-row order (one
 /// small `permute_x16` launch over M x K) and then runs as without act-order, instead of gathering X
-/// inside every block: act-order layers on the tensor cores at M >= 8, or at M >= 2 where M x K x N
-/// (what the blocks' gathers grow with) is above [`PREPERMUTE_MIN_PRODUCT`]. Measured on an H200
-/// (BENCHMARKS.md), 4-bit g128, prepermuted against gathered: 4096 x 14336 M = 2, 4, 8 17.9 / 19.1 /
-/// 23.6 us against 20.2 / 26.1 / 41.3; 14336 x 4096 M = 4 18.7 against 26.0, M = 8 37.5 against
-/// the scalar kernel's 92.9; but 4096 x 4096 M = 2 and 4 11.2 / 11.7 against 10.2 / 11.2 (the extra
-/// launch costs more than the gathers there), M = 8 12.7 against 13.7. `MIXTRAL_GPTQ_PREPERMUTE=0`
-/// or `1` turns it off or on everywhere (benchmark sweeps).
-pub fn prepermutes(w: &DeviceGptq, m: usize) -> bool {
+/// inside every block.
+/// * With programmatic dependent launch (`dependent`, [`CudaDevice::dependent_launch`]): at every M.
+///   The GEMV then starts while the permutation runs. Measured on an H200 back to back (BENCHMARKS.md),
+///   4-bit g128, prepermuted against gathered: 4096 x 14336 M = 1 14.37 against 15.23 us (13.47
+///   without act-order), 14336 x 4096 13.81 against 14.16, 4096 x 4096 M = 4 7.98 against 8.81; at
+///   M = 2 and 4 on the large shapes within 1 % either way.
+/// * Otherwise at M >= 8, or at M >= 2 where M x K x N (what the blocks' gathers grow with) is above
+///   [`PREPERMUTE_MIN_PRODUCT`]. Measured on an H200 (BENCHMARKS.md), 4-bit g128, prepermuted
+///   against gathered: 4096 x 14336 M = 2, 4, 8 17.9 / 19.1 / 23.6 us against 20.2 / 26.1 / 41.3;
+///   14336 x 4096 M = 4 18.7 against 26.0, M = 8 37.5 against the scalar kernel's 92.9; but 4096 x
+///   4096 M = 2 and 4 11.2 / 11.7 against 10.2 / 11.2 (the extra launch costs more than the gathers
+///   there), M = 8 12.7 against 13.7.
+///
+/// `MIXTRAL_GPTQ_PREPERMUTE=0` or `1` turns it off or on everywhere (benchmark sweeps).
+pub fn prepermutes(w: &DeviceGptq, m: usize, dependent: bool) -> bool {
     static FORCE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
     let force = *FORCE.get_or_init(
         || match std::env::var("MIXTRAL_GPTQ_PREPERMUTE").as_deref() {
@@ -413,7 +420,9 @@ pub fn prepermutes(w: &DeviceGptq, m: usize) -> bool {
             _ => None,
         },
     );
-    let wanted = m >= 8 || (m >= 2 && m * w.in_features * w.out_features > PREPERMUTE_MIN_PRODUCT);
+    let wanted = dependent
+        || m >= 8
+        || (m >= 2 && m * w.in_features * w.out_features > PREPERMUTE_MIN_PRODUCT);
     // (3 bits: only where a launch of one row runs on the tensor cores)
     let fits = gemv_on_tensor_cores(w.mma, w.bits, false, w.in_features, 1);
     w.mma && w.act_order() && fits && force.unwrap_or(wanted)
@@ -970,7 +979,7 @@ impl CudaDevice {
         m <= GEMV_MAX_ROWS
             || (m <= GEMV_MAX_ROWS_TENSOR_CORES
                 && w.mma
-                && (!w.act_order() || prepermutes(w, m))
+                && (!w.act_order() || prepermutes(w, m, self.dependent_launch()))
                 && w.in_features * w.out_features >= GEMV_MIN_WEIGHTS_TENSOR_CORES)
     }
 
@@ -1047,7 +1056,7 @@ impl CudaDevice {
         let (k, n) = (w.in_features, w.out_features);
         Self::check_len("qmatmul: x", m * k, x.len())?;
         Self::check_len("qmatmul: y", m * n, y.len())?;
-        if tensor_cores != Some(false) && prepermutes(w, m) {
+        if tensor_cores != Some(false) && prepermutes(w, m, self.dependent_launch()) {
             let sorted = self.sorted_x(x, m, w)?;
             // SAFETY: f16 and bf16 are 2-byte values like u16, and `sorted` holds >= m·K of them.
             let xt = unsafe { sorted.transmute::<T>(m * k) }.ok_or_else(|| {
@@ -1110,14 +1119,14 @@ impl CudaDevice {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream().launch_builder(&f);
-        b.arg(x).arg(perm).arg(&ki).arg(&mut xs);
+        let mut b = ExLaunch::new(self.stream());
+        b.buf(x).buf(perm).int(ki).buf_mut(&mut xs);
         // SAFETY: matches `permute_x16(const u16*, const int*, int, u16*)`; x holds m·K 2-byte
-        // elements (checked by the caller), perm K indices below K (`prepare`), xs >= m·K.
-        drv(
-            "launching permute_x16",
-            unsafe { b.launch(cfg) }.map(|_| ()),
-        )?;
+        // elements (checked by the caller), perm K indices below K (`prepare`), xs >= m·K; the
+        // kernel reads only perm before `pdl_wait`.
+        drv("launching permute_x16", unsafe {
+            b.launch(&f, cfg, self.dependent_launch())
+        })?;
         Ok(xs)
     }
 
@@ -1129,7 +1138,7 @@ impl CudaDevice {
     /// Whether [`CudaDevice::qmatmul`] runs the GEMV of `m` rows (m ≤ [`GEMV_MAX_ROWS`]) on the
     /// tensor cores ([`gemv_on_tensor_cores`]).
     pub fn gemv_uses_tensor_cores(&self, w: &DeviceGptq, m: usize) -> bool {
-        prepermutes(w, m)
+        prepermutes(w, m, self.dependent_launch())
             || gemv_on_tensor_cores(
                 w.mma,
                 w.bits,
