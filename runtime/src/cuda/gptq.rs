@@ -20,7 +20,7 @@ use cudarc::driver::{
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::device::{ensure, CudaDevice};
+use super::device::{ensure, CudaDevice, Workspace};
 use super::error::{drv, CudaError, Result};
 use super::kernels::GPTQ;
 use super::launch::ExLaunch;
@@ -705,6 +705,37 @@ fn layer_args(b: &mut ExLaunch, w: &DeviceGptq, x_sorted: bool) {
     };
 }
 
+/// The layer's arguments ([`layer_args`]), then X and (M, K, N): how every GEMV entry starts.
+fn layer_x_args<T>(b: &mut ExLaunch, w: &DeviceGptq, x_sorted: bool, x: &CudaView<T>, m: usize) {
+    layer_args(b, w, x_sorted);
+    b.buf(x)
+        .int(m as i32)
+        .int(w.in_features as i32)
+        .int(w.out_features as i32);
+}
+
+/// The scalar GEMV's trailing arguments (units per split, the split-K workspace, Y) and its launch
+/// shape: grid (column tiles, splits, `z`: 1, or the pairs of the fused MoE), `GEMV_THREADS` threads.
+fn scalar_gemv_tail(
+    b: &mut ExLaunch,
+    (tiles, nsplit, z): (usize, usize, usize),
+    smem: u32,
+    ups: usize,
+    ws: &mut Workspace,
+    y: &mut impl DevicePtrMut<f32>,
+) -> LaunchConfig {
+    let (partial, counters) = ws.split_k();
+    b.int(ups as i32)
+        .buf_mut(partial)
+        .buf_mut(counters)
+        .buf_mut(y);
+    LaunchConfig {
+        grid_dim: (tiles as u32, nsplit as u32, z as u32),
+        block_dim: (GEMV_THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
 /// The leading arguments both fused MoE kernels take (`gptq_moe_gemv_*`, `gptq_mmad_moe_*`): the
 /// expert table, strip_rows, the expert ids, the pair scales or a null pointer, X, then the
 /// (x_div, K, N) scalars.
@@ -1346,12 +1377,8 @@ impl CudaDevice {
             Some(self.split_k_workspace(nsplit * 8 * n, strips)?)
         };
         let mut b = ExLaunch::new(self.stream());
-        layer_args(&mut b, w, x_sorted);
-        b.buf(x)
-            .int(m as i32)
-            .int(k as i32)
-            .int(n as i32)
-            .int(w.group_rows)
+        layer_x_args(&mut b, w, x_sorted, x, m);
+        b.int(w.group_rows)
             .int(nsplit as i32)
             .int(tpw as i32)
             .int(xblock as i32);
@@ -1397,22 +1424,9 @@ impl CudaDevice {
         let (ups, nsplit, smem) = self.plan(&f, &entry, (units, tiles, mt, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(nsplit * mt * n, tiles)?;
-        let (partial, counters) = ws.split_k();
-        let cfg = LaunchConfig {
-            grid_dim: (tiles as u32, nsplit as u32, 1),
-            block_dim: (GEMV_THREADS, 1, 1),
-            shared_mem_bytes: smem,
-        };
         let mut b = ExLaunch::new(self.stream());
-        layer_args(&mut b, w, false);
-        b.buf(x)
-            .int(m as i32)
-            .int(k as i32)
-            .int(n as i32)
-            .int(ups as i32)
-            .buf_mut(partial)
-            .buf_mut(counters)
-            .buf_mut(y);
+        layer_x_args(&mut b, w, false, x, m);
+        let cfg = scalar_gemv_tail(&mut b, (tiles, nsplit, 1), smem, ups, &mut ws, y);
         // SAFETY: argument types and order match `gptq_gemv_*` in kernels/gptq.cu; buffer lengths were
         // checked above (x: m·K, y: m·N, workspaces grown to nsplit·MT·N and tiles); an ordinary
         // launch.
@@ -1738,18 +1752,9 @@ impl CudaDevice {
         let (ups, nsplit, smem) = self.plan(&f, &entry, (units, tiles * pairs, 1, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(pairs * nsplit * n, pairs * tiles)?;
-        let (partial, counters) = ws.split_k();
-        let cfg = LaunchConfig {
-            grid_dim: (tiles as u32, nsplit as u32, pairs as u32),
-            block_dim: (GEMV_THREADS, 1, 1),
-            shared_mem_bytes: smem,
-        };
         let mut b = ExLaunch::new(self.stream());
         args.push(&mut b);
-        b.int(ups as i32)
-            .buf_mut(partial)
-            .buf_mut(counters)
-            .buf_mut(y);
+        let cfg = scalar_gemv_tail(&mut b, (tiles, nsplit, pairs), smem, ups, &mut ws, y);
         // SAFETY: matches `gptq_moe_gemv_*`; every expert id must be < experts.len() (the caller's
         // routing guarantees it); lengths checked above; an ordinary launch.
         drv(format!("launching {entry}"), unsafe {
