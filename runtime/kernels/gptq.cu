@@ -66,7 +66,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Programmatic dependent launch (sm_90; runtime/src/cuda/gptq.rs launches the register-pipelined
-// GEMV and MoE entries with it). `pdl_wait` returns once the previous kernel in the stream has
+// GEMV and MoE entries and permute_x16 with it). `pdl_wait` returns once the previous kernel in the stream has
 // finished and its writes are visible: a kernel reads nothing that kernel may write (X, expert ids,
 // pair scales) and writes nothing before it. Only the weights (written by uploads, never by a
 // kernel) are read earlier. `pdl_launch_dependents` lets the next such launch start its blocks as

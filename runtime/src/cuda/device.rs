@@ -163,9 +163,10 @@ impl CudaDevice {
         &self.ctx
     }
 
-    /// Whether the register-pipelined tensor-core GEMV and fused MoE launch as programmatic
-    /// dependent launches: each launch's blocks start as the previous kernel's leave the SMs and
-    /// load their first weights while it finishes, then wait for it before reading X. On by default
+    /// Whether the register-pipelined tensor-core GEMV, the tensor-core fused MoE and the act-order
+    /// permutation of X launch as programmatic dependent launches: each launch's blocks start as the
+    /// previous kernel's leave the SMs and load their first weights (or `perm`) while it finishes,
+    /// then wait for it before reading X. On by default
     /// from sm_90 (off with MIXTRAL_GPTQ_DEPENDENT_LAUNCH=0); it changes timing only, never results.
     pub fn dependent_launch(&self) -> bool {
         self.dependent_launch.load(Ordering::Relaxed)

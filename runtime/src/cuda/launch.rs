@@ -52,8 +52,8 @@ impl<'s> ExLaunch<'s> {
     /// start before the previous kernel in the stream has finished.
     ///
     /// # Safety
-    /// The arguments pushed match `f`'s parameters in number, order and type (`int` and `float` as
-    /// 4 bytes, pointers as 8); the buffers hold everything the kernel reads and writes at this
+    /// The arguments pushed match `f`'s parameters in number, order and type (`int` as 4 bytes,
+    /// pointers as 8); the buffers hold everything the kernel reads and writes at this
     /// configuration; with `dependent`, the kernel executes `griddepcontrol.wait` before it reads
     /// anything an earlier kernel may write and before it writes anything an earlier kernel may
     /// access.
