@@ -267,13 +267,10 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         })
                         .collect::<Result<_, _>>()?;
                     let mut y = dev.zeros::<f32>(m * n)?;
-                    let timed = dev.median_times(tm, |i| {
-                        dev.qmatmul(&xs[i % xc], m, &ws[i % copies], &mut y)
-                    })?;
+                    let mut run = |i: usize| dev.qmatmul(&xs[i % xc], m, &ws[i % copies], &mut y);
+                    let timed = dev.median_times(tm, &mut run)?;
                     let t = timed.device_ms;
-                    let no_pdl = without_dependent_launch(&dev, || {
-                        dev.median_ms(tm, |i| dev.qmatmul(&xs[i % xc], m, &ws[i % copies], &mut y))
-                    })?;
+                    let no_pdl = without_dependent_launch(&dev, || dev.median_ms(tm, &mut run))?;
                     let bytes = wbytes + m * k * 2 + m * n * 4;
                     let gbs = bytes as f64 / (t * 1e-3) / 1e9;
                     let gemv = dev.qmatmul_uses_gemv(&ws[0], m);
@@ -401,16 +398,11 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
         let idd = dev.upload(&ids)?;
         let x = dev.upload(&to_dtype::<bf16>(&random_activations(tokens * k, 21)))?;
         let mut y = dev.zeros::<f32>(pairs * n)?;
-        let t = dev.median_ms(tm, |_| {
-            dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y)
-        })?;
+        let mut fused = |_: usize| dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y);
+        let t = dev.median_ms(tm, &mut fused)?;
+        let no_pdl = without_dependent_launch(dev, || dev.median_ms(tm, &mut fused))?;
         let ts = dev.median_ms(tm, |_| {
             dev.moe_gemv(&x, topk, &scalar_table, &idd, None, pairs, &mut y)
-        })?;
-        let no_pdl = without_dependent_launch(dev, || {
-            dev.median_ms(tm, |_| {
-                dev.moe_gemv(&x, topk, &table, &idd, None, pairs, &mut y)
-            })
         })?;
         let xs: Vec<_> = (0..tokens)
             .map(|t| dev.upload(&to_dtype::<bf16>(&random_activations(k, 30 + t as u64))))
