@@ -575,6 +575,11 @@ fn mma_xstride(tiles_per_warp: usize) -> usize {
     tiles_per_warp * 32 + if tiles_per_warp % 2 == 1 { 64 } else { 32 }
 }
 
+/// Environment variable that, when set, makes every new tensor-core GEMV plan print itself to stderr:
+/// the key (bits, X dtype, K, N, M, group rows, act-order) and the choice (variant, X copy, splits,
+/// tiles per warp, warps, blocks, shared bytes, cost).
+pub const PLAN_TRACE_ENV: &str = "MIXTRAL_GPTQ_PLAN_TRACE";
+
 /// Environment variable that, set to `1`, makes uniform-group layers run the ring variant of the
 /// tensor-core GEMV too (`gptq_mma_gemv_*`), for side-by-side benchmarks against the register
 /// pipeline (`gptq_mmad_gemv_*`).
@@ -1332,6 +1337,9 @@ impl CudaDevice {
                 "no split fits in the device's shared memory",
             )
         })?;
+        if std::env::var_os(PLAN_TRACE_ENV).is_some() {
+            eprintln!("tensor-core GEMV plan for {key:?}: {choice:?}");
+        }
         if let Ok(mut c) = self.plans.lock() {
             c.insert(key, choice);
         }
