@@ -9,17 +9,8 @@
 #include <cuda_bf16.h>
 
 typedef unsigned int u32;
-#define WARP 32
-#define NEG_INF (-__int_as_float(0x7f800000))
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+// WARP, NEG_INF, warp_max, warp_sum and attention_rows come from rows.cuh, which
+// runtime/src/cuda/eval.rs puts in front of this file.
 
 template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
@@ -184,11 +175,8 @@ extern "C" __global__ void eval_rope_qkv(float* __restrict__ qkv, int ld, const 
 // head = blockIdx.y. q/k/v rows of token t live at base + t * ld (+ q_off / k_off / v_off).
 // window <= 0: no sliding window. Output rows of `qw` halves.
 
-// Reference kernel (f32 CUDA cores; any head_dim <= 256): ATT_WARPS query rows per block, one
-// per warp, keys streamed through shared memory in tiles of 32 (online softmax).
-#define ATT_WARPS 16
-#define ATT_TILE 32
-#define ATT_MAX_E 8
+// Reference kernel (f32 CUDA cores; any head_dim <= 256): attention_rows (rows.cuh), ATT_WARPS
+// query rows per block, one per warp.
 
 template <typename T>
 __device__ void attention_f32_rows(const float* __restrict__ qkv, int ld, int q_off, int k_off, int v_off,
@@ -206,53 +194,12 @@ __device__ void attention_f32_rows(const float* __restrict__ qkv, int ld, int q_
     int qi = q0 + wid;
     bool active = qi < T_;
     int q_last = min(q0 + ATT_WARPS, T_) - 1;
-    int k_lo = window > 0 ? max(0, q0 + 1 - window) : 0;
-    int my_lo = window > 0 ? max(0, qi + 1 - window) : 0;
     const float* base = qkv + (size_t)start * ld;
     if (active)
         for (int e = lane; e < d; e += WARP) Qs[wid * d + e] = base[(size_t)qi * ld + q_off + h * d + e];
-    float acc[ATT_MAX_E];
-#pragma unroll
-    for (int i = 0; i < ATT_MAX_E; ++i) acc[i] = 0.f;
-    float m = NEG_INF, l = 0.f;
-    for (int j0 = k_lo; j0 <= q_last; j0 += ATT_TILE) {
-        int nt = min(ATT_TILE, q_last + 1 - j0);
-        __syncthreads();
-        for (int t = threadIdx.x; t < nt * d; t += blockDim.x) {
-            int jj = t / d, e = t % d;
-            const float* row = base + (size_t)(j0 + jj) * ld + g * d + e;
-            Ks[jj * (d + 1) + e] = row[k_off];
-            Vs[jj * d + e] = row[v_off];
-        }
-        __syncthreads();
-        if (!active || j0 > qi || j0 + nt <= my_lo) continue;
-        int j = j0 + lane;
-        bool valid = lane < nt && j <= qi && j >= my_lo;
-        float sc = NEG_INF;
-        if (valid) {
-            const float* kr = Ks + lane * (d + 1);
-            const float* qr = Qs + wid * d;
-            float dot = 0.f;
-            for (int e = 0; e < d; ++e) dot = fmaf(qr[e], kr[e], dot);
-            sc = dot * scale;
-        }
-        float m_new = fmaxf(m, warp_max(sc));
-        float p = valid ? expf(sc - m_new) : 0.f;
-        float corr = m == NEG_INF ? 0.f : expf(m - m_new);
-        l = l * corr + warp_sum(p);
-        m = m_new;
-#pragma unroll
-        for (int i = 0; i < ATT_MAX_E; ++i) acc[i] *= corr;
-        for (int jj = 0; jj < nt; ++jj) {
-            float pj = __shfl_sync(0xffffffffu, p, jj);
-            const float* vr = Vs + jj * d;
-#pragma unroll
-            for (int i = 0; i < ATT_MAX_E; ++i) {
-                int e = lane + i * WARP;
-                if (e < d) acc[i] = fmaf(pj, vr[e], acc[i]);
-            }
-        }
-    }
+    float acc[ATT_MAX_E], l;
+    attention_rows(base + k_off + g * d, base + v_off + g * d, ld, d, window, scale, q0, q_last, qi, active, Ks, Vs,
+                   Qs, acc, l);
     if (active) {
         float inv = 1.f / l;
         T* o = out + (size_t)(start + qi) * ldo + h * d;
@@ -619,46 +566,11 @@ extern "C" __global__ void eval_dequant_bf16(const u32* qweight, const u32* qzer
 // ---- head: -log_softmax(logits[i])[targets[i]] per row, rows with a negative target skipped ----
 extern "C" __global__ void eval_nll(const float* __restrict__ logits, const int* __restrict__ targets,
                                     float* __restrict__ out, int vocab) {
-    __shared__ float smax[32], ssum[32];
     int tgt = targets[blockIdx.x];
     if (tgt < 0) return;
     const float* r = logits + (size_t)blockIdx.x * vocab;
-    float m = NEG_INF, s = 0.f;
-    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-        float v = r[c];
-        if (v > m) {
-            s = s * expf(m - v) + 1.f;
-            m = v;
-        } else {
-            s += expf(v - m);
-        }
-    }
-    for (int off = WARP / 2; off > 0; off >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, off);
-        float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-        float mm = fmaxf(m, m2);
-        s = (m == NEG_INF ? 0.f : s * expf(m - mm)) + (m2 == NEG_INF ? 0.f : s2 * expf(m2 - mm));
-        m = mm;
-    }
-    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
-    if (lane == 0) {
-        smax[wid] = m;
-        ssum[wid] = s;
-    }
-    __syncthreads();
-    if (wid == 0) {
-        int nw = blockDim.x / WARP;
-        m = lane < nw ? smax[lane] : NEG_INF;
-        s = lane < nw ? ssum[lane] : 0.f;
-        for (int off = WARP / 2; off > 0; off >>= 1) {
-            float m2 = __shfl_xor_sync(0xffffffffu, m, off);
-            float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-            float mm = fmaxf(m, m2);
-            s = (m == NEG_INF ? 0.f : s * expf(m - mm)) + (m2 == NEG_INF ? 0.f : s2 * expf(m2 - mm));
-            m = mm;
-        }
-        if (lane == 0) out[blockIdx.x] = m + logf(s) - r[tgt];
-    }
+    float lse = block_logsumexp(r, vocab);
+    if (threadIdx.x == 0) out[blockIdx.x] = lse - r[tgt];
 }
 
 // ---- synthetic weights for `bench eval`: a counter-based hash, no host round trip ----

@@ -2,18 +2,8 @@
 // Backend trait except the matrix product (cuBLAS SGEMM). Exact f32 arithmetic, accurate libm
 // (no fast-math), so results follow the CPU reference (runtime/src/cpu.rs) to rounding.
 
-#define WARP 32
-#define NEG_INF (-__int_as_float(0x7f800000))
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+// WARP, NEG_INF, warp_max, warp_sum and attention_rows come from rows.cuh, which
+// runtime/src/cuda/kernels.rs puts in front of this file.
 
 // out[i, :] = src[rows[i], :] (embedding lookup and gather_rows). One block per output row.
 extern "C" __global__ void gather_rows_f32(const float* __restrict__ src,
@@ -117,71 +107,23 @@ extern "C" __global__ void scatter_add_rows_seq_f32(float* __restrict__ out,
     for (int i = 0; i < n; ++i) out[(size_t)rows[i] * cols + c] += src[(size_t)i * cols + c] * weights[i];
 }
 
-// -log_softmax(logits[i])[targets[i]] per row: an online (max, sum of exponentials) per thread,
-// merged across the block. One block (256 threads) per row.
+// -log_softmax(logits[i])[targets[i]] per row (block_logsumexp in rows.cuh). One block (256 threads)
+// per row.
 extern "C" __global__ void nll_f32(const float* __restrict__ logits,
                                    const unsigned* __restrict__ targets, float* __restrict__ out,
                                    int vocab) {
-    __shared__ float smax[32], ssum[32];
     const float* r = logits + (size_t)blockIdx.x * vocab;
-    float m = NEG_INF, s = 0.f;
-    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-        float v = r[c];
-        if (v > m) {
-            s = s * expf(m - v) + 1.f;
-            m = v;
-        } else {
-            s += expf(v - m);
-        }
-    }
-    // merge (m, s) pairs across the warp, then across warps
-    for (int off = WARP / 2; off > 0; off >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, off);
-        float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-        float mm = fmaxf(m, m2);
-        s = (m == NEG_INF ? 0.f : s * expf(m - mm)) + (m2 == NEG_INF ? 0.f : s2 * expf(m2 - mm));
-        m = mm;
-    }
-    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
-    if (lane == 0) {
-        smax[wid] = m;
-        ssum[wid] = s;
-    }
-    __syncthreads();
-    if (wid == 0) {
-        int nw = blockDim.x / WARP;
-        m = lane < nw ? smax[lane] : NEG_INF;
-        s = lane < nw ? ssum[lane] : 0.f;
-        for (int off = WARP / 2; off > 0; off >>= 1) {
-            float m2 = __shfl_xor_sync(0xffffffffu, m, off);
-            float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-            float mm = fmaxf(m, m2);
-            s = (m == NEG_INF ? 0.f : s * expf(m - mm)) +
-                (m2 == NEG_INF ? 0.f : s2 * expf(m2 - mm));
-            m = mm;
-        }
-        if (lane == 0) out[blockIdx.x] = m + logf(s) - r[targets[blockIdx.x]];
-    }
+    float lse = block_logsumexp(r, vocab);
+    if (threadIdx.x == 0) out[blockIdx.x] = lse - r[targets[blockIdx.x]];
 }
 
-// Causal grouped-query attention without the T x T matrix (flash-style online softmax).
-//
-// Block: ATT_WARPS warps, one query row each (consecutive tokens q0 .. q0 + ATT_WARPS - 1), one
-// head (blockIdx.y). Keys and values stream through shared memory in tiles of 32; in a tile, lane
-// j scores key j (dot product over head_dim against the warp's query in shared memory), the warp
-// folds the tile into its running max / sum, and each lane accumulates output elements
-// lane, lane + 32, ... (head_dim <= 32 * ATT_MAX_E). window <= 0 means no sliding window.
-#define ATT_WARPS 16
-#define ATT_TILE 32
-#define ATT_MAX_E 8
-
+// Causal grouped-query attention (attention_rows in rows.cuh): one block per ATT_WARPS consecutive
+// query rows and head (blockIdx.y).
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * WARP)
 attention_f32(const float* __restrict__ q, const float* __restrict__ k,
               const float* __restrict__ v, float* __restrict__ out, int T, int n_heads,
               int n_kv_heads, int d, int window, float scale) {
     extern __shared__ float smem[];
-    // Ks: ATT_TILE rows of d + 1 (padded against bank conflicts), Vs: ATT_TILE rows of d,
-    // Qs: ATT_WARPS rows of d.
     float* Ks = smem;
     float* Vs = Ks + ATT_TILE * (d + 1);
     float* Qs = Vs + ATT_TILE * d;
@@ -193,55 +135,12 @@ attention_f32(const float* __restrict__ q, const float* __restrict__ k,
     int qi = q0 + wid;
     bool active = qi < T;
     int q_last = min(q0 + ATT_WARPS, T) - 1;
-    int k_lo = window > 0 ? max(0, q0 + 1 - window) : 0;
-    int my_lo = window > 0 ? max(0, qi + 1 - window) : 0;
 
     if (active)
         for (int e = lane; e < d; e += WARP) Qs[wid * d + e] = q[(size_t)qi * qw + h * d + e];
 
-    float acc[ATT_MAX_E];
-#pragma unroll
-    for (int i = 0; i < ATT_MAX_E; ++i) acc[i] = 0.f;
-    float m = NEG_INF, l = 0.f;
-
-    for (int j0 = k_lo; j0 <= q_last; j0 += ATT_TILE) {
-        int nt = min(ATT_TILE, q_last + 1 - j0);
-        __syncthreads();
-        for (int t = threadIdx.x; t < nt * d; t += blockDim.x) {
-            int jj = t / d, e = t % d;
-            size_t src = (size_t)(j0 + jj) * kw + g * d + e;
-            Ks[jj * (d + 1) + e] = k[src];
-            Vs[jj * d + e] = v[src];
-        }
-        __syncthreads();
-        if (!active || j0 > qi || j0 + nt <= my_lo) continue;
-        int j = j0 + lane;
-        bool valid = lane < nt && j <= qi && j >= my_lo;
-        float sc = NEG_INF;
-        if (valid) {
-            const float* kr = Ks + lane * (d + 1);
-            const float* qr = Qs + wid * d;
-            float dot = 0.f;
-            for (int e = 0; e < d; ++e) dot = fmaf(qr[e], kr[e], dot);
-            sc = dot * scale;
-        }
-        float m_new = fmaxf(m, warp_max(sc));
-        float p = valid ? expf(sc - m_new) : 0.f;
-        float corr = m == NEG_INF ? 0.f : expf(m - m_new);
-        l = l * corr + warp_sum(p);
-        m = m_new;
-#pragma unroll
-        for (int i = 0; i < ATT_MAX_E; ++i) acc[i] *= corr;
-        for (int jj = 0; jj < nt; ++jj) {
-            float pj = __shfl_sync(0xffffffffu, p, jj);
-            const float* vr = Vs + jj * d;
-#pragma unroll
-            for (int i = 0; i < ATT_MAX_E; ++i) {
-                int e = lane + i * WARP;
-                if (e < d) acc[i] = fmaf(pj, vr[e], acc[i]);
-            }
-        }
-    }
+    float acc[ATT_MAX_E], l;
+    attention_rows(k + g * d, v + g * d, kw, d, window, scale, q0, q_last, qi, active, Ks, Vs, Qs, acc, l);
     if (active) {
         float inv = 1.f / l;
 #pragma unroll

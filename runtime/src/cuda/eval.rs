@@ -36,7 +36,11 @@ use crate::qlinear::GptqWeight;
 /// The kernels of this module.
 pub const EVAL: KernelSource = KernelSource {
     name: "eval",
-    src: include_str!("../../kernels/eval.cu"),
+    src: concat!(
+        include_str!("../../kernels/rows.cuh"),
+        "#line 1 \"eval.cu\"\n",
+        include_str!("../../kernels/eval.cu")
+    ),
 };
 
 /// Threads per block of the row kernels (the RMSNorm kernel's shared arrays assume 256).

@@ -28,7 +28,11 @@ pub const GPTQ: KernelSource = KernelSource {
 /// SiLU, scatter-add and the per-row NLL.
 pub const FORWARD: KernelSource = KernelSource {
     name: "forward",
-    src: include_str!("../../kernels/forward.cu"),
+    src: concat!(
+        include_str!("../../kernels/rows.cuh"),
+        "#line 1 \"forward.cu\"\n",
+        include_str!("../../kernels/forward.cu")
+    ),
 };
 
 /// Every kernel file, for the compile-everything test.
