@@ -76,6 +76,14 @@ __device__ __forceinline__ void pdl_wait() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// pdl_wait after the loads issued above it. ptxas may otherwise hoist griddepcontrol.wait above
+// them (delaying a load past the wait is legal), which takes away their head start: it did so in
+// every register-pipelined entry (SASS: ACQBULK before the first weight load). A branch that never
+// runs (`nonzero`, a launch argument that is never 0) ends the basic block before the wait.
+__device__ __forceinline__ void pdl_wait_after_loads(int nonzero) {
+    if (nonzero == 0) __trap();
+    pdl_wait();
+}
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" :::);
@@ -1165,7 +1173,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
 
     // Everything above reads only the layer's words; everything below may read what the previous
     // kernel wrote (X) or write what it reads (Y).
-    pdl_wait();
+    pdl_wait_after_loads(nsplit);
     const size_t xblock_bytes = xblock ? mma_copy_x_block(X, M, K, smem) : 0;
     unsigned char* areas = (unsigned char*)smem + xblock_bytes;
     T* xs = (T*)(areas + warp * warp_bytes);

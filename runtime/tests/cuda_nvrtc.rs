@@ -48,3 +48,82 @@ fn precompile_cache_for_sm_90() {
         kernels::compile(k, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// The register-pipelined GEMV entries issue their first weight loads before they wait for the
+/// previous kernel (`pdl_wait_after_loads` in kernels/gptq.cu): in the SASS of every
+/// `gptq_mmad_gemv_*` and `gptq_mmadg_gemv_*` function, each `griddepcontrol.wait` (ACQBULK) comes
+/// after a weight load (LDG.E.NA.128) of its own code path. Without the guard ptxas hoisted the wait
+/// to the top of every entry, which took away the loads' head start (BENCHMARKS.md). Needs NVRTC and
+/// CUDA's `cuobjdump` and `nvdisasm` (`.ci/run` installs them from PyPI; MIXTRAL_GPTQ_CUDA_BIN_DIR
+/// names their folder); without them the test prints why it was skipped.
+#[test]
+fn gemv_entries_load_weights_before_the_dependent_launch_wait() {
+    let setup = match probe::probe_nvrtc() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("SKIPPED gemv_entries_load_weights_before_the_dependent_launch_wait: {e}");
+            return;
+        }
+    };
+    let bin = std::env::var_os("MIXTRAL_GPTQ_CUDA_BIN_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("MIXTRAL_GPTQ_CUDA_LIB_DIR")
+                .map(|l| std::path::PathBuf::from(l).join("../bin"))
+        });
+    let Some(bin) = bin.filter(|b| b.join("cuobjdump").is_file() && b.join("nvdisasm").is_file())
+    else {
+        eprintln!(
+            "SKIPPED gemv_entries_load_weights_before_the_dependent_launch_wait: no cuobjdump and \
+             nvdisasm (set MIXTRAL_GPTQ_CUDA_BIN_DIR)"
+        );
+        return;
+    };
+    let cubin = kernels::compile(&kernels::GPTQ, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
+    let path = std::env::temp_dir().join(format!("gptq-sm_90-{}.cubin", std::process::id()));
+    std::fs::write(&path, &cubin).unwrap();
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    let paths = std::iter::once(bin.clone()).chain(std::env::split_paths(&path_var));
+    let out = std::process::Command::new(bin.join("cuobjdump"))
+        .arg("-sass")
+        .arg(&path)
+        .env("PATH", std::env::join_paths(paths).unwrap())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "cuobjdump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sass = String::from_utf8(out.stdout).unwrap();
+
+    let mut checked = 0;
+    for function in sass.split("Function : ").skip(1) {
+        let name = function.split_whitespace().next().unwrap_or_default();
+        if !(name.starts_with("gptq_mmad_gemv_") || name.starts_with("gptq_mmadg_gemv_")) {
+            continue;
+        }
+        let (mut waits, mut loaded) = (0, false);
+        for line in function.lines() {
+            if line.contains("LDG.E.NA.128") {
+                loaded = true;
+            } else if line.contains("ACQBULK") {
+                assert!(
+                    loaded,
+                    "{name}: griddepcontrol.wait {} comes before any weight load of its path",
+                    waits + 1
+                );
+                waits += 1;
+                loaded = false;
+            }
+        }
+        assert!(waits > 0, "{name}: no griddepcontrol.wait found");
+        eprintln!("{name}: {waits} waits, each after weight loads");
+        checked += 1;
+    }
+    assert_eq!(
+        checked, 10,
+        "expected 6 gptq_mmad_gemv and 4 gptq_mmadg_gemv entries"
+    );
+}
