@@ -4,14 +4,17 @@
 
 use runtime::cuda::{kernels, probe};
 
+/// NVRTC and CUDA's headers, or `None` after printing why `test` is skipped.
+fn nvrtc_or_skip(test: &str) -> Option<probe::NvrtcSetup> {
+    probe::probe_nvrtc()
+        .map_err(|e| eprintln!("SKIPPED {test}: {e}"))
+        .ok()
+}
+
 #[test]
 fn every_kernel_compiles_for_sm_90() {
-    let setup = match probe::probe_nvrtc() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("SKIPPED every_kernel_compiles_for_sm_90: {e}");
-            return;
-        }
+    let Some(setup) = nvrtc_or_skip("every_kernel_compiles_for_sm_90") else {
+        return;
     };
     eprintln!(
         "NVRTC {:?} from {}, headers {:?}",
@@ -58,12 +61,9 @@ fn precompile_cache_for_sm_90() {
 /// names their folder); without them the test prints why it was skipped.
 #[test]
 fn gemv_entries_load_weights_before_the_dependent_launch_wait() {
-    let setup = match probe::probe_nvrtc() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("SKIPPED gemv_entries_load_weights_before_the_dependent_launch_wait: {e}");
-            return;
-        }
+    let Some(setup) = nvrtc_or_skip("gemv_entries_load_weights_before_the_dependent_launch_wait")
+    else {
+        return;
     };
     let bin = std::env::var_os("MIXTRAL_GPTQ_CUDA_BIN_DIR")
         .map(std::path::PathBuf::from)
