@@ -535,15 +535,25 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_DEPTH8 // the same at 8 bits (1 KiB tiles)
 #define MMAD_DEPTH8 2
 #endif
-#ifndef MMAD_MAX_WARPS // warps per block (= k-splits per strip) the register-pipelined GEMV allows:
-#define MMAD_MAX_WARPS 28 // 28 keeps ptxas at 72 registers (runtime/src/cuda/gptq.rs reads it)
+// Warps per block (= k-splits per strip) the register-pipelined GEMV allows: its launch bound, which
+// runtime/src/cuda/gptq.rs reads back from the driver. 28 keeps ptxas at 72 registers, 32 at 64.
+#ifndef MMAD_MAX_WARPS // at 4 bits: 32 (BENCHMARKS.md, "Warps per block by bit width")
+#define MMAD_MAX_WARPS 32
+#endif
+#ifndef MMAD_MAX_WARPS8 // at 8 bits
+#define MMAD_MAX_WARPS8 28
+#endif
+#ifndef MMADG_MAX_WARPS // the entry for groups of one tile (g32, gptq_mmadg_gemv_*), 4 and 8 bits
+#define MMADG_MAX_WARPS 28
 #endif
 #ifndef MMAD_DEPTH3 // 128-row super-tiles in flight per warp at 3 bits (1.5 KiB each)
 #define MMAD_DEPTH3 1
 #endif
-#ifndef MMAD_MAX_WARPS3 // MMAD_MAX_WARPS at 3 bits (runtime/src/cuda/gptq.rs reads it)
+#ifndef MMAD_MAX_WARPS3 // the same at 3 bits
 #define MMAD_MAX_WARPS3 28
 #endif
+// The launch bound, in warps, of the register-pipelined entries at B bits (but gptq_mmadg_gemv_*).
+#define MMAD_WARPS(B) ((B) == 3 ? MMAD_MAX_WARPS3 : (B) == 8 ? MMAD_MAX_WARPS8 : MMAD_MAX_WARPS)
 #ifndef MMAD_X_CHUNKS // its MMA_X_CHUNKS (the first tiles' registers are live while X is staged)
 #define MMAD_X_CHUNKS 1
 #endif
@@ -1090,7 +1100,7 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 }
 
 // The tensor-core GEMV for uniform groups (group_rows > 0, a multiple of 32). One block per 32-column
-// strip, its nsplit warps (at most MMAD_MAX_WARPS) the strip's k-splits, added in shared memory at
+// strip, its nsplit warps (at most the entry's launch bound) the strip's k-splits, added in shared memory at
 // the end: no split-K workspace, fence or atomic. X is staged as in mma_gemv, but each lane loads its
 // 16 bytes (two pieces at 8 bits) of every tile straight from global memory into a register
 // pipeline D tiles deep, and the scales and zero word of the next group are loaded one group ahead
@@ -1384,7 +1394,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 
 // 3 bits: whole 128-row super-tiles (K and the groups multiples of 128 rows), MMAD_DEPTH3 in flight.
 #define MMAD_ENTRY(B, TN, T)                                                                                 \
-    extern "C" __global__ void __launch_bounds__((B == 3 ? MMAD_MAX_WARPS3 : MMAD_MAX_WARPS) * 32) gptq_mmad_gemv_##B##b_##TN( \
+    extern "C" __global__ void __launch_bounds__(MMAD_WARPS(B) * 32) gptq_mmad_gemv_##B##b_##TN( \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
         int xblock, float* ws, u32* counters, float* Y) {                                                    \
@@ -1403,7 +1413,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 // Groups of one tile (g32, runtime/src/cuda/gptq.rs `mmad_tile_groups`), as its own entry so that the
 // other layers' kernel keeps its code.
 #define MMADG_ENTRY(B, TN, T)                                                                                \
-    extern "C" __global__ void __launch_bounds__(MMAD_MAX_WARPS * 32) gptq_mmadg_gemv_##B##b_##TN(         \
+    extern "C" __global__ void __launch_bounds__(MMADG_MAX_WARPS * 32) gptq_mmadg_gemv_##B##b_##TN(         \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
         int xblock, float* ws, u32* counters, float* Y) {                                                    \
@@ -1421,7 +1431,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 // one plan (runtime/src/cuda/gptq.rs, `mma_choice` on the first expert) fits them all; groups of
 // one tile (g32) keep the scalar fused kernel.
 #define MMAD_MOE_ENTRY(B, TN, T)                                                                             \
-    extern "C" __global__ void __launch_bounds__((B == 3 ? MMAD_MAX_WARPS3 : MMAD_MAX_WARPS) * 32) gptq_mmad_moe_##B##b_##TN( \
+    extern "C" __global__ void __launch_bounds__(MMAD_WARPS(B) * 32) gptq_mmad_moe_##B##b_##TN( \
         const unsigned long long* table, int strip_rows, const int* expert_ids, const float* pair_scale,      \
         const T* X, int x_div, int K, int N, int group_rows, int nsplit, int tiles_per_warp, int xblock,     \
         float* Y) {                                                                                          \

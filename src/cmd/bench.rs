@@ -360,10 +360,26 @@ fn us_or_blank(ms: Option<f64>) -> String {
     ms.map(|t| format!("{:.2}", t * 1e3)).unwrap_or_default()
 }
 
-/// Fused MoE GEMV at w1's shape (4096 x 14336), 4-bit g128 act-order: one launch for every
-/// (token, slot) pair against one qmatmul launch per pair.
+/// Fused MoE GEMV at the experts' two shapes (w1/w3: 4096 x 14336, w2: 14336 x 4096), 4-bit g128
+/// act-order: one launch for every (token, slot) pair against one qmatmul launch per pair.
 fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
-    let (k, n, e, topk) = (4096usize, 14336usize, a.moe_experts, 2usize);
+    let (e, topk) = (a.moe_experts, 2usize);
+    println!();
+    println!("| fused MoE, {e} experts, 4-bit g128 act-order | kernel | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) | scalar fused kernel (us) | no PDL (us) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (k, n) in [(4096usize, 14336usize), (14336, 4096)] {
+        moe_shape(dev, a, copy, (k, n, e, topk))?;
+    }
+    Ok(())
+}
+
+/// The rows of [`moe`] at one expert shape.
+fn moe_shape(
+    dev: &CudaDevice,
+    a: &KernelArgs,
+    copy: f64,
+    (k, n, e, topk): (usize, usize, usize, usize),
+) -> anyhow::Result<()> {
     let experts: Vec<_> = (0..e)
         .map(|i| random_gptq(4, 128, k, n, true, 500 + i as u64))
         .collect();
@@ -385,9 +401,6 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
         "scalar"
     };
     let wbytes = singles[0].checkpoint_bytes();
-    println!();
-    println!("| fused MoE, {e} experts of 4096 x 14336, 4-bit g128 act-order ({kernel} kernel) | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) | scalar fused kernel (us) | no PDL (us) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
     let tm = a.timing(a.iters);
     for tokens in [1usize, 4] {
         let pairs = tokens * topk;
@@ -416,7 +429,7 @@ fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
         })?;
         let gbs = (distinct * wbytes) as f64 / (t * 1e-3) / 1e9;
         println!(
-            "| | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2} | {} |",
+            "| {k} x {n} | {kernel} | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2} | {} |",
             t * 1e3,
             100.0 * gbs / copy,
             t2 * 1e3,

@@ -611,26 +611,6 @@ fn mmad_depth(bits: u32) -> usize {
     }
 }
 
-/// Most warps per block of the register-pipelined GEMV (`MMAD_MAX_WARPS`, at 3 bits
-/// `MMAD_MAX_WARPS3`, in kernels/gptq.cu, default 28, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may
-/// override): its k-splits per strip.
-fn mmad_max_warps(bits: u32) -> usize {
-    static W: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
-    let (w, w3) = *W.get_or_init(|| {
-        let get = |name| {
-            nvrtc_define(name)
-                .filter(|&w| (1..=32).contains(&w))
-                .unwrap_or(28)
-        };
-        (get("MMAD_MAX_WARPS"), get("MMAD_MAX_WARPS3"))
-    });
-    if bits == 3 {
-        w3
-    } else {
-        w
-    }
-}
-
 /// The split sizes (tiles per warp) the register-pipelined GEMV's plan may choose: multiples of
 /// its depth where K's tiles and the groups allow whole blocks of it (`mmad_blocked` in
 /// kernels/gptq.cu: the group and bounds checks then run once per block), else any.
@@ -1188,8 +1168,8 @@ impl CudaDevice {
     /// where no split fits in shared memory.
     /// The ring variant packs `MMA_WARPS` independent warps per block, each on its own (32-column
     /// strip, k-split); the register-pipelined one runs one block per strip with one warp per split
-    /// (at most [`mmad_max_warps`]), its tiles per warp a multiple of its depth where whole blocks fit
-    /// ([`mmad_tile_step`]). Each candidate split is costed as waves × (tiles per warp + a fixed
+    /// (at most the entry's launch bound), its tiles per warp a multiple of its depth where whole
+    /// blocks fit ([`mmad_tile_step`]). Each candidate split is costed as waves × (tiles per warp + a fixed
     /// cost per warp run, [`mma_tuning`]'s tiles' worth: staging X, the first loads, the split sum),
     /// the waves counted with the blocks the driver keeps resident with that plan's block size,
     /// registers and shared memory (X grows with tiles per warp and M); the cheapest wins, the larger
@@ -1208,7 +1188,14 @@ impl CudaDevice {
         // `MMA_WARPS` independent warps per block.
         let candidates: Vec<(usize, usize, usize, usize)> = if direct {
             let step = mmad_tile_step(k, bits, group_rows);
-            (1..=mmad_max_warps(bits).min(tiles))
+            // One warp per split, up to the entry's launch bound (`MMAD_MAX_WARPS*` in
+            // kernels/gptq.cu, per bit width).
+            let max_warps = drv(
+                format!("launch bound of {entry}"),
+                f.max_threads_per_block(),
+            )? as usize
+                / 32;
+            (1..=max_warps.min(tiles))
                 .filter_map(|ns| {
                     let tpw = ceil_div(tiles, ns).next_multiple_of(step);
                     // A split count whose last warps would get no tile is another count's plan.
