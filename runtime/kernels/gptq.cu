@@ -84,6 +84,11 @@ __device__ __forceinline__ void pdl_wait_after_loads(int nonzero) {
     if (nonzero == 0) __trap();
     pdl_wait();
 }
+// Loads of what the previous kernel may write (X): coherent (ld.global.ca). A load through a `const
+// __restrict__` pointer or __ldg is non-coherent (ld.global.nc), which promises the data does not
+// change while the kernel runs; under dependent launch it does, before pdl_wait, and ptxas may
+// then move such a load above the wait (it did in permute_x16's first version).
+template <typename V> __device__ __forceinline__ V ld_dep(const V* p) { return __ldca(p); }
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" :::);
@@ -836,7 +841,7 @@ template <typename T> __device__ __forceinline__ size_t mma_copy_x_block(const T
         uint4 v[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u)
-            if (i0 + u * (int)blockDim.x < n16) v[u] = __ldg(src + i0 + u * blockDim.x);
+            if (i0 + u * (int)blockDim.x < n16) v[u] = ld_dep(src + i0 + u * blockDim.x);
 #pragma unroll
         for (int u = 0; u < 4; ++u)
             if (i0 + u * (int)blockDim.x < n16) dst[i0 + u * blockDim.x] = v[u];
@@ -888,7 +893,7 @@ __device__ __forceinline__ void mma_stage_x(const QMat& q, const T* __restrict__
             const int ch = ch0 + u * 32;
             const int m = mu[u], kk = src_k(ku[u]);
             if (ch < chunks && !q.perm) {
-                const uint4 v = *(const uint4*)(xb + (size_t)m * K + k0 + kk);
+                const uint4 v = ld_dep((const uint4*)(xb + (size_t)m * K + k0 + kk));
                 w[u][0] = v.x; w[u][1] = v.y; w[u][2] = v.z; w[u][3] = v.w;
             }
         }
@@ -1521,7 +1526,8 @@ extern "C" __global__ void convert_bf16_f16(const __nv_bfloat16* x, __half* y, s
 
 // Act-order X in the sorted rows' order, so that the tensor-core GEMV of several rows reads it
 // directly instead of gathering it per warp: xs[m][i] = x[m][perm[i]] (f16 or bf16 bits).
-// grid = (ceil(K / 256), M), block = 256.
+// grid = (ceil(K / 256), M), block = 256. (Fewer blocks of 8 elements per thread, to find room
+// beside a GEMV that fills the SMs, were not faster overall: BENCHMARKS.md.)
 extern "C" __global__ void __launch_bounds__(256) permute_x16(const unsigned short* __restrict__ x, const int* __restrict__ perm,
                                                          int K, unsigned short* __restrict__ xs) {
     pdl_launch_dependents(); // (the tensor-core GEMV that reads xs waits for this kernel to finish)
@@ -1529,7 +1535,7 @@ extern "C" __global__ void __launch_bounds__(256) permute_x16(const unsigned sho
     const size_t row = (size_t)blockIdx.y * K;
     const int src = i < K ? __ldg(perm + i) : 0; // perm is written by uploads only
     pdl_wait(); // x may come from the previous kernel, which may still read xs
-    if (i < K) xs[row + i] = x[row + src];
+    if (i < K) xs[row + i] = ld_dep(x + row + src);
 }
 
 // Sum the top-k rows of each token: y[t, n] = sum_s Yp[t*topk + s, n] (f32).
