@@ -52,18 +52,7 @@ __device__ void rms_norm_rows(const float* __restrict__ x, const float* __restri
     } else {
         for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += (double)r[c] * (double)r[c];
     }
-    for (int off = WARP / 2; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
-    if (lane == 0) part[wid] = ss;
-    __syncthreads();
-    if (wid == 0) {
-        int nw = blockDim.x / WARP;
-        double s = lane < nw ? part[lane] : 0.0;
-        for (int off = WARP / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (lane == 0) part[0] = s;
-    }
-    __syncthreads();
-    float inv = 1.f / sqrtf((float)(part[0] / cols) + eps);
+    float inv = 1.f / sqrtf((float)(block_sum_f64(ss, part) / cols) + eps);
     if (regs) {
 #pragma unroll
         for (int j = 0; j < RMS_V; ++j) {
@@ -88,7 +77,7 @@ __device__ void rms_norm_rows(const float* __restrict__ x, const float* __restri
             for (int c = threadIdx.x; c < cols; c += blockDim.x) acc = fmaf(w[c] * (r[c] * inv), g[c], acc);
         }
         acc = warp_sum(acc);
-        if (lane == 0) gpart[e][wid] = acc;
+        if (threadIdx.x % WARP == 0) gpart[e][threadIdx.x / WARP] = acc;
     }
     __syncthreads();
     if ((int)threadIdx.x < n_exp) {

@@ -45,18 +45,7 @@ extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float
     float* o = out + (size_t)blockIdx.x * cols;
     double ss = 0.0;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += (double)r[c] * (double)r[c];
-    for (int off = WARP / 2; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
-    if (lane == 0) part[wid] = ss;
-    __syncthreads();
-    if (wid == 0) {
-        int nw = blockDim.x / WARP;
-        double v = lane < nw ? part[lane] : 0.0;
-        for (int off = WARP / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0) part[0] = v;
-    }
-    __syncthreads();
-    float inv = 1.f / sqrtf((float)(part[0] / cols) + eps);
+    float inv = 1.f / sqrtf((float)(block_sum_f64(ss, part) / cols) + eps);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = w[c] * (r[c] * inv);
 }
 

@@ -13,6 +13,27 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// The sum of v over the whole block (blockDim a multiple of 32, at most 1024), in f64, returned to
+// every thread; part is 32 doubles of shared memory. Begins and ends with a barrier, so part may be
+// reused right away.
+__device__ __forceinline__ double block_sum_f64(double v, double* part) {
+    for (int off = WARP / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
+    __syncthreads();
+    if (lane == 0) part[wid] = v;
+    __syncthreads();
+    if (wid == 0) {
+        const int nw = blockDim.x / WARP;
+        double s = lane < nw ? part[lane] : 0.0;
+        for (int off = WARP / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == 0) part[0] = s;
+    }
+    __syncthreads();
+    const double total = part[0];
+    __syncthreads();
+    return total;
+}
+
 // Merges online (max, sum of exponentials relative to the max) pairs across the warp.
 __device__ __forceinline__ void warp_merge_lse(float& m, float& s) {
     for (int off = WARP / 2; off > 0; off >>= 1) {
