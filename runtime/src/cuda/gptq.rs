@@ -398,11 +398,13 @@ pub fn gemv_on_tensor_cores(mma: bool, bits: u32, act_order: bool, k: usize, row
 /// Whether the tensor-core GEMV of `m` rows on `w` first puts act-order X in sorted-row order (one
 /// small `permute_x16` launch over M x K) and then runs as without act-order, instead of gathering X
 /// inside every block.
-/// * With programmatic dependent launch (`dependent`, [`CudaDevice::dependent_launch`]): at every M.
-///   The GEMV then starts while the permutation runs. Measured on an H200 back to back (BENCHMARKS.md),
-///   4-bit g128, prepermuted against gathered: 4096 x 14336 M = 1 14.37 against 15.23 us (13.47
-///   without act-order), 14336 x 4096 13.81 against 14.16, 4096 x 4096 M = 4 7.98 against 8.81; at
-///   M = 2 and 4 on the large shapes within 1 % either way.
+/// * With programmatic dependent launch (`dependent`, [`CudaDevice::dependent_launch`]): at every M
+///   but M = 1 with N at most [`GATHER_MAX_N`]. The GEMV then starts while the permutation runs.
+///   Measured on an H200 back to back (BENCHMARKS.md, 2026-12-04), g128, prepermuted against
+///   gathered, us: M = 1 at 4096 x 14336 4-bit 13.43 against 14.10 (8-bit 18.93 / 19.42, 3-bit
+///   12.14 / 13.58); but at 14336 x 4096 13.86 against 13.51 (8-bit 19.45 / 18.81, 3-bit 12.53 /
+///   12.40) and 4096 x 4096 7.03 against 6.89 (8-bit 8.55 / 8.11); at M = 2 and 4 the permutation
+///   wins by up to 1.6x.
 /// * Otherwise at M >= 8, or at M >= 2 where M x K x N (what the blocks' gathers grow with) is above
 ///   [`PREPERMUTE_MIN_PRODUCT`]. Measured on an H200 (BENCHMARKS.md), 4-bit g128, prepermuted
 ///   against gathered: 4096 x 14336 M = 2, 4, 8 17.9 / 19.1 / 23.6 us against 20.2 / 26.1 / 41.3;
@@ -420,13 +422,17 @@ pub fn prepermutes(w: &DeviceGptq, m: usize, dependent: bool) -> bool {
             _ => None,
         },
     );
-    let wanted = dependent
+    let wanted = (dependent && (m > 1 || w.out_features > GATHER_MAX_N))
         || m >= 8
         || (m >= 2 && m * w.in_features * w.out_features > PREPERMUTE_MIN_PRODUCT);
     // (3 bits: only where a launch of one row runs on the tensor cores)
     let fits = gemv_on_tensor_cores(w.mma, w.bits, false, w.in_features, 1);
     w.mma && w.act_order() && fits && force.unwrap_or(wanted)
 }
+
+/// See [`prepermutes`]: with dependent launch, one row of act-order X is gathered inside the GEMV
+/// on layers of at most this many columns (Mixtral's attention and w2), permuted first on wider ones.
+pub const GATHER_MAX_N: usize = 4096;
 
 /// See [`prepermutes`]: M x K x N of 4 rows at 4096 x 4096.
 pub const PREPERMUTE_MIN_PRODUCT: usize = 4 * 4096 * 4096;
