@@ -108,6 +108,8 @@ __device__ __forceinline__ uint4 ld_stream(const u32* p) {
     return r;
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 __device__ __forceinline__ u32 comp(const uint4& v, int c) {
     return c == 0 ? v.x : (c == 1 ? v.y : (c == 2 ? v.z : v.w));
 }
@@ -559,6 +561,9 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #endif
 // The launch bound, in warps, of the register-pipelined entries at B bits (but gptq_mmadg_gemv_*).
 #define MMAD_WARPS(B) ((B) == 3 ? MMAD_MAX_WARPS3 : (B) == 8 ? MMAD_MAX_WARPS8 : MMAD_MAX_WARPS)
+#ifndef MMAD_MOE_L2_AHEAD // fused MoE at 4 bits: each lane also asks L2 for its words this many tiles
+#define MMAD_MOE_L2_AHEAD 2 // past the reload (0: off). Faster there, slower in the plain GEMV (BENCHMARKS.md)
+#endif
 #ifndef MMAD_X_CHUNKS // its MMA_X_CHUNKS (the first tiles' registers are live while X is staged)
 #define MMAD_X_CHUNKS 1
 #endif
@@ -1128,8 +1133,9 @@ template <int D, bool ON> struct MmadGroupPipe {
 template <int D> struct MmadGroupPipe<D, false> {};
 
 // yscale multiplies every output (the fused MoE's routing weight; the plain entries pass 1, which
-// the compiler folds away).
-template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS = false>
+// the compiler folds away). L2_AHEAD > 0: with each reload, each lane also asks L2 for its words of
+// the tile L2_AHEAD further on (prefetch.global.L2), which only the fused MoE entry does.
+template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS = false, int L2_AHEAD = 0>
 __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N,
                                           int group_rows, int nsplit, int tiles_per_warp, int xblock,
                                           float* __restrict__ ws, u32* __restrict__ counters,
@@ -1278,6 +1284,8 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                 if (BLOCKED ? more : i + D < nt)
 #pragma unroll
                     for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wq + d * TS + h * 8));
+                if constexpr (L2_AHEAD > 0)
+                    if (i + D + L2_AHEAD < nt) prefetch_l2(wq + (d + L2_AHEAD) * TS);
             }
         }
         wq += D * TS;
@@ -1451,11 +1459,11 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
         if constexpr (B == 3) {                                                                              \
             mmad_gemv<B, T, MMAD_DEPTH3, true>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, nullptr, nullptr, y, s); \
         } else {                                                                                             \
-            constexpr int D = mmad_depth(B);                                                                 \
+            constexpr int D = mmad_depth(B), L2A = B == 4 ? MMAD_MOE_L2_AHEAD : 0;                          \
             if (mmad_blocked(D, K, group_rows, tiles_per_warp))                                               \
-                mmad_gemv<B, T, D, true>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, nullptr, nullptr, y, s); \
+                mmad_gemv<B, T, D, true, false, L2A>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, nullptr, nullptr, y, s); \
             else                                                                                             \
-                mmad_gemv<B, T, D, false>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, nullptr, nullptr, y, s); \
+                mmad_gemv<B, T, D, false, false, L2A>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, nullptr, nullptr, y, s); \
         }                                                                                                    \
     }
 
