@@ -539,8 +539,18 @@ pub(crate) struct MmaChoice {
     plan: MmaPlan,
 }
 
-/// The [`CudaDevice::mma_choice`] cache key: bits, X dtype, K, N, M, group rows, act-order.
-pub(crate) type MmaKey = (u32, &'static str, usize, usize, usize, i32, bool);
+/// The [`CudaDevice::mma_choice`] cache key: bits, X dtype, K, N, M, group rows, act-order, and the
+/// fused MoE's pairs (None for a plain GEMV).
+pub(crate) type MmaKey = (
+    u32,
+    &'static str,
+    usize,
+    usize,
+    usize,
+    i32,
+    bool,
+    Option<usize>,
+);
 
 /// The entry point of a tensor-core GEMV variant in kernels/gptq.cu for a layer of `k` rows and
 /// `group_rows` ([`uniform_group_rows`]): the ring (`mma`), the register pipeline (`mmad`), or the
@@ -562,6 +572,14 @@ fn mma_entry<T: ActDtype>(direct: bool, bits: u32, k: usize, group_rows: usize) 
 fn mmad_tile_groups(k: usize, bits: u32, group_rows: usize) -> bool {
     bits != 3 && group_rows == 32 && (k / 32).is_multiple_of(mmad_depth(bits))
 }
+
+/// The fewest warps per block of a fused MoE plan ([`CudaDevice::mma_plan`]), where the shape allows:
+/// the plan counts every pair's blocks in its waves, and would otherwise pick blocks of 3-4 warps
+/// with long runs at 4096 x 14336, whose per-block costs (act-order X copied to shared memory, the
+/// split sum) made them slower than two waves of 8-warp blocks. Measured on an H200 (BENCHMARKS.md,
+/// 2026-12-04), 8 experts 4-bit g128 act-order, 1 token: 4096 x 14336 4 warps x 32 tiles 24.07 us
+/// against 8 x 16 22.47; 14336 x 4096 16 x 28 21.22 against 32 x 14 (two waves) 25.30.
+pub const MOE_MIN_WARPS: usize = 8;
 
 /// The fixed cost of one warp's run in the tensor-core GEMV, in tiles' worth of streaming (staging
 /// X, the first copies in flight, the split-K fence and sum), for [`CudaDevice::mma_plan`]'s cost
@@ -1179,12 +1197,15 @@ impl CudaDevice {
     /// cost per warp run, [`mma_tuning`]'s tiles' worth: staging X, the first loads, the split sum),
     /// the waves counted with the blocks the driver keeps resident with that plan's block size,
     /// registers and shared memory (X grows with tiles per warp and M); the cheapest wins, the larger
-    /// split on ties. [`CudaDevice::mma_choice`] caches the outcome.
+    /// split on ties. `moe_pairs` plans the fused MoE, whose grid repeats the strips for every pair
+    /// (its y dimension): the waves count all pairs' blocks, and blocks have at least
+    /// [`MOE_MIN_WARPS`] warps where such a split exists. [`CudaDevice::mma_choice`] caches the
+    /// outcome.
     fn mma_plan(
         &self,
         f: &cudarc::driver::CudaFunction,
         entry: &str,
-        (k, n, m, bits): (usize, usize, usize, u32),
+        (k, n, m, bits, moe_pairs): (usize, usize, usize, u32, Option<usize>),
         (xblock_bytes, group_rows, direct): (usize, usize, bool),
     ) -> Result<Option<MmaPlan>> {
         let (ring_warps, run_cost, _) = mma_tuning();
@@ -1201,13 +1222,23 @@ impl CudaDevice {
                 f.max_threads_per_block(),
             )? as usize
                 / 32;
-            (1..=max_warps.min(tiles))
+            let all: Vec<_> = (1..=max_warps.min(tiles))
                 .filter_map(|ns| {
                     let tpw = ceil_div(tiles, ns).next_multiple_of(step);
                     // A split count whose last warps would get no tile is another count's plan.
                     (ceil_div(tiles, tpw) == ns).then_some((ns, tpw, ns, strips))
                 })
-                .collect()
+                .collect();
+            let wide: Vec<_> = all
+                .iter()
+                .copied()
+                .filter(|c| moe_pairs.is_none() || c.2 >= MOE_MIN_WARPS)
+                .collect();
+            if wide.is_empty() {
+                all
+            } else {
+                wide
+            }
         } else {
             let mut v = Vec::new();
             let mut last_ns = 0;
@@ -1227,7 +1258,7 @@ impl CudaDevice {
             if resident == 0 {
                 continue;
             }
-            let waves = ceil_div(blocks, resident * sms);
+            let waves = ceil_div(blocks * moe_pairs.unwrap_or(1), resident * sms);
             let fixed = if direct {
                 MMAD_RUN_COST_TILES
             } else {
@@ -1252,18 +1283,21 @@ impl CudaDevice {
     /// What a tensor-core GEMV launch of `m` rows on `w` runs: the register-pipelined variant where
     /// it applies, unless the ring variant's plan costs less (each with its own fixed run cost; the
     /// register-pipelined blocks hold all of X, M x K, so with large M x K few warps fit per strip),
-    /// and whether each block copies act-order X to shared memory. Cached per layer shape and M, so
-    /// that a launch plans once.
+    /// and whether each block copies act-order X to shared memory. `moe_pairs` plans the fused MoE's
+    /// grid of that many pairs instead ([`CudaDevice::mma_plan`]), which only the
+    /// register-pipelined variant runs. Cached per layer shape, M and pairs, so that a launch plans
+    /// once.
     fn mma_choice<T: ActDtype>(
         &self,
         w: &DeviceGptq,
         m: usize,
         x_sorted: bool,
+        moe_pairs: Option<usize>,
     ) -> Result<MmaChoice> {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
         // (act-order X already in sorted-row order is planned as without act-order)
         let act_order = w.act_order() && !x_sorted;
-        let key = (bits, T::NAME, k, n, m, w.group_rows, act_order);
+        let key = (bits, T::NAME, k, n, m, w.group_rows, act_order, moe_pairs);
         if let Some(c) = self.plans.lock().ok().and_then(|c| c.get(&key).copied()) {
             return Ok(c);
         }
@@ -1278,7 +1312,7 @@ impl CudaDevice {
                 self.mma_plan(
                     &f,
                     &entry,
-                    (k, n, m, bits),
+                    (k, n, m, bits, moe_pairs),
                     (xblock_bytes, group_rows, direct),
                 )
             };
@@ -1316,7 +1350,11 @@ impl CudaDevice {
         } else {
             None
         };
-        let ring = if bits == 3 { None } else { planned(false)? };
+        let ring = if bits == 3 || moe_pairs.is_some() {
+            None
+        } else {
+            planned(false)?
+        };
         if let Some(ring) = ring {
             // (on a tie the register-pipelined variant stays)
             if choice.is_none_or(|c| ring.plan.cost < c.plan.cost) {
@@ -1361,7 +1399,7 @@ impl CudaDevice {
                     smem,
                     ..
                 },
-        } = self.mma_choice::<T>(w, m, x_sorted)?;
+        } = self.mma_choice::<T>(w, m, x_sorted, None)?;
         let entry = mma_entry::<T>(direct, bits, k, w.group_rows as usize);
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
@@ -1646,15 +1684,20 @@ impl CudaDevice {
     /// Whether [`CudaDevice::moe_gemv`] on `experts` runs on the tensor cores (else the scalar fused
     /// kernel): see `moe_mma_choice`.
     pub fn moe_uses_tensor_cores<T: ActDtype>(&self, experts: &DeviceExperts) -> bool {
-        self.moe_mma_choice::<T>(experts).is_some()
+        self.moe_mma_choice::<T>(experts, 1).is_some()
     }
 
-    /// The tensor-core plan of a fused MoE launch: the register-pipelined GEMV's plan for one row
-    /// of the first expert, used for every pair (`gptq_mmad_moe_*`). None, and the scalar fused
-    /// kernel, unless every expert was uploaded for the tensor cores with the same grouping and
-    /// act-order, one row runs there ([`gemv_on_tensor_cores`]), the plan is the register-pipelined
-    /// variant's, and its groups are not one tile each (g32 has its own entry, `mmadg`).
-    fn moe_mma_choice<T: ActDtype>(&self, experts: &DeviceExperts) -> Option<MmaChoice> {
+    /// The tensor-core plan of a fused MoE launch of `pairs` pairs: the register-pipelined GEMV's
+    /// plan for one row of the first expert, with the waves of all pairs' blocks counted, used for
+    /// every pair (`gptq_mmad_moe_*`). None, and the scalar fused kernel, unless every expert was
+    /// uploaded for the tensor cores with the same grouping and act-order, one row runs there
+    /// ([`gemv_on_tensor_cores`]), a register-pipelined plan fits, and its groups are not one tile
+    /// each (g32 has its own entry, `mmadg`).
+    fn moe_mma_choice<T: ActDtype>(
+        &self,
+        experts: &DeviceExperts,
+        pairs: usize,
+    ) -> Option<MmaChoice> {
         let first = experts.experts.first()?;
         let (k, bits, rows) = (first.in_features, first.bits, first.group_rows);
         let uniform = experts
@@ -1668,14 +1711,14 @@ impl CudaDevice {
             return None;
         }
         // (a layer no plan fits keeps the scalar fused kernel, which reports any real fault itself)
-        match self.mma_choice::<T>(first, 1, false) {
+        match self.mma_choice::<T>(first, 1, false, Some(pairs)) {
             Ok(c) if c.direct => Some(c),
             _ => None,
         }
     }
 
     /// One `gptq_mmad_moe_*` launch: block (strip, pair) of the register-pipelined GEMV, planned as
-    /// one row of one expert ([`CudaDevice::moe_mma_choice`]).
+    /// one row of one expert over all pairs ([`CudaDevice::moe_mma_choice`]).
     fn mmad_moe_launch<T: ActDtype>(
         &self,
         args: &MoeArgs<'_, T>,
@@ -1742,7 +1785,7 @@ impl CudaDevice {
             return Ok(());
         }
         let args = MoeArgs::new(experts, expert_ids, pair_scale, x, x_div);
-        if let Some(choice) = self.moe_mma_choice::<T>(experts) {
+        if let Some(choice) = self.moe_mma_choice::<T>(experts, pairs) {
             return self.mmad_moe_launch(&args, pairs, y, choice);
         }
         let uk = unit_rows(bits);
