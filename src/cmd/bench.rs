@@ -106,6 +106,9 @@ pub struct KernelArgs {
     /// Experts for the fused-MoE timing (0 skips it).
     #[arg(long, default_value_t = 8)]
     pub moe_experts: usize,
+    /// Bit widths of the fused-MoE timing's experts (g128, act-order).
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    pub moe_bits: Vec<u32>,
     /// Bytes the rotated input copies of one case should span at least (defeats the 50 MB L2).
     #[arg(long, default_value_t = 256 << 20)]
     pub rotate_bytes: usize,
@@ -149,10 +152,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
-    let dev = CudaDevice::new(a.device).context("opening the CUDA device")?;
-    for &b in &a.bits {
-        if ![3, 4, 8].contains(&b) {
-            bail!("--bits: {b} is not one of 3, 4, 8");
+    for (flag, bits) in [("--bits", &a.bits), ("--moe-bits", &a.moe_bits)] {
+        if let Some(b) = bits.iter().find(|b| ![3, 4, 8].contains(*b)) {
+            bail!("{flag}: {b} is not one of 3, 4, 8");
         }
     }
     let shapes: Vec<(usize, usize)> = a
@@ -160,6 +162,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|s| parse_shape(s))
         .collect::<anyhow::Result<_>>()?;
+    let dev = CudaDevice::new(a.device).context("opening the CUDA device")?;
     let copy = dev
         .copy_bandwidth_gbs(1 << 30, 20)
         .context("measuring copy bandwidth")?;
@@ -360,15 +363,18 @@ fn us_or_blank(ms: Option<f64>) -> String {
     ms.map(|t| format!("{:.2}", t * 1e3)).unwrap_or_default()
 }
 
-/// Fused MoE GEMV at the experts' two shapes (w1/w3: 4096 x 14336, w2: 14336 x 4096), 4-bit g128
-/// act-order: one launch for every (token, slot) pair against one qmatmul launch per pair.
+/// Fused MoE GEMV at the experts' two shapes (w1/w3: 4096 x 14336, w2: 14336 x 4096), g128
+/// act-order at each of `--moe-bits`: one launch for every (token, slot) pair against one qmatmul
+/// launch per pair.
 fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
     let (e, topk) = (a.moe_experts, 2usize);
     println!();
-    println!("| fused MoE, {e} experts, 4-bit g128 act-order | kernel | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) | scalar fused kernel (us) | no PDL (us) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for (k, n) in [(4096usize, 14336usize), (14336, 4096)] {
-        moe_shape(dev, a, copy, (k, n, e, topk))?;
+    println!("| fused MoE, {e} experts, g128 act-order | bits | kernel | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) | scalar fused kernel (us) | no PDL (us) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for &bits in &a.moe_bits {
+        for (k, n) in [(4096usize, 14336usize), (14336, 4096)] {
+            moe_shape(dev, a, copy, (k, n, e, topk), bits)?;
+        }
     }
     Ok(())
 }
@@ -379,9 +385,10 @@ fn moe_shape(
     a: &KernelArgs,
     copy: f64,
     (k, n, e, topk): (usize, usize, usize, usize),
+    bits: u32,
 ) -> anyhow::Result<()> {
     let experts: Vec<_> = (0..e)
-        .map(|i| random_gptq(4, 128, k, n, true, 500 + i as u64))
+        .map(|i| random_gptq(bits, 128, k, n, true, 500 + i as u64))
         .collect();
     let mut dws = Vec::new();
     let mut scalar_dws = Vec::new();
@@ -429,7 +436,7 @@ fn moe_shape(
         })?;
         let gbs = (distinct * wbytes) as f64 / (t * 1e-3) / 1e9;
         println!(
-            "| {k} x {n} | {kernel} | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2} | {} |",
+            "| {k} x {n} | {bits} | {kernel} | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2} | {} |",
             t * 1e3,
             100.0 * gbs / copy,
             t2 * 1e3,

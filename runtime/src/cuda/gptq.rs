@@ -573,13 +573,14 @@ fn mmad_tile_groups(k: usize, bits: u32, group_rows: usize) -> bool {
     bits != 3 && group_rows == 32 && (k / 32).is_multiple_of(mmad_depth(bits))
 }
 
-/// The fewest warps per block of a fused MoE plan ([`CudaDevice::mma_plan`]), where the shape allows:
-/// the plan counts every pair's blocks in its waves, and would otherwise pick blocks of 3-4 warps
-/// with long runs at 4096 x 14336, whose per-block costs (act-order X copied to shared memory, the
-/// split sum) made them slower than two waves of 8-warp blocks. Measured on an H200 (BENCHMARKS.md,
-/// 2026-12-04), 8 experts 4-bit g128 act-order, 1 token: 4096 x 14336 4 warps x 32 tiles 24.07 us
-/// against 8 x 16 22.47; 14336 x 4096 16 x 28 21.22 against 32 x 14 (two waves) 25.30.
-pub const MOE_MIN_WARPS: usize = 8;
+/// The fewest warps per block of a fused MoE plan ([`CudaDevice::mma_plan`]), where the shape allows,
+/// as a fraction of the entry's launch bound: a quarter (8 warps at 4 bits, 7 at 8 and 3). The plan
+/// counts every pair's blocks in its waves, and would otherwise pick blocks of 3-4 warps with long
+/// runs at 4096 x 14336, whose per-block costs (act-order X copied to shared memory, the split sum)
+/// made them slower than two waves of wider blocks. Measured on an H200 (BENCHMARKS.md, 2026-12-04),
+/// 8 experts 4-bit g128 act-order, 1 token: 4096 x 14336 4 warps x 32 tiles 24.07 us against 8 x 16
+/// 22.47; 14336 x 4096 16 x 28 21.22 against 32 x 14 (two waves) 25.30.
+pub const MOE_MIN_WARPS_DIV: usize = 4;
 
 /// The fixed cost of one warp's run in the tensor-core GEMV, in tiles' worth of streaming (staging
 /// X, the first copies in flight, the split-K fence and sum), for [`CudaDevice::mma_plan`]'s cost
@@ -1198,9 +1199,9 @@ impl CudaDevice {
     /// the waves counted with the blocks the driver keeps resident with that plan's block size,
     /// registers and shared memory (X grows with tiles per warp and M); the cheapest wins, the larger
     /// split on ties. `moe_pairs` plans the fused MoE, whose grid repeats the strips for every pair
-    /// (its y dimension): the waves count all pairs' blocks, and blocks have at least
-    /// [`MOE_MIN_WARPS`] warps where such a split exists. [`CudaDevice::mma_choice`] caches the
-    /// outcome.
+    /// (its y dimension): the waves count all pairs' blocks, and blocks have at least a
+    /// [`MOE_MIN_WARPS_DIV`]th of the launch bound's warps where such a split exists.
+    /// [`CudaDevice::mma_choice`] caches the outcome.
     fn mma_plan(
         &self,
         f: &cudarc::driver::CudaFunction,
@@ -1232,7 +1233,7 @@ impl CudaDevice {
             let wide: Vec<_> = all
                 .iter()
                 .copied()
-                .filter(|c| moe_pairs.is_none() || c.2 >= MOE_MIN_WARPS)
+                .filter(|c| moe_pairs.is_none() || c.2 >= ceil_div(max_warps, MOE_MIN_WARPS_DIV))
                 .collect();
             if wide.is_empty() {
                 all
