@@ -1110,8 +1110,8 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 }
 
 // The tensor-core GEMV for uniform groups (group_rows > 0, a multiple of 32). One block per 32-column
-// strip, its nsplit warps (at most the entry's launch bound) the strip's k-splits, added in shared memory at
-// the end: no split-K workspace, fence or atomic. X is staged as in mma_gemv, but each lane loads its
+// strip, its nsplit warps (at most the entry's launch bound) the strip's k-splits, added in shared
+// memory at the end: no split-K workspace, fence or atomic. X is staged as in mma_gemv, but each lane loads its
 // 16 bytes (two pieces at 8 bits) of every tile straight from global memory into a register
 // pipeline D tiles deep, and the scales and zero word of the next group are loaded one group ahead
 // into registers. Without the ring's waits, barriers and shared-memory round trip, a tile costs

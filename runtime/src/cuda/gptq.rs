@@ -580,7 +580,7 @@ fn mmad_tile_groups(k: usize, bits: u32, group_rows: usize) -> bool {
 /// made them slower than two waves of wider blocks. Measured on an H200 (BENCHMARKS.md, 2026-12-04),
 /// 8 experts 4-bit g128 act-order, 1 token: 4096 x 14336 4 warps x 32 tiles 24.07 us against 8 x 16
 /// 22.47; 14336 x 4096 16 x 28 21.22 against 32 x 14 (two waves) 25.30.
-pub const MOE_MIN_WARPS_DIV: usize = 4;
+const MOE_MIN_WARPS_DIV: usize = 4;
 
 /// The fixed cost of one warp's run in the tensor-core GEMV, in tiles' worth of streaming (staging
 /// X, the first copies in flight, the split-K fence and sum), for [`CudaDevice::mma_plan`]'s cost
@@ -1194,11 +1194,11 @@ impl CudaDevice {
     /// The ring variant packs `MMA_WARPS` independent warps per block, each on its own (32-column
     /// strip, k-split); the register-pipelined one runs one block per strip with one warp per split
     /// (at most the entry's launch bound), its tiles per warp a multiple of its depth where whole
-    /// blocks fit ([`mmad_tile_step`]). Each candidate split is costed as waves × (tiles per warp + a fixed
-    /// cost per warp run, [`mma_tuning`]'s tiles' worth: staging X, the first loads, the split sum),
-    /// the waves counted with the blocks the driver keeps resident with that plan's block size,
-    /// registers and shared memory (X grows with tiles per warp and M); the cheapest wins, the larger
-    /// split on ties. `moe_pairs` plans the fused MoE, whose grid repeats the strips for every pair
+    /// blocks fit ([`mmad_tile_step`]). Each candidate split is costed as waves × (tiles per warp +
+    /// a fixed cost per warp run, [`mma_tuning`]'s tiles' worth: staging X, the first loads, the
+    /// split sum), the waves counted with the blocks the driver keeps resident with that plan's
+    /// block size, registers and shared memory (X grows with tiles per warp and M); the cheapest
+    /// wins, the larger split on ties. `moe_pairs` plans the fused MoE, whose grid repeats the strips for every pair
     /// (its y dimension): the waves count all pairs' blocks, and blocks have at least a
     /// [`MOE_MIN_WARPS_DIV`]th of the launch bound's warps where such a split exists.
     /// [`CudaDevice::mma_choice`] caches the outcome.
@@ -1223,23 +1223,20 @@ impl CudaDevice {
                 f.max_threads_per_block(),
             )? as usize
                 / 32;
-            let all: Vec<_> = (1..=max_warps.min(tiles))
+            let mut all: Vec<_> = (1..=max_warps.min(tiles))
                 .filter_map(|ns| {
                     let tpw = ceil_div(tiles, ns).next_multiple_of(step);
                     // A split count whose last warps would get no tile is another count's plan.
                     (ceil_div(tiles, tpw) == ns).then_some((ns, tpw, ns, strips))
                 })
                 .collect();
-            let wide: Vec<_> = all
-                .iter()
-                .copied()
-                .filter(|c| moe_pairs.is_none() || c.2 >= ceil_div(max_warps, MOE_MIN_WARPS_DIV))
-                .collect();
-            if wide.is_empty() {
-                all
-            } else {
-                wide
+            if moe_pairs.is_some() {
+                let fewest = ceil_div(max_warps, MOE_MIN_WARPS_DIV);
+                if all.iter().any(|c| c.2 >= fewest) {
+                    all.retain(|c| c.2 >= fewest);
+                }
             }
+            all
         } else {
             let mut v = Vec::new();
             let mut last_ns = 0;
