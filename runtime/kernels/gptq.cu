@@ -108,6 +108,12 @@ __device__ __forceinline__ uint4 ld_stream(const u32* p) {
     return r;
 }
 
+__device__ __forceinline__ u32 lds_u16(unsigned addr) {
+    unsigned short v;
+    asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(addr));
+    return v;
+}
+
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 __device__ __forceinline__ u32 comp(const uint4& v, int c) {
@@ -855,19 +861,28 @@ template <typename T> __device__ __forceinline__ size_t mma_copy_x_block(const T
     return ((size_t)M * K * 2 + 15) & ~(size_t)15;
 }
 
+// The same copy with cp.async (no registers in between), for the register-pipelined GEMV: the copy
+// is in flight when this returns; cp_async_wait and __syncthreads complete it.
+template <typename T> __device__ __forceinline__ void mma_copy_x_block_async(const T* X, int M, int K, float* smem) {
+    const int n16 = M * K / 8;
+    for (int i = threadIdx.x; i < n16; i += blockDim.x) cp_async16((uint4*)smem + i, (const uint4*)X + i);
+    cp_async_commit();
+}
+
 // Stages a warp's X (tiles t_begin .. t_begin + nt - 1 of every row) in fragment order (mma_order)
 // at xs [M][xstride]: 8 consecutive k of one row per chunk, a 16-byte load (or, for act-order, one
-// index load pair and 8 gathers, from the block's copy of X when xblock is not null) and a 16-byte
-// store; CH chunks per lane and round trip. Ends with __syncwarp.
+// index load pair from `perm`, the run's indices in global or shared memory, and 8 gathers, from the
+// block's copy of X when xblock is not null) and a 16-byte store; CH chunks per lane and round trip.
+// Ends with __syncwarp.
 // At 3 bits (runs of whole 128-row super-tiles), the chunk staged at tile 4s + t, lane slot c holds
 // rows 128 s + 32 c + 8 t .. + 7: lane c's rows of step t of super-tile s (mma_tile3).
-template <int BITS, int CH, typename T>
-__device__ __forceinline__ void mma_stage_x(const QMat& q, const T* __restrict__ X, int M, int K, const float* xblock,
+template <int BITS, int CH, typename T, bool PERM_SHARED = false>
+__device__ __forceinline__ void mma_stage_x(const int* perm, const T* __restrict__ X, int M, int K, const float* xblock,
                                             int t_begin, int nt, T* xs, int xstride, int lane) {
     const int k0 = t_begin * 32, cpr = nt * 4; // chunks per row
     const int chunks = M * cpr;
     const unsigned short* xb = (const unsigned short*)X;
-    const unsigned short* xg = xblock ? (const unsigned short*)xblock : xb; // act-order gathers
+    const unsigned xsh = xblock ? (unsigned)__cvta_generic_to_shared(xblock) : 0u; // act-order gathers
     // Chunk ch = m * cpr + kc, kept as (m, kc) and stepped by 32 chunks without a division.
     auto step = [&](int& m, int& kc) {
         kc += 32;
@@ -897,20 +912,20 @@ __device__ __forceinline__ void mma_stage_x(const QMat& q, const T* __restrict__
         for (int u = 0; u < CH; ++u) {
             const int ch = ch0 + u * 32;
             const int m = mu[u], kk = src_k(ku[u]);
-            if (ch < chunks && !q.perm) {
+            if (ch < chunks && !perm) {
                 const uint4 v = ld_dep((const uint4*)(xb + (size_t)m * K + k0 + kk));
                 w[u][0] = v.x; w[u][1] = v.y; w[u][2] = v.z; w[u][3] = v.w;
             }
         }
-        if (q.perm) {
+        if (perm) {
             int idx[CH][8];
 #pragma unroll
             for (int u = 0; u < CH; ++u) {
                 const int ch = ch0 + u * 32;
                 const int kk = src_k(ku[u]);
                 if (ch < chunks) {
-                    const int4* pp = (const int4*)(q.perm + k0 + kk);
-                    const int4 p0 = __ldg(pp), p1 = __ldg(pp + 1);
+                    const int4* pp = (const int4*)(perm + kk);
+                    const int4 p0 = PERM_SHARED ? pp[0] : __ldg(pp), p1 = PERM_SHARED ? pp[1] : __ldg(pp + 1);
                     idx[u][0] = p0.x; idx[u][1] = p0.y; idx[u][2] = p0.z; idx[u][3] = p0.w;
                     idx[u][4] = p1.x; idx[u][5] = p1.y; idx[u][6] = p1.z; idx[u][7] = p1.w;
                 }
@@ -921,8 +936,15 @@ __device__ __forceinline__ void mma_stage_x(const QMat& q, const T* __restrict__
                 const int m = mu[u];
                 if (ch < chunks) {
                     u32 h[8];
+                    if (xblock) {
+                        // 32-bit shared addresses: one shift-add and one 2-byte load per element
+                        const unsigned row = xsh + 2u * (unsigned)(m * K);
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) h[e] = xg[(size_t)m * K + idx[u][e]];
+                        for (int e = 0; e < 8; ++e) h[e] = lds_u16(row + 2u * (unsigned)idx[u][e]);
+                    } else {
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) h[e] = ld_dep(xb + (size_t)m * K + idx[u][e]);
+                    }
 #pragma unroll
                     for (int e = 0; e < 4; ++e) w[u][e] = h[2 * e] | (h[2 * e + 1] << 16);
                 }
@@ -1062,7 +1084,8 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
         cp_async_commit();
     }
 
-    mma_stage_x<BITS, MMA_X_CHUNKS>(q, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs, xstride, lane);
+    mma_stage_x<BITS, MMA_X_CHUNKS>(q.perm ? q.perm + t_begin * 32 : nullptr, X, M, K, xblock ? smem : nullptr, t_begin,
+                                    nt, xs, xstride, lane);
 
     MmaAcc<BITS, BF> a;
     a.init();
@@ -1121,8 +1144,9 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 // BLOCKED: the run is whole blocks of D tiles and no group starts inside a block (mmad_blocked), so
 // the group and bounds checks run once per block; otherwise once per tile. The loop body is D tiles
 // unrolled, so D trades tiles in flight against code size (measured: deeper was slower).
-// Dynamic shared memory: X [M][K] rounded up to 16 bytes when xblock, then nsplit * M * xstride * 2.
-// ws and counters are not used.
+// Dynamic shared memory: X [M][K] rounded up to 16 bytes with xblock, then nsplit warp areas of
+// M * xstride * 2 bytes, plus tiles_per_warp * 128 (the run's indices) each in `_gather_slice`.
+// The entries' ws and counters are not used.
 // The group data in flight of mmad_gemv's groups of one tile (empty otherwise).
 template <int D, bool ON> struct MmadGroupPipe {
     uint2 sr[D];
@@ -1135,11 +1159,22 @@ template <int D> struct MmadGroupPipe<D, false> {};
 // yscale multiplies every output (the fused MoE's routing weight; the plain entries pass 1, which
 // the compiler folds away). L2_AHEAD > 0: with each reload, each lane also asks L2 for its words of
 // the tile L2_AHEAD further on (prefetch.global.L2), which only the fused MoE entry does.
-template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS = false, int L2_AHEAD = 0>
-__device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N,
-                                          int group_rows, int nsplit, int tiles_per_warp, int xblock,
-                                          float* __restrict__ ws, u32* __restrict__ counters,
-                                          float* __restrict__ Y, float yscale = 1.0f) {
+// GATHER: act-order X gathered through q.perm, in entries of their own (`_gather`,
+// `_gather_slice`), so that the gathers' registers do not weigh on the code of the layers without
+// act-order (MMAD_PLAIN, which ignores q.perm; its launches never ask for xblock). xblock: the block
+// first copies X to shared memory, where the warps gather from: with cp.async (MMAD_GATHER,
+// MMAD_GATHER_SLICE) or with loads and stores (MMAD_GATHER_SYNC, the fused MoE's). With
+// MMAD_GATHER_SLICE each warp copies its run's indices to its area before the dependent-launch wait;
+// the others read them from global memory while they stage X (runtime/src/cuda/gptq.rs,
+// `perm_slice`, says where each runs, with the measurements).
+#define MMAD_PLAIN 0
+#define MMAD_GATHER 1
+#define MMAD_GATHER_SLICE 2
+#define MMAD_GATHER_SYNC 3
+template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS, int L2_AHEAD, int GATHER>
+__device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N, int group_rows,
+                                          int nsplit, int tiles_per_warp, int xblock, float* __restrict__ Y,
+                                          float yscale = 1.0f) {
     constexpr bool BF = IsBf16<T>::value;
     // A pipeline slot holds TPB tiles (at 3 bits a 128-row super-tile, see mma_tile3): LPT 16-byte
     // loads per lane, TS uint4 in all.
@@ -1159,7 +1194,11 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     const int t_begin = min(tiles, split * tiles_per_warp);
     const int nt = min(tiles, t_begin + tiles_per_warp) - t_begin;
     const int xstride = mma_xstride(tiles_per_warp);
-    const size_t warp_bytes = (size_t)M * xstride * 2;
+    constexpr bool slice = GATHER == MMAD_GATHER_SLICE;
+    // A warp's area: its staged X, then with `slice` its run's indices (runtime/src/cuda/gptq.rs,
+    // `mma_warp_smem`, computes the same size).
+    const size_t x_area = (size_t)M * xstride * 2;
+    const size_t warp_bytes = x_area + (slice ? (size_t)tiles_per_warp * 128 : 0);
 
     // The first D slots, in flight before anything else.
     const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * q.strip_rows * 32) + (size_t)(t_begin / TPB) * TS + LPT * c * 8 + g;
@@ -1192,13 +1231,38 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
         nzw = __ldg(zp);
     };
 
+    const size_t xblock_bytes = xblock ? ((size_t)M * K * 2 + 15) & ~(size_t)15 : 0;
+    unsigned char* areas = (unsigned char*)smem + xblock_bytes;
+    T* xs = (T*)(areas + warp * warp_bytes);
+    // Act-order: the run's indices (written by uploads only), with `slice` copied now.
+    const int* run_perm = GATHER == MMAD_PLAIN ? nullptr
+                          : slice              ? (const int*)((unsigned char*)xs + x_area)
+                                               : q.perm + t_begin * 32;
+    if constexpr (slice) {
+        for (int i = lane; i < nt * 8; i += 32) cp_async16((int*)run_perm + 4 * i, q.perm + t_begin * 32 + 4 * i);
+        cp_async_commit();
+    }
+
     // Everything above reads only the layer's words; everything below may read what the previous
     // kernel wrote (X) or write what it reads (Y).
     pdl_wait_after_loads(nsplit);
-    const size_t xblock_bytes = xblock ? mma_copy_x_block(X, M, K, smem) : 0;
-    unsigned char* areas = (unsigned char*)smem + xblock_bytes;
-    T* xs = (T*)(areas + warp * warp_bytes);
-    mma_stage_x<BITS, MMAD_X_CHUNKS>(q, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs, xstride, lane);
+    if constexpr (GATHER == MMAD_GATHER_SYNC) {
+        if (xblock) mma_copy_x_block(X, M, K, smem); // (ends with __syncthreads)
+        cp_async_wait<0>();                            // (none in flight: kept, it is the code measured)
+        __syncwarp();
+    } else {
+        // (MMAD_PLAIN keeps the copy reachable: without it, ptxas scheduled the 3-bit plain entries
+        // 2 % slower, BENCHMARKS.md)
+        if (xblock) mma_copy_x_block_async(X, M, K, smem);
+        if constexpr (GATHER != MMAD_PLAIN) {
+            cp_async_wait<0>();
+            if (xblock)
+                __syncthreads();
+            else
+                __syncwarp();
+        }
+    }
+    mma_stage_x<BITS, MMAD_X_CHUNKS, T, slice>(run_perm, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs, xstride, lane);
     const T* xrow = xs + min(g, M - 1) * xstride + 8 * c;
 
     MmaAcc<BITS, BF> a;
@@ -1406,36 +1470,36 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
     }
 
 // 3 bits: whole 128-row super-tiles (K and the groups multiples of 128 rows), MMAD_DEPTH3 in flight.
-#define MMAD_ENTRY(B, TN, T)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(MMAD_WARPS(B) * 32) gptq_mmad_gemv_##B##b_##TN( \
+#define MMAD_ENTRY(B, TN, T, G, SFX)                                                                         \
+    extern "C" __global__ void __launch_bounds__(MMAD_WARPS(B) * 32) gptq_mmad_gemv_##B##b_##TN##SFX(        \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
         int xblock, float* ws, u32* counters, float* Y) {                                                    \
         QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
         if constexpr (B == 3) {                                                                              \
-            mmad_gemv<B, T, MMAD_DEPTH3, true>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+            mmad_gemv<B, T, MMAD_DEPTH3, true, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
         } else {                                                                                             \
             constexpr int D = mmad_depth(B);                                                                 \
             if (mmad_blocked(D, K, group_rows, tiles_per_warp))                                               \
-                mmad_gemv<B, T, D, true>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+                mmad_gemv<B, T, D, true, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
             else                                                                                             \
-                mmad_gemv<B, T, D, false>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+                mmad_gemv<B, T, D, false, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
         }                                                                                                    \
     }
 
 // Groups of one tile (g32, runtime/src/cuda/gptq.rs `mmad_tile_groups`), as its own entry so that the
 // other layers' kernel keeps its code.
-#define MMADG_ENTRY(B, TN, T)                                                                                \
-    extern "C" __global__ void __launch_bounds__(MMADG_MAX_WARPS * 32) gptq_mmadg_gemv_##B##b_##TN(         \
+#define MMADG_ENTRY(B, TN, T, G, SFX)                                                                        \
+    extern "C" __global__ void __launch_bounds__(MMADG_MAX_WARPS * 32) gptq_mmadg_gemv_##B##b_##TN##SFX(    \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
         int xblock, float* ws, u32* counters, float* Y) {                                                    \
         QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
         constexpr int D = mmad_depth(B);                                                                     \
         if (mmad_tile_groups(D, K, group_rows, tiles_per_warp))                                               \
-            mmad_gemv<B, T, D, true, true>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+            mmad_gemv<B, T, D, true, true, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
         else                                                                                                 \
-            mmad_gemv<B, T, D, false>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y); \
+            mmad_gemv<B, T, D, false, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
     }
 
 // Fused MoE on the tensor cores: block (strip, p) runs the register-pipelined GEMV of one row for
@@ -1443,8 +1507,8 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 // in gemv_moe: 5 pointers per expert). Every expert shares bits, shape, grouping and act-order, so
 // one plan (runtime/src/cuda/gptq.rs, `mma_choice` on the first expert) fits them all; groups of
 // one tile (g32) keep the scalar fused kernel.
-#define MMAD_MOE_ENTRY(B, TN, T)                                                                             \
-    extern "C" __global__ void __launch_bounds__(MMAD_WARPS(B) * 32) gptq_mmad_moe_##B##b_##TN( \
+#define MMAD_MOE_ENTRY(B, TN, T, G, SFX)                                                                     \
+    extern "C" __global__ void __launch_bounds__(MMAD_WARPS(B) * 32) gptq_mmad_moe_##B##b_##TN##SFX(         \
         const unsigned long long* table, int strip_rows, const int* expert_ids, const float* pair_scale,      \
         const T* X, int x_div, int K, int N, int group_rows, int nsplit, int tiles_per_warp, int xblock,     \
         float* Y) {                                                                                          \
@@ -1457,15 +1521,28 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
         float* y = Y + (size_t)p * N;                                                                        \
         const float s = pair_scale ? pair_scale[p] : 1.0f;                                                   \
         if constexpr (B == 3) {                                                                              \
-            mmad_gemv<B, T, MMAD_DEPTH3, true>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, nullptr, nullptr, y, s); \
+            mmad_gemv<B, T, MMAD_DEPTH3, true, false, 0, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
         } else {                                                                                             \
             constexpr int D = mmad_depth(B), L2A = B == 4 ? MMAD_MOE_L2_AHEAD : 0;                          \
             if (mmad_blocked(D, K, group_rows, tiles_per_warp))                                               \
-                mmad_gemv<B, T, D, true, false, L2A>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, nullptr, nullptr, y, s); \
+                mmad_gemv<B, T, D, true, false, L2A, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
             else                                                                                             \
-                mmad_gemv<B, T, D, false, false, L2A>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, nullptr, nullptr, y, s); \
+                mmad_gemv<B, T, D, false, false, L2A, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
         }                                                                                                    \
     }
+
+// The register-pipelined entries without act-order (or with X put in order first) and with act-order
+// X gathered inside (`_gather`); the plain GEMV also with the indices copied first (`_gather_slice`);
+// the fused MoE's `_gather` copies X with loads and stores (MMAD_GATHER_SYNC).
+#define MMAD_ENTRIES(KIND, B, TN, T)   \
+    KIND(B, TN, T, MMAD_PLAIN, )       \
+    KIND(B, TN, T, MMAD_GATHER, _gather)
+#define MMAD_ENTRIES_SLICE(KIND, B, TN, T) \
+    MMAD_ENTRIES(KIND, B, TN, T)           \
+    KIND(B, TN, T, MMAD_GATHER_SLICE, _gather_slice)
+#define MMAD_ENTRIES_SYNC(KIND, B, TN, T) \
+    KIND(B, TN, T, MMAD_PLAIN, )          \
+    KIND(B, TN, T, MMAD_GATHER_SYNC, _gather)
 
 GEMV_ENTRIES(3, f16, __half)
 GEMV_ENTRIES(4, f16, __half)
@@ -1483,22 +1560,22 @@ MMA_ENTRY(4, f16, __half)
 MMA_ENTRY(8, f16, __half)
 MMA_ENTRY(4, bf16, __nv_bfloat16)
 MMA_ENTRY(8, bf16, __nv_bfloat16)
-MMAD_ENTRY(3, f16, __half)
-MMAD_ENTRY(4, f16, __half)
-MMAD_ENTRY(8, f16, __half)
-MMAD_ENTRY(3, bf16, __nv_bfloat16)
-MMAD_ENTRY(4, bf16, __nv_bfloat16)
-MMAD_ENTRY(8, bf16, __nv_bfloat16)
-MMADG_ENTRY(4, f16, __half)
-MMADG_ENTRY(8, f16, __half)
-MMADG_ENTRY(4, bf16, __nv_bfloat16)
-MMADG_ENTRY(8, bf16, __nv_bfloat16)
-MMAD_MOE_ENTRY(3, f16, __half)
-MMAD_MOE_ENTRY(4, f16, __half)
-MMAD_MOE_ENTRY(8, f16, __half)
-MMAD_MOE_ENTRY(3, bf16, __nv_bfloat16)
-MMAD_MOE_ENTRY(4, bf16, __nv_bfloat16)
-MMAD_MOE_ENTRY(8, bf16, __nv_bfloat16)
+MMAD_ENTRIES_SLICE(MMAD_ENTRY, 3, f16, __half)
+MMAD_ENTRIES_SLICE(MMAD_ENTRY, 4, f16, __half)
+MMAD_ENTRIES_SLICE(MMAD_ENTRY, 8, f16, __half)
+MMAD_ENTRIES_SLICE(MMAD_ENTRY, 3, bf16, __nv_bfloat16)
+MMAD_ENTRIES_SLICE(MMAD_ENTRY, 4, bf16, __nv_bfloat16)
+MMAD_ENTRIES_SLICE(MMAD_ENTRY, 8, bf16, __nv_bfloat16)
+MMAD_ENTRIES(MMADG_ENTRY, 4, f16, __half)
+MMAD_ENTRIES(MMADG_ENTRY, 8, f16, __half)
+MMAD_ENTRIES(MMADG_ENTRY, 4, bf16, __nv_bfloat16)
+MMAD_ENTRIES(MMADG_ENTRY, 8, bf16, __nv_bfloat16)
+MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 3, f16, __half)
+MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 4, f16, __half)
+MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 8, f16, __half)
+MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 3, bf16, __nv_bfloat16)
+MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 4, bf16, __nv_bfloat16)
+MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 8, bf16, __nv_bfloat16)
 DEQUANT_ENTRY(3)
 DEQUANT_ENTRY(4)
 DEQUANT_ENTRY(8)

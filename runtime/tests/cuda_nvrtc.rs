@@ -41,6 +41,31 @@ fn every_kernel_compiles_for_sm_90() {
     }
 }
 
+/// Every tensor-core entry the launches can ask for (`runtime::cuda::gptq::tensor_core_entries`) is
+/// in the compiled module: its name, NUL-terminated, is in the cubin's string table. A name the host
+/// builds without a kernel behind it would otherwise fail only on a GPU, at its first launch.
+#[test]
+fn every_tensor_core_entry_the_launches_ask_for_exists() {
+    let Some(setup) = nvrtc_or_skip("every_tensor_core_entry_the_launches_ask_for_exists") else {
+        return;
+    };
+    let cubin = kernels::compile(&kernels::GPTQ, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
+    let names = runtime::cuda::gptq::tensor_core_entries();
+    assert!(names.len() >= 40, "only {} entries listed", names.len());
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|name| {
+            let needle = format!("{name}\0");
+            !cubin.windows(needle.len()).any(|w| w == needle.as_bytes())
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "entries the launches ask for but the module lacks: {missing:?}"
+    );
+    eprintln!("{} tensor-core entries present", names.len());
+}
+
 /// Fills the kernel cache (MIXTRAL_GPTQ_KERNEL_CACHE) with sm_90 cubins, so that a GPU machine can
 /// skip NVRTC's first-use compile: `cargo test -p runtime --test cuda_nvrtc -- --ignored`.
 #[test]
@@ -123,7 +148,7 @@ fn gemv_entries_load_weights_before_the_dependent_launch_wait() {
         checked += 1;
     }
     assert_eq!(
-        checked, 10,
-        "expected 6 gptq_mmad_gemv and 4 gptq_mmadg_gemv entries"
+        checked, 26,
+        "expected 18 gptq_mmad_gemv entries (plain, _gather, _gather_slice) and 8 gptq_mmadg_gemv (plain, _gather)"
     );
 }

@@ -536,8 +536,36 @@ pub(crate) struct MmaChoice {
     direct: bool,
     /// Each block copies act-order X to shared memory first.
     xblock: bool,
+    /// The register-pipelined variant's warps copy their run's act-order indices to shared memory
+    /// before the dependent-launch wait ([`perm_slice`]).
+    perm_slice: bool,
     plan: MmaPlan,
 }
+
+/// Whether the register-pipelined GEMV's warps copy their run's act-order indices to shared memory
+/// before the dependent-launch wait (with cp.async, the `_gather_slice` entries of kernels/gptq.cu)
+/// instead of reading them from global memory while they stage X after it (`_gather`): on a plain
+/// GEMV (not the fused MoE, whose blocks wait first, nor the entry for groups of one tile,
+/// [`mmad_tile_groups`]) with K at most [`PERM_SLICE_MAX_K`], where the copies are small.
+/// Measured on an H200 back to back (BENCHMARKS.md, 2026-12-04), M = 1, g128 act-order, us, with
+/// the copy against without: 4096 x 1024 4-bit 5.17 / 5.46, 8-bit 5.70 / 5.83, 3-bit 5.17 / 5.47;
+/// 4096 x 4096 4-bit 6.66 / 6.86; but 14336 x 4096 4-bit 14.39 / 13.59 (each block's indices are
+/// 56 KiB there) and the fused MoE's w1/w3 at 1 token 23.5 / 22.3.
+fn perm_slice(
+    direct: bool,
+    act_order: bool,
+    (k, bits, group_rows): (usize, u32, usize),
+    moe_pairs: Option<usize>,
+) -> bool {
+    direct
+        && act_order
+        && k <= PERM_SLICE_MAX_K
+        && moe_pairs.is_none()
+        && !mmad_tile_groups(k, bits, group_rows)
+}
+
+/// See [`perm_slice`].
+const PERM_SLICE_MAX_K: usize = 4096;
 
 /// The [`CudaDevice::mma_choice`] cache key: bits, X dtype, K, N, M, group rows, act-order, and the
 /// fused MoE's pairs (None for a plain GEMV).
@@ -555,13 +583,77 @@ pub(crate) type MmaKey = (
 /// The entry point of a tensor-core GEMV variant in kernels/gptq.cu for a layer of `k` rows and
 /// `group_rows` ([`uniform_group_rows`]): the ring (`mma`), the register pipeline (`mmad`), or the
 /// register pipeline for groups of one 32-row tile (`mmadg`, [`mmad_tile_groups`]).
-fn mma_entry<T: ActDtype>(direct: bool, bits: u32, k: usize, group_rows: usize) -> String {
+fn mma_entry<T: ActDtype>(
+    direct: bool,
+    bits: u32,
+    (k, group_rows): (usize, usize),
+    (gather, slice): (bool, bool),
+) -> String {
     let variant = match direct {
         false => "mma",
         true if mmad_tile_groups(k, bits, group_rows) => "mmadg",
         true => "mmad",
     };
-    format!("gptq_{variant}_gemv_{bits}b_{}", T::NAME)
+    format!(
+        "gptq_{variant}_gemv_{bits}b_{}{}",
+        T::NAME,
+        mmad_suffix(direct, gather, slice)
+    )
+}
+
+/// Every tensor-core entry name the launches can ask for (the GEMV's `gptq_mma_gemv_*`,
+/// `gptq_mmad_gemv_*`, `gptq_mmadg_gemv_*`, the fused MoE's `gptq_mmad_moe_*`): both X dtypes, bits
+/// 3, 4 and 8, with and without act-order gathered inside, over the K and grouping cases that pick a
+/// different entry (K at most and above 4096, where the act-order indices are copied first or not;
+/// groups of one tile). The NVRTC test checks that the compiled module has each
+/// one, so that a name the host builds without a kernel behind it fails without a GPU.
+pub fn tensor_core_entries() -> Vec<String> {
+    fn for_dtype<T: ActDtype>(out: &mut Vec<String>) {
+        for bits in [3u32, 4, 8] {
+            for (k, group_rows) in [(4096, 128), (4096, 32), (14336, 128)] {
+                for act_order in [false, true] {
+                    // (3 bits: the register-pipelined variant only)
+                    for direct in [true, false].into_iter().filter(|&d| d || bits != 3) {
+                        let slice = perm_slice(direct, act_order, (k, bits, group_rows), None);
+                        out.push(mma_entry::<T>(
+                            direct,
+                            bits,
+                            (k, group_rows),
+                            (act_order, slice),
+                        ));
+                    }
+                    // (the fused MoE of groups of one tile runs the scalar fused kernel)
+                    if !mmad_tile_groups(k, bits, group_rows) {
+                        let slice = perm_slice(true, act_order, (k, bits, group_rows), Some(2));
+                        out.push(format!(
+                            "gptq_mmad_moe_{bits}b_{}{}",
+                            T::NAME,
+                            mmad_suffix(true, act_order, slice)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for_dtype::<f16>(&mut out);
+    for_dtype::<bf16>(&mut out);
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The register-pipelined entries come in kinds (kernels/gptq.cu, `MMAD_ENTRIES`): one without
+/// act-order (or with X put in sorted-row order first), and ones that gather act-order X through the
+/// permutation, its indices read from global memory (`_gather`) or first copied to shared memory
+/// ([`perm_slice`], `_gather_slice`, plain GEMV only), so that the gathers' registers do not weigh
+/// on the other kinds' code.
+fn mmad_suffix(direct: bool, gather: bool, slice: bool) -> &'static str {
+    match (direct && gather, slice) {
+        (false, _) => "",
+        (true, false) => "_gather",
+        (true, true) => "_gather_slice",
+    }
 }
 
 /// Whether the register-pipelined GEMV runs its entry for groups of one tile (`gptq_mmadg_gemv_*`,
@@ -653,18 +745,20 @@ fn mmad_tile_step(k: usize, bits: u32, group_rows: usize) -> usize {
     }
 }
 
-/// Shared bytes per warp of the tensor-core GEMV: X only for the register-pipelined variant (`M *
-/// xstride * 2`), and for the ring variant (`mma_warp_smem` in kernels/gptq.cu) X, the tiles'
-/// groups, their scales and zeros, and the cp.async ring of `MMA_STAGES` slots.
+/// Shared bytes per warp of the tensor-core GEMV: for the register-pipelined variant X (`M *
+/// xstride * 2`) and, with [`perm_slice`] (`slice`), its run's indices (4 bytes a row, `mmad_gemv`
+/// in kernels/gptq.cu); for the ring variant (`mma_warp_smem` there) X, the tiles' groups, their
+/// scales and zeros, and the cp.async ring of `MMA_STAGES` slots.
 fn mma_warp_smem(
     m: usize,
     tiles_per_warp: usize,
     bits: u32,
     group_rows: usize,
-    direct: bool,
+    (direct, slice): (bool, bool),
 ) -> usize {
     if direct {
-        return m * mma_xstride(tiles_per_warp) * 2;
+        let indices = if slice { tiles_per_warp * 32 * 4 } else { 0 };
+        return m * mma_xstride(tiles_per_warp) * 2 + indices;
     }
     let stages = mma_tuning().2;
     // Ring slot: the tile's 4 (8) packed rows at a pitch of 160 (144) bytes (`mma_slot_bytes`); 96
@@ -1207,7 +1301,7 @@ impl CudaDevice {
         f: &cudarc::driver::CudaFunction,
         entry: &str,
         (k, n, m, bits, moe_pairs): (usize, usize, usize, u32, Option<usize>),
-        (xblock_bytes, group_rows, direct): (usize, usize, bool),
+        (xblock_bytes, group_rows, direct, slice): (usize, usize, bool, bool),
     ) -> Result<Option<MmaPlan>> {
         let (ring_warps, run_cost, _) = mma_tuning();
         let (tiles, strips, sms) = (k / 32, n / 32, self.sm_count());
@@ -1251,7 +1345,8 @@ impl CudaDevice {
         };
         let mut best: Option<((usize, usize), MmaPlan)> = None;
         for (ns, tpw, warps, blocks) in candidates {
-            let smem = xblock_bytes + warps * mma_warp_smem(m, tpw, bits, group_rows, direct);
+            let smem =
+                xblock_bytes + warps * mma_warp_smem(m, tpw, bits, group_rows, (direct, slice));
             let resident = self.resident_blocks(f, entry, (warps * 32) as u32, smem)?;
             if resident == 0 {
                 continue;
@@ -1301,7 +1396,8 @@ impl CudaDevice {
         }
         let group_rows = w.group_rows as usize;
         let planned = |direct: bool| -> Result<Option<MmaChoice>> {
-            let entry = mma_entry::<T>(direct, bits, k, group_rows);
+            let slice = perm_slice(direct, act_order, (k, bits, group_rows), moe_pairs);
+            let entry = mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice));
             let f = self.function(&GPTQ, &entry)?;
             // Act-order with X small enough: each block copies X to shared memory for its gathers
             // (MMA_XBLOCK_MAX_BYTES, mmad_xblock_max_bytes).
@@ -1311,7 +1407,7 @@ impl CudaDevice {
                     &f,
                     &entry,
                     (k, n, m, bits, moe_pairs),
-                    (xblock_bytes, group_rows, direct),
+                    (xblock_bytes, group_rows, direct, slice),
                 )
             };
             let (plan, xblock) = if !act_order {
@@ -1339,6 +1435,7 @@ impl CudaDevice {
             Ok(plan.map(|plan| MmaChoice {
                 direct,
                 xblock,
+                perm_slice: slice,
                 plan,
             }))
         };
@@ -1388,6 +1485,7 @@ impl CudaDevice {
         let MmaChoice {
             direct,
             xblock,
+            perm_slice,
             plan:
                 MmaPlan {
                     nsplit,
@@ -1398,7 +1496,13 @@ impl CudaDevice {
                     ..
                 },
         } = self.mma_choice::<T>(w, m, x_sorted, None)?;
-        let entry = mma_entry::<T>(direct, bits, k, w.group_rows as usize);
+        let gather = w.act_order() && !x_sorted;
+        let entry = mma_entry::<T>(
+            direct,
+            bits,
+            (k, w.group_rows as usize),
+            (gather, perm_slice),
+        );
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
@@ -1728,7 +1832,11 @@ impl CudaDevice {
         let bits = first.bits;
         let plan = choice.plan;
         let smem = plan.smem;
-        let entry = format!("gptq_mmad_moe_{bits}b_{}", T::NAME);
+        let entry = format!(
+            "gptq_mmad_moe_{bits}b_{}{}",
+            T::NAME,
+            mmad_suffix(true, first.act_order(), choice.perm_slice)
+        );
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
