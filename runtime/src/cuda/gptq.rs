@@ -534,6 +534,9 @@ pub(crate) struct MmaPlan {
 pub(crate) struct MmaChoice {
     /// The register-pipelined variant (`gptq_mmad_gemv_*`), else the ring one (`gptq_mma_gemv_*`).
     direct: bool,
+    /// Act-order X is gathered inside (through the permutation, not put in order first): the
+    /// register-pipelined variant runs its `_gather` entries ([`mmad_suffix`]).
+    gather: bool,
     /// Each block copies act-order X to shared memory first.
     xblock: bool,
     /// The register-pipelined variant's warps copy their run's act-order indices to shared memory
@@ -625,11 +628,7 @@ pub fn tensor_core_entries() -> Vec<String> {
                     // (the fused MoE of groups of one tile runs the scalar fused kernel)
                     if !mmad_tile_groups(k, bits, group_rows) {
                         let slice = perm_slice(true, act_order, (k, bits, group_rows), Some(2));
-                        out.push(format!(
-                            "gptq_mmad_moe_{bits}b_{}{}",
-                            T::NAME,
-                            mmad_suffix(true, act_order, slice)
-                        ));
+                        out.push(mmad_moe_entry::<T>(bits, (act_order, slice)));
                     }
                 }
             }
@@ -641,6 +640,16 @@ pub fn tensor_core_entries() -> Vec<String> {
     out.sort();
     out.dedup();
     out
+}
+
+/// The fused MoE's entry point in kernels/gptq.cu (`gptq_mmad_moe_*`), with or without act-order
+/// gathered inside ([`mmad_suffix`]).
+fn mmad_moe_entry<T: ActDtype>(bits: u32, (gather, slice): (bool, bool)) -> String {
+    format!(
+        "gptq_mmad_moe_{bits}b_{}{}",
+        T::NAME,
+        mmad_suffix(true, gather, slice)
+    )
 }
 
 /// The register-pipelined entries come in kinds (kernels/gptq.cu, `MMAD_ENTRIES`): one without
@@ -1434,6 +1443,7 @@ impl CudaDevice {
             };
             Ok(plan.map(|plan| MmaChoice {
                 direct,
+                gather: act_order,
                 xblock,
                 perm_slice: slice,
                 plan,
@@ -1484,6 +1494,7 @@ impl CudaDevice {
         let strips = n / 32;
         let MmaChoice {
             direct,
+            gather,
             xblock,
             perm_slice,
             plan:
@@ -1496,7 +1507,6 @@ impl CudaDevice {
                     ..
                 },
         } = self.mma_choice::<T>(w, m, x_sorted, None)?;
-        let gather = w.act_order() && !x_sorted;
         let entry = mma_entry::<T>(
             direct,
             bits,
@@ -1832,11 +1842,7 @@ impl CudaDevice {
         let bits = first.bits;
         let plan = choice.plan;
         let smem = plan.smem;
-        let entry = format!(
-            "gptq_mmad_moe_{bits}b_{}{}",
-            T::NAME,
-            mmad_suffix(true, first.act_order(), choice.perm_slice)
-        );
+        let entry = mmad_moe_entry::<T>(bits, (choice.gather, choice.perm_slice));
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
