@@ -567,6 +567,14 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #endif
 // The launch bound, in warps, of the register-pipelined entries at B bits (but gptq_mmadg_gemv_*).
 #define MMAD_WARPS(B) ((B) == 3 ? MMAD_MAX_WARPS3 : (B) == 8 ? MMAD_MAX_WARPS8 : MMAD_MAX_WARPS)
+// The GEMV's `_gather` entry at 4 bits (act-order with K above 4096) allows 28: 72 registers, no
+// spill; 14336 x 4096 g128 M = 1 took 13.05 against 13.62 us at 32 (BENCHMARKS.md, "4-bit
+// act-order gathers in 28 warps"). The `_gather_slice` entry keeps 32 (4096 x 1024 was slower at 28).
+#ifndef MMAD_MAX_WARPS_GATHER
+#define MMAD_MAX_WARPS_GATHER 28
+#endif
+// The launch bound of the GEMV's entry G (MMAD_PLAIN, MMAD_GATHER, MMAD_GATHER_SLICE) at B bits.
+#define MMAD_GEMV_WARPS(B, G) ((B) == 4 && (G) == MMAD_GATHER ? MMAD_MAX_WARPS_GATHER : MMAD_WARPS(B))
 #ifndef MMAD_MOE_L2_AHEAD // fused MoE at 4 bits: each lane also asks L2 for its words this many tiles
 #define MMAD_MOE_L2_AHEAD 2 // past the reload (0: off). Faster there, slower in the plain GEMV (BENCHMARKS.md)
 #endif
@@ -1471,7 +1479,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 
 // 3 bits: whole 128-row super-tiles (K and the groups multiples of 128 rows), MMAD_DEPTH3 in flight.
 #define MMAD_ENTRY(B, TN, T, G, SFX)                                                                         \
-    extern "C" __global__ void __launch_bounds__(MMAD_WARPS(B) * 32) gptq_mmad_gemv_##B##b_##TN##SFX(        \
+    extern "C" __global__ void __launch_bounds__(MMAD_GEMV_WARPS(B, G) * 32) gptq_mmad_gemv_##B##b_##TN##SFX( \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
         int xblock, float* ws, u32* counters, float* Y) {                                                    \
