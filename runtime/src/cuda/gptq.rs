@@ -1406,7 +1406,12 @@ impl CudaDevice {
         let group_rows = w.group_rows as usize;
         let planned = |direct: bool| -> Result<Option<MmaChoice>> {
             let slice = perm_slice(direct, act_order, (k, bits, group_rows), moe_pairs);
-            let entry = mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice));
+            // The plan reads the launch bound and residency of the entry that will run: the fused
+            // MoE's own (its bound and registers can differ from the GEMV's at the same bits).
+            let entry = match moe_pairs {
+                Some(_) if direct => mmad_moe_entry::<T>(bits, (act_order, slice)),
+                _ => mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice)),
+            };
             let f = self.function(&GPTQ, &entry)?;
             // Act-order with X small enough: each block copies X to shared memory for its gathers
             // (MMA_XBLOCK_MAX_BYTES, mmad_xblock_max_bytes).
@@ -1799,9 +1804,9 @@ impl CudaDevice {
         self.moe_mma_choice::<T>(experts, 1).is_some()
     }
 
-    /// The tensor-core plan of a fused MoE launch of `pairs` pairs: the register-pipelined GEMV's
-    /// plan for one row of the first expert, with the waves of all pairs' blocks counted, used for
-    /// every pair (`gptq_mmad_moe_*`). None, and the scalar fused kernel, unless every expert was
+    /// The tensor-core plan of a fused MoE launch of `pairs` pairs: the register-pipelined plan for
+    /// one row of the first expert, with the launch bound and residency of the `gptq_mmad_moe_*`
+    /// entry that runs it and the waves of all pairs' blocks counted, used for every pair. None, and the scalar fused kernel, unless every expert was
     /// uploaded for the tensor cores with the same grouping and act-order, one row runs there
     /// ([`gemv_on_tensor_cores`]), a register-pipelined plan fits, and its groups are not one tile
     /// each (g32 has its own entry, `mmadg`).
@@ -1858,8 +1863,8 @@ impl CudaDevice {
             .int(choice.xblock as i32)
             .buf_mut(y);
         // SAFETY: matches `gptq_mmad_moe_*` in kernels/gptq.cu; the plan is the register-pipelined
-        // GEMV's for one row of an expert of this shape, grouping and act-order (one block per strip,
-        // nsplit warps), which every expert shares (`moe_mma_choice`); every expert id must be <
+        // one for one row of an expert of this shape, grouping and act-order (one block per strip,
+        // nsplit warps, within this entry's launch bound), which every expert shares (`moe_mma_choice`); every expert id must be <
         // experts.len() (the caller's routing guarantees it); lengths checked by `moe_gemv`. The
         // kernel waits (`pdl_wait`) before it reads the ids, scales or X and before it writes Y.
         drv(format!("launching {entry}"), unsafe {
