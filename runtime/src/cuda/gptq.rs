@@ -1806,10 +1806,11 @@ impl CudaDevice {
 
     /// The tensor-core plan of a fused MoE launch of `pairs` pairs: the register-pipelined plan for
     /// one row of the first expert, with the launch bound and residency of the `gptq_mmad_moe_*`
-    /// entry that runs it and the waves of all pairs' blocks counted, used for every pair. None, and the scalar fused kernel, unless every expert was
-    /// uploaded for the tensor cores with the same grouping and act-order, one row runs there
-    /// ([`gemv_on_tensor_cores`]), a register-pipelined plan fits, and its groups are not one tile
-    /// each (g32 has its own entry, `mmadg`).
+    /// entry that runs it and the waves of all pairs' blocks counted, used for every pair. None,
+    /// and the scalar fused kernel, unless every expert was uploaded for the tensor cores with the
+    /// same grouping and act-order, one row runs there ([`gemv_on_tensor_cores`]), a
+    /// register-pipelined plan fits, and its groups are not one tile each (g32 has its own entry,
+    /// `mmadg`).
     fn moe_mma_choice<T: ActDtype>(
         &self,
         experts: &DeviceExperts,
@@ -1864,9 +1865,10 @@ impl CudaDevice {
             .buf_mut(y);
         // SAFETY: matches `gptq_mmad_moe_*` in kernels/gptq.cu; the plan is the register-pipelined
         // one for one row of an expert of this shape, grouping and act-order (one block per strip,
-        // nsplit warps, within this entry's launch bound), which every expert shares (`moe_mma_choice`); every expert id must be <
-        // experts.len() (the caller's routing guarantees it); lengths checked by `moe_gemv`. The
-        // kernel waits (`pdl_wait`) before it reads the ids, scales or X and before it writes Y.
+        // nsplit warps, within this entry's launch bound), which every expert shares
+        // (`moe_mma_choice`); every expert id must be < experts.len() (the caller's routing
+        // guarantees it); lengths checked by `moe_gemv`. The kernel waits (`pdl_wait`) before it
+        // reads the ids, scales or X and before it writes Y.
         drv(format!("launching {entry}"), unsafe {
             b.launch(&f, cfg, self.dependent_launch())
         })
