@@ -615,8 +615,7 @@ pub fn tensor_core_entries() -> Vec<String> {
         for bits in [3u32, 4, 8] {
             for (k, group_rows) in [(4096, 128), (4096, 32), (14336, 128)] {
                 for act_order in [false, true] {
-                    // (3 bits: the register-pipelined variant only)
-                    for direct in [true, false].into_iter().filter(|&d| d || bits != 3) {
+                    for direct in [true, false].into_iter().filter(|&d| d || has_ring(bits)) {
                         let slice = perm_slice(direct, act_order, (k, bits, group_rows), None);
                         out.push(mma_entry::<T>(
                             direct,
@@ -625,8 +624,7 @@ pub fn tensor_core_entries() -> Vec<String> {
                             (act_order, slice),
                         ));
                     }
-                    // (the fused MoE of groups of one tile runs the scalar fused kernel)
-                    if !mmad_tile_groups(k, bits, group_rows) {
+                    if !moe_tile_groups(k, bits, group_rows as i32) {
                         let slice = perm_slice(true, act_order, (k, bits, group_rows), Some(2));
                         out.push(mmad_moe_entry::<T>(bits, (act_order, slice)));
                     }
@@ -663,6 +661,18 @@ fn mmad_suffix(direct: bool, gather: bool, slice: bool) -> &'static str {
         (true, false) => "_gather",
         (true, true) => "_gather_slice",
     }
+}
+
+/// Whether the ring variant of the tensor-core GEMV (`gptq_mma_gemv_*`) exists at `bits`: at 4 and
+/// 8 bits; 3 bits run the register-pipelined variant only.
+fn has_ring(bits: u32) -> bool {
+    bits != 3
+}
+
+/// Whether a fused MoE of experts with `group_rows` (as uploaded, below 1 per channel) has groups of
+/// one tile ([`mmad_tile_groups`]), which run the scalar fused kernel.
+fn moe_tile_groups(k: usize, bits: u32, group_rows: i32) -> bool {
+    group_rows > 0 && mmad_tile_groups(k, bits, group_rows as usize)
 }
 
 /// Whether the register-pipelined GEMV runs its entry for groups of one tile (`gptq_mmadg_gemv_*`,
@@ -1460,7 +1470,7 @@ impl CudaDevice {
         } else {
             None
         };
-        let ring = if bits == 3 || moe_pairs.is_some() {
+        let ring = if !has_ring(bits) || moe_pairs.is_some() {
             None
         } else {
             planned(false)?
@@ -1824,7 +1834,7 @@ impl CudaDevice {
             .all(|e| e.mma && e.group_rows == rows && e.act_order() == first.act_order());
         if !uniform
             || !gemv_on_tensor_cores(true, bits, first.act_order(), k, 1)
-            || (rows > 0 && mmad_tile_groups(k, bits, rows as usize))
+            || moe_tile_groups(k, bits, rows)
         {
             return None;
         }
