@@ -581,6 +581,12 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_X_CHUNKS // its MMA_X_CHUNKS (the first tiles' registers are live while X is staged)
 #define MMAD_X_CHUNKS 1
 #endif
+#ifndef MMAD_PERM_EARLY // act-order in the GEMV's `_gather` entries: staging rounds whose indices are loaded
+#define MMAD_PERM_EARLY 0 // before the dependent-launch wait
+#endif
+#ifndef MMAD_MOE_PERM_EARLY // the same in the fused MoE's `_gather` entries (before its copy of X)
+#define MMAD_MOE_PERM_EARLY 0
+#endif
 #ifndef MMA_X_CHUNKS // 16-byte chunks of X each lane stages per round trip
 #define MMA_X_CHUNKS 3
 #endif
@@ -884,30 +890,59 @@ template <typename T> __device__ __forceinline__ void mma_copy_x_block_async(con
 // Ends with __syncwarp.
 // At 3 bits (runs of whole 128-row super-tiles), the chunk staged at tile 4s + t, lane slot c holds
 // rows 128 s + 32 c + 8 t .. + 7: lane c's rows of step t of super-tile s (mma_tile3).
-template <int BITS, int CH, typename T, bool PERM_SHARED = false>
+// mma_stage_x's walk over a warp's chunks: chunk ch = m * cpr + kc (cpr chunks per row), kept as
+// (m, kc) and stepped by 32 chunks (a lane's next) without a division.
+__device__ __forceinline__ void stage_step(int cpr, int& m, int& kc) {
+    kc += 32;
+    while (kc >= cpr) {
+        kc -= cpr;
+        ++m;
+    }
+}
+// Where staged chunk kk (in halves) reads X: the same place, or at 3 bits the transposed one.
+template <int BITS> __device__ __forceinline__ int stage_src_k(int kk) {
+    if (BITS != 3) return kk;
+    const int kc = kk >> 3;
+    return ((kc & ~15) | ((kc & 3) << 2) | ((kc >> 2) & 3)) << 3;
+}
+// The 8 act-order indices of the chunk at kk (in halves) of a warp's run (`perm`, in global memory).
+__device__ __forceinline__ void stage_idx(const int* perm, int kk, int* idx) {
+    const int4* pp = (const int4*)(perm + kk);
+    const int4 p0 = __ldg(pp), p1 = __ldg(pp + 1);
+    idx[0] = p0.x; idx[1] = p0.y; idx[2] = p0.z; idx[3] = p0.w;
+    idx[4] = p1.x; idx[5] = p1.y; idx[6] = p1.z; idx[7] = p1.w;
+}
+// Act-order: the indices mma_stage_x<BITS, CH> reads in its first PRE round trips, loaded ahead of it
+// (the permutation is written by uploads only, so this may run before the dependent-launch wait).
+template <int BITS, int CH, int PRE>
+__device__ __forceinline__ void mma_stage_idx_early(const int* perm, int M, int nt, int lane, int (*idx)[CH][8]) {
+    const int cpr = nt * 4, chunks = M * cpr;
+    if (chunks == 0) return;
+    int m = 0, kc = lane - 32;
+    stage_step(cpr, m, kc);
+#pragma unroll
+    for (int r = 0; r < PRE; ++r)
+#pragma unroll
+        for (int u = 0; u < CH; ++u) {
+            if (lane + (r * CH + u) * 32 < chunks) stage_idx(perm, stage_src_k<BITS>(kc * 8), idx[r][u]);
+            stage_step(cpr, m, kc);
+        }
+}
+
+template <int BITS, int CH, typename T, bool PERM_SHARED = false, int PRE = 0>
 __device__ __forceinline__ void mma_stage_x(const int* perm, const T* __restrict__ X, int M, int K, const float* xblock,
-                                            int t_begin, int nt, T* xs, int xstride, int lane) {
+                                            int t_begin, int nt, T* xs, int xstride, int lane,
+                                            const int (*pre)[CH][8] = nullptr) {
     const int k0 = t_begin * 32, cpr = nt * 4; // chunks per row
     const int chunks = M * cpr;
     const unsigned short* xb = (const unsigned short*)X;
     const unsigned xsh = xblock ? (unsigned)__cvta_generic_to_shared(xblock) : 0u; // act-order gathers
-    // Chunk ch = m * cpr + kc, kept as (m, kc) and stepped by 32 chunks without a division.
-    auto step = [&](int& m, int& kc) {
-        kc += 32;
-        while (kc >= cpr) {
-            kc -= cpr;
-            ++m;
-        }
-    };
-    // Where staged chunk kk (in halves) reads X: the same place, or at 3 bits the transposed one.
-    auto src_k = [](int kk) {
-        if (BITS != 3) return kk;
-        const int kc = kk >> 3;
-        return ((kc & ~15) | ((kc & 3) << 2) | ((kc >> 2) & 3)) << 3;
-    };
+    auto step = [&](int& m, int& kc) { stage_step(cpr, m, kc); };
+    auto src_k = [](int kk) { return stage_src_k<BITS>(kk); };
     int m_next = 0, kc_next = lane - 32;
     if (chunks > 0) step(m_next, kc_next);
-    for (int ch0 = lane; ch0 < chunks; ch0 += CH * 32) {
+    int round = 0; // (PRE: rounds whose indices `pre` holds)
+    for (int ch0 = lane; ch0 < chunks; ch0 += CH * 32, ++round) {
         u32 w[CH][4];
         int mu[CH], ku[CH];
 #pragma unroll
@@ -927,15 +962,25 @@ __device__ __forceinline__ void mma_stage_x(const int* perm, const T* __restrict
         }
         if (perm) {
             int idx[CH][8];
+            if (PRE > 0 && round < PRE) {
 #pragma unroll
-            for (int u = 0; u < CH; ++u) {
-                const int ch = ch0 + u * 32;
-                const int kk = src_k(ku[u]);
-                if (ch < chunks) {
-                    const int4* pp = (const int4*)(perm + kk);
-                    const int4 p0 = PERM_SHARED ? pp[0] : __ldg(pp), p1 = PERM_SHARED ? pp[1] : __ldg(pp + 1);
-                    idx[u][0] = p0.x; idx[u][1] = p0.y; idx[u][2] = p0.z; idx[u][3] = p0.w;
-                    idx[u][4] = p1.x; idx[u][5] = p1.y; idx[u][6] = p1.z; idx[u][7] = p1.w;
+                for (int r = 0; r < PRE; ++r)
+                    if (r == round)
+#pragma unroll
+                        for (int u = 0; u < CH; ++u)
+#pragma unroll
+                            for (int e = 0; e < 8; ++e) idx[u][e] = pre[r][u][e];
+            } else {
+#pragma unroll
+                for (int u = 0; u < CH; ++u) {
+                    const int ch = ch0 + u * 32;
+                    const int kk = src_k(ku[u]);
+                    if (ch < chunks) {
+                        const int4* pp = (const int4*)(perm + kk);
+                        const int4 p0 = PERM_SHARED ? pp[0] : __ldg(pp), p1 = PERM_SHARED ? pp[1] : __ldg(pp + 1);
+                        idx[u][0] = p0.x; idx[u][1] = p0.y; idx[u][2] = p0.z; idx[u][3] = p0.w;
+                        idx[u][4] = p1.x; idx[u][5] = p1.y; idx[u][6] = p1.z; idx[u][7] = p1.w;
+                    }
                 }
             }
 #pragma unroll
@@ -1251,6 +1296,11 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
         cp_async_commit();
     }
 
+    // Act-order with the indices in global memory: the first rounds' indices loaded now.
+    constexpr int PRE = GATHER == MMAD_GATHER ? MMAD_PERM_EARLY : GATHER == MMAD_GATHER_SYNC ? MMAD_MOE_PERM_EARLY : 0;
+    int pre[PRE > 0 ? PRE : 1][MMAD_X_CHUNKS][8];
+    if constexpr (PRE > 0) mma_stage_idx_early<BITS, MMAD_X_CHUNKS, PRE>(run_perm, M, nt, lane, pre);
+
     // Everything above reads only the layer's words; everything below may read what the previous
     // kernel wrote (X) or write what it reads (Y).
     pdl_wait_after_loads(nsplit);
@@ -1270,7 +1320,8 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                 __syncwarp();
         }
     }
-    mma_stage_x<BITS, MMAD_X_CHUNKS, T, slice>(run_perm, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs, xstride, lane);
+    mma_stage_x<BITS, MMAD_X_CHUNKS, T, slice, PRE>(run_perm, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs, xstride,
+                                                    lane, pre);
     const T* xrow = xs + min(g, M - 1) * xstride + 8 * c;
 
     MmaAcc<BITS, BF> a;
