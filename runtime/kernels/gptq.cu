@@ -587,6 +587,9 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MOE_PERM_EARLY // the same in the fused MoE's `_gather` entries (before its copy of X)
 #define MMAD_MOE_PERM_EARLY 0
 #endif
+#ifndef MMAD_PERM16 // act-order in the register-pipelined entries: 1 reads the permutation's u16 copy (2 bytes
+#define MMAD_PERM16 0 // an index, after the i32 one in the same buffer), 0 the i32 indices
+#endif
 #ifndef MMA_X_CHUNKS // 16-byte chunks of X each lane stages per round trip
 #define MMA_X_CHUNKS 3
 #endif
@@ -905,17 +908,37 @@ template <int BITS> __device__ __forceinline__ int stage_src_k(int kk) {
     const int kc = kk >> 3;
     return ((kc & ~15) | ((kc & 3) << 2) | ((kc >> 2) & 3)) << 3;
 }
-// The 8 act-order indices of the chunk at kk (in halves) of a warp's run (`perm`, in global memory).
-__device__ __forceinline__ void stage_idx(const int* perm, int kk, int* idx) {
-    const int4* pp = (const int4*)(perm + kk);
-    const int4 p0 = __ldg(pp), p1 = __ldg(pp + 1);
-    idx[0] = p0.x; idx[1] = p0.y; idx[2] = p0.z; idx[3] = p0.w;
-    idx[4] = p1.x; idx[5] = p1.y; idx[6] = p1.z; idx[7] = p1.w;
-}
+// The 8 act-order indices of one staged chunk, as loaded from a warp's run of the permutation
+// (global memory, or with SHARED the warp's copy in shared memory): i32 indices with two 16-byte
+// loads, or (I = unsigned short, MMAD_PERM16) the u16 copy, two indices a word, with one.
+template <typename I> struct Idx8;
+template <> struct Idx8<int> {
+    int v[8];
+    template <bool SHARED> __device__ __forceinline__ void load(const int* perm, int kk) {
+        const int4* pp = (const int4*)(perm + kk);
+        const int4 p0 = SHARED ? pp[0] : __ldg(pp), p1 = SHARED ? pp[1] : __ldg(pp + 1);
+        v[0] = p0.x; v[1] = p0.y; v[2] = p0.z; v[3] = p0.w;
+        v[4] = p1.x; v[5] = p1.y; v[6] = p1.z; v[7] = p1.w;
+    }
+    __device__ __forceinline__ unsigned get(int e) const { return (unsigned)v[e]; }
+};
+template <> struct Idx8<unsigned short> {
+    u32 v[4];
+    template <bool SHARED> __device__ __forceinline__ void load(const unsigned short* perm, int kk) {
+        const uint4* pp = (const uint4*)(perm + kk);
+        const uint4 p = SHARED ? pp[0] : __ldg(pp);
+        v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w;
+    }
+    __device__ __forceinline__ unsigned get(int e) const { return e & 1 ? v[e >> 1] >> 16 : v[e >> 1] & 0xffffu; }
+};
+// The index type of the register-pipelined entries' act-order gathers (MMAD_PERM16).
+template <bool U16> struct PermIndex { typedef int type; };
+template <> struct PermIndex<true> { typedef unsigned short type; };
+typedef PermIndex<MMAD_PERM16 != 0>::type MmadPermIndex;
 // Act-order: the indices mma_stage_x<BITS, CH> reads in its first PRE round trips, loaded ahead of it
 // (the permutation is written by uploads only, so this may run before the dependent-launch wait).
-template <int BITS, int CH, int PRE>
-__device__ __forceinline__ void mma_stage_idx_early(const int* perm, int M, int nt, int lane, int (*idx)[CH][8]) {
+template <int BITS, int CH, int PRE, typename I>
+__device__ __forceinline__ void mma_stage_idx_early(const I* perm, int M, int nt, int lane, Idx8<I> (*idx)[CH]) {
     const int cpr = nt * 4, chunks = M * cpr;
     if (chunks == 0) return;
     int m = 0, kc = lane - 32;
@@ -924,15 +947,15 @@ __device__ __forceinline__ void mma_stage_idx_early(const int* perm, int M, int 
     for (int r = 0; r < PRE; ++r)
 #pragma unroll
         for (int u = 0; u < CH; ++u) {
-            if (lane + (r * CH + u) * 32 < chunks) stage_idx(perm, stage_src_k<BITS>(kc * 8), idx[r][u]);
+            if (lane + (r * CH + u) * 32 < chunks) idx[r][u].template load<false>(perm, stage_src_k<BITS>(kc * 8));
             stage_step(cpr, m, kc);
         }
 }
 
-template <int BITS, int CH, typename T, bool PERM_SHARED = false, int PRE = 0>
-__device__ __forceinline__ void mma_stage_x(const int* perm, const T* __restrict__ X, int M, int K, const float* xblock,
+template <int BITS, int CH, typename T, bool PERM_SHARED = false, int PRE = 0, typename I = int>
+__device__ __forceinline__ void mma_stage_x(const I* perm, const T* __restrict__ X, int M, int K, const float* xblock,
                                             int t_begin, int nt, T* xs, int xstride, int lane,
-                                            const int (*pre)[CH][8] = nullptr) {
+                                            const Idx8<I> (*pre)[CH] = nullptr) {
     const int k0 = t_begin * 32, cpr = nt * 4; // chunks per row
     const int chunks = M * cpr;
     const unsigned short* xb = (const unsigned short*)X;
@@ -961,26 +984,18 @@ __device__ __forceinline__ void mma_stage_x(const int* perm, const T* __restrict
             }
         }
         if (perm) {
-            int idx[CH][8];
+            Idx8<I> idx[CH];
             if (PRE > 0 && round < PRE) {
 #pragma unroll
                 for (int r = 0; r < PRE; ++r)
                     if (r == round)
 #pragma unroll
-                        for (int u = 0; u < CH; ++u)
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) idx[u][e] = pre[r][u][e];
+                        for (int u = 0; u < CH; ++u) idx[u] = pre[r][u];
             } else {
 #pragma unroll
                 for (int u = 0; u < CH; ++u) {
                     const int ch = ch0 + u * 32;
-                    const int kk = src_k(ku[u]);
-                    if (ch < chunks) {
-                        const int4* pp = (const int4*)(perm + kk);
-                        const int4 p0 = PERM_SHARED ? pp[0] : __ldg(pp), p1 = PERM_SHARED ? pp[1] : __ldg(pp + 1);
-                        idx[u][0] = p0.x; idx[u][1] = p0.y; idx[u][2] = p0.z; idx[u][3] = p0.w;
-                        idx[u][4] = p1.x; idx[u][5] = p1.y; idx[u][6] = p1.z; idx[u][7] = p1.w;
-                    }
+                    if (ch < chunks) idx[u].template load<PERM_SHARED>(perm, src_k(ku[u]));
                 }
             }
 #pragma unroll
@@ -993,10 +1008,10 @@ __device__ __forceinline__ void mma_stage_x(const int* perm, const T* __restrict
                         // 32-bit shared addresses: one shift-add and one 2-byte load per element
                         const unsigned row = xsh + 2u * (unsigned)(m * K);
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) h[e] = lds_u16(row + 2u * (unsigned)idx[u][e]);
+                        for (int e = 0; e < 8; ++e) h[e] = lds_u16(row + 2u * idx[u].get(e));
                     } else {
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) h[e] = ld_dep(xb + (size_t)m * K + idx[u][e]);
+                        for (int e = 0; e < 8; ++e) h[e] = ld_dep(xb + (size_t)m * K + (int)idx[u].get(e));
                     }
 #pragma unroll
                     for (int e = 0; e < 4; ++e) w[u][e] = h[2 * e] | (h[2 * e + 1] << 16);
@@ -1198,7 +1213,8 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 // the group and bounds checks run once per block; otherwise once per tile. The loop body is D tiles
 // unrolled, so D trades tiles in flight against code size (measured: deeper was slower).
 // Dynamic shared memory: X [M][K] rounded up to 16 bytes with xblock, then nsplit warp areas of
-// M * xstride * 2 bytes, plus tiles_per_warp * 128 (the run's indices) each in `_gather_slice`.
+// M * xstride * 2 bytes, plus the run's indices (tiles_per_warp * 128 bytes, 64 with MMAD_PERM16)
+// each in `_gather_slice`.
 // The entries' ws and counters are not used.
 // The group data in flight of mmad_gemv's groups of one tile (empty otherwise).
 template <int D, bool ON> struct MmadGroupPipe {
@@ -1251,7 +1267,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     // A warp's area: its staged X, then with `slice` its run's indices (runtime/src/cuda/gptq.rs,
     // `mma_warp_smem`, computes the same size).
     const size_t x_area = (size_t)M * xstride * 2;
-    const size_t warp_bytes = x_area + (slice ? (size_t)tiles_per_warp * 128 : 0);
+    const size_t warp_bytes = x_area + (slice ? (size_t)tiles_per_warp * 32 * sizeof(MmadPermIndex) : 0);
 
     // The first D slots, in flight before anything else.
     const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * q.strip_rows * 32) + (size_t)(t_begin / TPB) * TS + LPT * c * 8 + g;
@@ -1287,18 +1303,23 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     const size_t xblock_bytes = xblock ? ((size_t)M * K * 2 + 15) & ~(size_t)15 : 0;
     unsigned char* areas = (unsigned char*)smem + xblock_bytes;
     T* xs = (T*)(areas + warp * warp_bytes);
-    // Act-order: the run's indices (written by uploads only), with `slice` copied now.
-    const int* run_perm = GATHER == MMAD_PLAIN ? nullptr
-                          : slice              ? (const int*)((unsigned char*)xs + x_area)
-                                               : q.perm + t_begin * 32;
+    // Act-order: the run's indices (written by uploads only), with `slice` copied now. With
+    // MMAD_PERM16 they are the u16 copy that follows the K i32 indices in the same buffer.
+    typedef MmadPermIndex I;
+    const I* layer_perm = MMAD_PERM16 ? (const I*)(q.perm + K) : (const I*)q.perm;
+    const I* run_perm = GATHER == MMAD_PLAIN ? nullptr
+                        : slice              ? (const I*)((unsigned char*)xs + x_area)
+                                             : layer_perm + t_begin * 32;
     if constexpr (slice) {
-        for (int i = lane; i < nt * 8; i += 32) cp_async16((int*)run_perm + 4 * i, q.perm + t_begin * 32 + 4 * i);
+        constexpr int per16 = 16 / sizeof(I); // indices per 16-byte copy
+        for (int i = lane; i < nt * 32 / per16; i += 32)
+            cp_async16((I*)run_perm + per16 * i, layer_perm + t_begin * 32 + per16 * i);
         cp_async_commit();
     }
 
     // Act-order with the indices in global memory: the first rounds' indices loaded now.
     constexpr int PRE = GATHER == MMAD_GATHER ? MMAD_PERM_EARLY : GATHER == MMAD_GATHER_SYNC ? MMAD_MOE_PERM_EARLY : 0;
-    int pre[PRE > 0 ? PRE : 1][MMAD_X_CHUNKS][8];
+    Idx8<I> pre[PRE > 0 ? PRE : 1][MMAD_X_CHUNKS];
     if constexpr (PRE > 0) mma_stage_idx_early<BITS, MMAD_X_CHUNKS, PRE>(run_perm, M, nt, lane, pre);
 
     // Everything above reads only the layer's words; everything below may read what the previous
@@ -1320,8 +1341,8 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                 __syncwarp();
         }
     }
-    mma_stage_x<BITS, MMAD_X_CHUNKS, T, slice, PRE>(run_perm, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs, xstride,
-                                                    lane, pre);
+    mma_stage_x<BITS, MMAD_X_CHUNKS, T, slice, PRE, I>(run_perm, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs,
+                                                       xstride, lane, pre);
     const T* xrow = xs + min(g, M - 1) * xstride + 8 * c;
 
     MmaAcc<BITS, BF> a;
