@@ -1880,12 +1880,12 @@ impl CudaDevice {
             .int(plan.tiles_per_warp as i32)
             .int(choice.xblock as i32)
             .buf_mut(y);
-        // SAFETY: matches `gptq_mmad_moe_*` in kernels/gptq.cu; the plan is the register-pipelined
-        // one for one row of an expert of this shape, grouping and act-order (one block per strip,
-        // nsplit warps, within this entry's launch bound), which every expert shares
-        // (`moe_mma_choice`); every expert id must be < experts.len() (the caller's routing
-        // guarantees it); lengths checked by `moe_gemv`. The kernel waits (`pdl_wait`) before it
-        // reads the ids, scales or X and before it writes Y.
+        // SAFETY: matches `gptq_mmad_moe_*` and `gptq_mmadg_moe_*` in kernels/gptq.cu; the plan is
+        // the register-pipelined one for one row of an expert of this shape, grouping and act-order
+        // (one block per strip, nsplit warps, within this entry's launch bound), which every
+        // expert shares (`moe_mma_choice`); every expert id must be < experts.len() (the caller's
+        // routing guarantees it); lengths checked by `moe_gemv`. The kernel waits (`pdl_wait`)
+        // before it reads the ids, scales or X and before it writes Y.
         drv(format!("launching {entry}"), unsafe {
             b.launch(&f, cfg, self.dependent_launch())
         })
