@@ -1585,21 +1585,28 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 // Fused MoE on the tensor cores: block (strip, p) runs the register-pipelined GEMV of one row for
 // pair p = blockIdx.y, Y[p, :] = scale[p] * X[p / x_div, :] . W_e with e = expert_ids[p] (`table` as
 // in gemv_moe: 5 pointers per expert). Every expert shares bits, shape, grouping and act-order, so
-// one plan (runtime/src/cuda/gptq.rs, `mma_choice` on the first expert) fits them all; groups of
-// one tile (g32) keep the scalar fused kernel.
+// one plan (runtime/src/cuda/gptq.rs, `mma_choice` on the first expert) fits them all. Groups of
+// one tile (g32 at 4 and 8 bits) run their own entry, gptq_mmadg_moe_* (as the GEMV's mmadg).
+// The start of a fused MoE entry: pair p = blockIdx.y's expert weights (q), X row (x), Y row (y) and
+// scale (s), after the dependent-launch wait (the expert ids and pair scales may come from the
+// previous kernel).
+#define MMAD_MOE_PAIR(T)                                                                                     \
+    pdl_wait();                                                                                              \
+    const int p = blockIdx.y;                                                                                \
+    const unsigned long long* t = table + 5 * (size_t)expert_ids[p];                                        \
+    QMat q = {(const u32*)t[0], strip_rows, (const __half*)t[1], (const void*)t[2], (const int*)t[3],         \
+              (const int*)t[4]};                                                                             \
+    const T* x = X + (size_t)(p / x_div) * K;                                                                \
+    float* y = Y + (size_t)p * N;                                                                            \
+    const float s = pair_scale ? pair_scale[p] : 1.0f;
+#define MMAD_MOE_PARAMS(T)                                                                                   \
+    const unsigned long long* table, int strip_rows, const int* expert_ids, const float* pair_scale,         \
+        const T* X, int x_div, int K, int N, int group_rows, int nsplit, int tiles_per_warp, int xblock,     \
+        float* Y
 #define MMAD_MOE_ENTRY(B, TN, T, G, SFX)                                                                     \
     extern "C" __global__ void __launch_bounds__(MMAD_WARPS(B) * 32) gptq_mmad_moe_##B##b_##TN##SFX(         \
-        const unsigned long long* table, int strip_rows, const int* expert_ids, const float* pair_scale,      \
-        const T* X, int x_div, int K, int N, int group_rows, int nsplit, int tiles_per_warp, int xblock,     \
-        float* Y) {                                                                                          \
-        pdl_wait(); /* the expert ids and pair scales may come from the previous kernel */                  \
-        const int p = blockIdx.y;                                                                            \
-        const unsigned long long* t = table + 5 * (size_t)expert_ids[p];                                    \
-        QMat q = {(const u32*)t[0], strip_rows, (const __half*)t[1], (const void*)t[2], (const int*)t[3],     \
-                  (const int*)t[4]};                                                                         \
-        const T* x = X + (size_t)(p / x_div) * K;                                                            \
-        float* y = Y + (size_t)p * N;                                                                        \
-        const float s = pair_scale ? pair_scale[p] : 1.0f;                                                   \
+        MMAD_MOE_PARAMS(T)) {                                                                                \
+        MMAD_MOE_PAIR(T)                                                                                     \
         if constexpr (B == 3) {                                                                              \
             mmad_gemv<B, T, MMAD_DEPTH3, true, false, 0, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
         } else {                                                                                             \
@@ -1609,6 +1616,18 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
             else                                                                                             \
                 mmad_gemv<B, T, D, false, false, L2A, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
         }                                                                                                    \
+    }
+// Groups of one tile (g32 at 4 and 8 bits): each tile's scales and zero word travel through the
+// pipeline with its words (TILE_GROUPS), as in gptq_mmadg_gemv_*, under the same launch bound.
+#define MMADG_MOE_ENTRY(B, TN, T, G, SFX)                                                                    \
+    extern "C" __global__ void __launch_bounds__(MMADG_MAX_WARPS * 32) gptq_mmadg_moe_##B##b_##TN##SFX(     \
+        MMAD_MOE_PARAMS(T)) {                                                                                \
+        MMAD_MOE_PAIR(T)                                                                                     \
+        constexpr int D = mmad_depth(B), L2A = B == 4 ? MMAD_MOE_L2_AHEAD : 0;                              \
+        if (mmad_tile_groups(D, K, group_rows, tiles_per_warp))                                               \
+            mmad_gemv<B, T, D, true, true, L2A, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
+        else                                                                                                 \
+            mmad_gemv<B, T, D, false, false, L2A, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
     }
 
 // The register-pipelined entries without act-order (or with X put in order first) and with act-order
@@ -1656,6 +1675,10 @@ MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 8, f16, __half)
 MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 3, bf16, __nv_bfloat16)
 MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 4, bf16, __nv_bfloat16)
 MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 8, bf16, __nv_bfloat16)
+MMAD_ENTRIES_SYNC(MMADG_MOE_ENTRY, 4, f16, __half)
+MMAD_ENTRIES_SYNC(MMADG_MOE_ENTRY, 8, f16, __half)
+MMAD_ENTRIES_SYNC(MMADG_MOE_ENTRY, 4, bf16, __nv_bfloat16)
+MMAD_ENTRIES_SYNC(MMADG_MOE_ENTRY, 8, bf16, __nv_bfloat16)
 DEQUANT_ENTRY(3)
 DEQUANT_ENTRY(4)
 DEQUANT_ENTRY(8)

@@ -636,10 +636,12 @@ pub fn tensor_core_entries() -> Vec<String> {
                             (act_order, slice),
                         ));
                     }
-                    if !moe_tile_groups(k, bits, group_rows as i32) {
-                        let slice = perm_slice(true, act_order, (k, bits, group_rows), Some(2));
-                        out.push(mmad_moe_entry::<T>(bits, (act_order, slice)));
-                    }
+                    let slice = perm_slice(true, act_order, (k, bits, group_rows), Some(2));
+                    out.push(mmad_moe_entry::<T>(
+                        bits,
+                        (k, group_rows),
+                        (act_order, slice),
+                    ));
                 }
             }
         }
@@ -652,11 +654,21 @@ pub fn tensor_core_entries() -> Vec<String> {
     out
 }
 
-/// The fused MoE's entry point in kernels/gptq.cu (`gptq_mmad_moe_*`), with or without act-order
-/// gathered inside ([`mmad_suffix`]).
-fn mmad_moe_entry<T: ActDtype>(bits: u32, (gather, slice): (bool, bool)) -> String {
+/// The fused MoE's entry point in kernels/gptq.cu (`gptq_mmad_moe_*`, or `gptq_mmadg_moe_*` for
+/// groups of one tile, [`mmad_tile_groups`]), with or without act-order gathered inside
+/// ([`mmad_suffix`]).
+fn mmad_moe_entry<T: ActDtype>(
+    bits: u32,
+    (k, group_rows): (usize, usize),
+    (gather, slice): (bool, bool),
+) -> String {
+    let variant = if mmad_tile_groups(k, bits, group_rows) {
+        "mmadg"
+    } else {
+        "mmad"
+    };
     format!(
-        "gptq_mmad_moe_{bits}b_{}{}",
+        "gptq_{variant}_moe_{bits}b_{}{}",
         T::NAME,
         mmad_suffix(true, gather, slice)
     )
@@ -679,12 +691,6 @@ fn mmad_suffix(direct: bool, gather: bool, slice: bool) -> &'static str {
 /// 8 bits; 3 bits run the register-pipelined variant only.
 fn has_ring(bits: u32) -> bool {
     bits != 3
-}
-
-/// Whether a fused MoE of experts with `group_rows` (as uploaded, below 1 per channel) has groups of
-/// one tile ([`mmad_tile_groups`]), which run the scalar fused kernel.
-fn moe_tile_groups(k: usize, bits: u32, group_rows: i32) -> bool {
-    group_rows > 0 && mmad_tile_groups(k, bits, group_rows as usize)
 }
 
 /// Whether the register-pipelined GEMV runs its entry for groups of one tile (`gptq_mmadg_gemv_*`,
@@ -1470,7 +1476,7 @@ impl CudaDevice {
             // The plan reads the launch bound and residency of the entry that will run: the fused
             // MoE's own (its bound and registers can differ from the GEMV's at the same bits).
             let entry = match moe_pairs {
-                Some(_) if direct => mmad_moe_entry::<T>(bits, (act_order, slice)),
+                Some(_) if direct => mmad_moe_entry::<T>(bits, (k, group_rows), (act_order, slice)),
                 _ => mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice)),
             };
             let f = self.function(&GPTQ, &entry)?;
@@ -1869,9 +1875,9 @@ impl CudaDevice {
     /// one row of the first expert, with the launch bound and residency of the `gptq_mmad_moe_*`
     /// entry that runs it and the waves of all pairs' blocks counted, used for every pair. None,
     /// and the scalar fused kernel, unless every expert was uploaded for the tensor cores with the
-    /// same grouping and act-order, one row runs there ([`gemv_on_tensor_cores`]), a
-    /// register-pipelined plan fits, and its groups are not one tile each (g32 has its own entry,
-    /// `mmadg`).
+    /// same grouping and act-order, one row runs there ([`gemv_on_tensor_cores`]) and a
+    /// register-pipelined plan fits. Groups of one tile (g32 at 4 and 8 bits) run their own entry,
+    /// `gptq_mmadg_moe_*`.
     fn moe_mma_choice<T: ActDtype>(
         &self,
         experts: &DeviceExperts,
@@ -1883,10 +1889,7 @@ impl CudaDevice {
             .experts
             .iter()
             .all(|e| e.mma && e.group_rows == rows && e.act_order() == first.act_order());
-        if !uniform
-            || !gemv_on_tensor_cores(true, bits, first.act_order(), k, 1)
-            || moe_tile_groups(k, bits, rows)
-        {
+        if !uniform || !gemv_on_tensor_cores(true, bits, first.act_order(), k, 1) {
             return None;
         }
         // (a layer no plan fits keeps the scalar fused kernel, which reports any real fault itself)
@@ -1909,7 +1912,11 @@ impl CudaDevice {
         let bits = first.bits;
         let plan = choice.plan;
         let smem = plan.smem;
-        let entry = mmad_moe_entry::<T>(bits, (choice.gather, choice.perm_slice));
+        let entry = mmad_moe_entry::<T>(
+            bits,
+            (first.in_features, first.group_rows as usize),
+            (choice.gather, choice.perm_slice),
+        );
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
@@ -1924,12 +1931,12 @@ impl CudaDevice {
             .int(plan.tiles_per_warp as i32)
             .int(choice.xblock as i32)
             .buf_mut(y);
-        // SAFETY: matches `gptq_mmad_moe_*` in kernels/gptq.cu; the plan is the register-pipelined
-        // one for one row of an expert of this shape, grouping and act-order (one block per strip,
-        // nsplit warps, within this entry's launch bound), which every expert shares
-        // (`moe_mma_choice`); every expert id must be < experts.len() (the caller's routing
-        // guarantees it); lengths checked by `moe_gemv`. The kernel waits (`pdl_wait`) before it
-        // reads the ids, scales or X and before it writes Y.
+        // SAFETY: matches `gptq_mmad_moe_*` and `gptq_mmadg_moe_*` in kernels/gptq.cu; the plan is
+        // the register-pipelined one for one row of an expert of this shape, grouping and act-order
+        // (one block per strip, nsplit warps, within this entry's launch bound), which every
+        // expert shares (`moe_mma_choice`); every expert id must be < experts.len() (the caller's
+        // routing guarantees it); lengths checked by `moe_gemv`. The kernel waits (`pdl_wait`)
+        // before it reads the ids, scales or X and before it writes Y.
         drv(format!("launching {entry}"), unsafe {
             b.launch(&f, cfg, self.dependent_launch())
         })
