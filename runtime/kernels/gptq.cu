@@ -587,8 +587,11 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MOE_PERM_EARLY // the same in the fused MoE's `_gather` entries (before its copy of X)
 #define MMAD_MOE_PERM_EARLY 0
 #endif
-#ifndef MMAD_PERM16 // act-order in the register-pipelined entries: 1 reads the permutation's u16 copy (2 bytes
-#define MMAD_PERM16 0 // an index, after the i32 one in the same buffer), 0 the i32 indices
+// Act-order in the register-pipelined entries: the kinds of entry that read the permutation's u16 copy
+// (2 bytes an index, after the i32 ones in the same buffer) instead of the i32 indices, a bit each
+// (MMAD_PERM16_GATHER, _SLICE, _SYNC below), so that one sweep times each kind's choice on its own.
+#ifndef MMAD_PERM16
+#define MMAD_PERM16 0
 #endif
 #ifndef MMA_X_CHUNKS // 16-byte chunks of X each lane stages per round trip
 #define MMA_X_CHUNKS 3
@@ -931,10 +934,9 @@ template <> struct Idx8<unsigned short> {
     }
     __device__ __forceinline__ unsigned get(int e) const { return e & 1 ? v[e >> 1] >> 16 : v[e >> 1] & 0xffffu; }
 };
-// The index type of the register-pipelined entries' act-order gathers (MMAD_PERM16).
+// The index type of act-order gathers: int, or unsigned short for the u16 copy.
 template <bool U16> struct PermIndex { typedef int type; };
 template <> struct PermIndex<true> { typedef unsigned short type; };
-typedef PermIndex<MMAD_PERM16 != 0>::type MmadPermIndex;
 // Act-order: the indices mma_stage_x<BITS, CH> reads in its first PRE round trips, loaded ahead of it
 // (the permutation is written by uploads only, so this may run before the dependent-launch wait).
 template <int BITS, int CH, int PRE, typename I>
@@ -1213,7 +1215,7 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 // the group and bounds checks run once per block; otherwise once per tile. The loop body is D tiles
 // unrolled, so D trades tiles in flight against code size (measured: deeper was slower).
 // Dynamic shared memory: X [M][K] rounded up to 16 bytes with xblock, then nsplit warp areas of
-// M * xstride * 2 bytes, plus the run's indices (tiles_per_warp * 128 bytes, 64 with MMAD_PERM16)
+// M * xstride * 2 bytes, plus the run's indices (tiles_per_warp * 128 bytes, 64 with the u16 copy)
 // each in `_gather_slice`.
 // The entries' ws and counters are not used.
 // The group data in flight of mmad_gemv's groups of one tile (empty otherwise).
@@ -1240,6 +1242,9 @@ template <int D> struct MmadGroupPipe<D, false> {};
 #define MMAD_GATHER 1
 #define MMAD_GATHER_SLICE 2
 #define MMAD_GATHER_SYNC 3
+// MMAD_PERM16's bits: the entries of kind G read the u16 copy of the permutation.
+#define MMAD_PERM16_BIT(G) ((G) == MMAD_GATHER ? 1 : (G) == MMAD_GATHER_SLICE ? 2 : (G) == MMAD_GATHER_SYNC ? 4 : 0)
+#define MMAD_PERM16_ON(G) ((MMAD_PERM16 & MMAD_PERM16_BIT(G)) != 0)
 template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS, int L2_AHEAD, int GATHER>
 __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N, int group_rows,
                                           int nsplit, int tiles_per_warp, int xblock, float* __restrict__ Y,
@@ -1267,7 +1272,9 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     // A warp's area: its staged X, then with `slice` its run's indices (runtime/src/cuda/gptq.rs,
     // `mma_warp_smem`, computes the same size).
     const size_t x_area = (size_t)M * xstride * 2;
-    const size_t warp_bytes = x_area + (slice ? (size_t)tiles_per_warp * 32 * sizeof(MmadPermIndex) : 0);
+    // The act-order index type of this entry (MMAD_PERM16).
+    typedef typename PermIndex<MMAD_PERM16_ON(GATHER)>::type I;
+    const size_t warp_bytes = x_area + (slice ? (size_t)tiles_per_warp * 32 * sizeof(I) : 0);
 
     // The first D slots, in flight before anything else.
     const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * q.strip_rows * 32) + (size_t)(t_begin / TPB) * TS + LPT * c * 8 + g;
@@ -1305,8 +1312,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     T* xs = (T*)(areas + warp * warp_bytes);
     // Act-order: the run's indices (written by uploads only), with `slice` copied now. With
     // MMAD_PERM16 they are the u16 copy that follows the K i32 indices in the same buffer.
-    typedef MmadPermIndex I;
-    const I* layer_perm = MMAD_PERM16 ? (const I*)(q.perm + K) : (const I*)q.perm;
+    const I* layer_perm = MMAD_PERM16_ON(GATHER) ? (const I*)(q.perm + K) : (const I*)q.perm;
     const I* run_perm = GATHER == MMAD_PLAIN ? nullptr
                         : slice              ? (const I*)((unsigned char*)xs + x_area)
                                              : layer_perm + t_begin * 32;

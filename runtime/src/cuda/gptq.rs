@@ -766,12 +766,13 @@ fn mmad_depth(bits: u32) -> usize {
 }
 
 /// Bytes per act-order index the register-pipelined GEMV copies to shared memory with
-/// [`perm_slice`]: 2 where `MMAD_PERM16` (kernels/gptq.cu, default 0, which
-/// `MIXTRAL_GPTQ_NVRTC_DEFINES` may override) has it read the u16 copy ([`perm_words`]), else 4.
+/// [`perm_slice`] (the `_gather_slice` entries): 2 where bit 2 of `MMAD_PERM16` (kernels/gptq.cu,
+/// default 0, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override) has them read the u16 copy
+/// ([`perm_words`]), else 4.
 fn perm_index_bytes() -> usize {
     static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *B.get_or_init(|| match nvrtc_define("MMAD_PERM16") {
-        Some(v) if v > 0 => 2,
+        Some(v) if v & 2 != 0 => 2,
         _ => 4,
     })
 }
