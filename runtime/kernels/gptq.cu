@@ -588,8 +588,9 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #define MMAD_MOE_PERM_EARLY 0
 #endif
 // Act-order in the register-pipelined entries: the kinds of entry that read the permutation's u16 copy
-// (2 bytes an index, after the i32 ones in the same buffer) instead of the i32 indices, a bit each
-// (MMAD_PERM16_GATHER, _SLICE, _SYNC below), so that one sweep times each kind's choice on its own.
+// (2 bytes an index, after the i32 ones in the same buffer) instead of the i32 indices, a bit each (1
+// `_gather`, 2 `_gather_slice`, 4 the fused MoE's `_gather`: MMAD_PERM16_BIT below), so that one sweep
+// times each kind's choice on its own.
 #ifndef MMAD_PERM16
 #define MMAD_PERM16 0
 #endif
