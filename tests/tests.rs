@@ -1,5 +1,6 @@
 //! End-to-end tests: the built `mixtral-gptq` over the bundled fixtures.
 
+mod bench;
 mod calibrate;
 mod compare;
 mod eval;

@@ -581,6 +581,19 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_X_CHUNKS // its MMA_X_CHUNKS (the first tiles' registers are live while X is staged)
 #define MMAD_X_CHUNKS 1
 #endif
+#ifndef MMAD_PERM_EARLY // act-order in the GEMV's `_gather` entries: staging rounds whose indices are loaded
+#define MMAD_PERM_EARLY 0 // before the dependent-launch wait
+#endif
+#ifndef MMAD_MOE_PERM_EARLY // the same in the fused MoE's `_gather` entries (before its copy of X)
+#define MMAD_MOE_PERM_EARLY 0
+#endif
+// Act-order in the register-pipelined entries: the kinds of entry that read the permutation's u16 copy
+// (2 bytes an index, after the i32 ones in the same buffer) instead of the i32 indices, a bit each (1
+// `_gather`, 2 `_gather_slice`, 4 the fused MoE's `_gather`: MMAD_PERM16_BIT below), so that one sweep
+// times each kind's choice on its own.
+#ifndef MMAD_PERM16
+#define MMAD_PERM16 0
+#endif
 #ifndef MMA_X_CHUNKS // 16-byte chunks of X each lane stages per round trip
 #define MMA_X_CHUNKS 3
 #endif
@@ -884,30 +897,78 @@ template <typename T> __device__ __forceinline__ void mma_copy_x_block_async(con
 // Ends with __syncwarp.
 // At 3 bits (runs of whole 128-row super-tiles), the chunk staged at tile 4s + t, lane slot c holds
 // rows 128 s + 32 c + 8 t .. + 7: lane c's rows of step t of super-tile s (mma_tile3).
-template <int BITS, int CH, typename T, bool PERM_SHARED = false>
-__device__ __forceinline__ void mma_stage_x(const int* perm, const T* __restrict__ X, int M, int K, const float* xblock,
-                                            int t_begin, int nt, T* xs, int xstride, int lane) {
+// mma_stage_x's walk over a warp's chunks: chunk ch = m * cpr + kc (cpr chunks per row), kept as
+// (m, kc) and stepped by 32 chunks (a lane's next) without a division.
+__device__ __forceinline__ void stage_step(int cpr, int& m, int& kc) {
+    kc += 32;
+    while (kc >= cpr) {
+        kc -= cpr;
+        ++m;
+    }
+}
+// Where staged chunk kk (in halves) reads X: the same place, or at 3 bits the transposed one.
+template <int BITS> __device__ __forceinline__ int stage_src_k(int kk) {
+    if (BITS != 3) return kk;
+    const int kc = kk >> 3;
+    return ((kc & ~15) | ((kc & 3) << 2) | ((kc >> 2) & 3)) << 3;
+}
+// The 8 act-order indices of one staged chunk, as loaded from a warp's run of the permutation
+// (global memory, or with SHARED the warp's copy in shared memory): i32 indices with two 16-byte
+// loads, or (I = unsigned short, MMAD_PERM16) the u16 copy, two indices a word, with one.
+template <typename I> struct Idx8;
+template <> struct Idx8<int> {
+    int v[8];
+    template <bool SHARED> __device__ __forceinline__ void load(const int* perm, int kk) {
+        const int4* pp = (const int4*)(perm + kk);
+        const int4 p0 = SHARED ? pp[0] : __ldg(pp), p1 = SHARED ? pp[1] : __ldg(pp + 1);
+        v[0] = p0.x; v[1] = p0.y; v[2] = p0.z; v[3] = p0.w;
+        v[4] = p1.x; v[5] = p1.y; v[6] = p1.z; v[7] = p1.w;
+    }
+    __device__ __forceinline__ unsigned get(int e) const { return (unsigned)v[e]; }
+};
+template <> struct Idx8<unsigned short> {
+    u32 v[4];
+    template <bool SHARED> __device__ __forceinline__ void load(const unsigned short* perm, int kk) {
+        const uint4* pp = (const uint4*)(perm + kk);
+        const uint4 p = SHARED ? pp[0] : __ldg(pp);
+        v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w;
+    }
+    __device__ __forceinline__ unsigned get(int e) const { return e & 1 ? v[e >> 1] >> 16 : v[e >> 1] & 0xffffu; }
+};
+// The index type of act-order gathers: int, or unsigned short for the u16 copy.
+template <bool U16> struct PermIndex { typedef int type; };
+template <> struct PermIndex<true> { typedef unsigned short type; };
+// Act-order: the indices mma_stage_x<BITS, CH> reads in its first PRE round trips, loaded ahead of it
+// (the permutation is written by uploads only, so this may run before the dependent-launch wait).
+template <int BITS, int CH, int PRE, typename I>
+__device__ __forceinline__ void mma_stage_idx_early(const I* perm, int M, int nt, int lane, Idx8<I> (*idx)[CH]) {
+    const int cpr = nt * 4, chunks = M * cpr;
+    if (chunks == 0) return;
+    int m = 0, kc = lane - 32;
+    stage_step(cpr, m, kc);
+#pragma unroll
+    for (int r = 0; r < PRE; ++r)
+#pragma unroll
+        for (int u = 0; u < CH; ++u) {
+            if (lane + (r * CH + u) * 32 < chunks) idx[r][u].template load<false>(perm, stage_src_k<BITS>(kc * 8));
+            stage_step(cpr, m, kc);
+        }
+}
+
+template <int BITS, int CH, typename T, bool PERM_SHARED = false, int PRE = 0, typename I = int>
+__device__ __forceinline__ void mma_stage_x(const I* perm, const T* __restrict__ X, int M, int K, const float* xblock,
+                                            int t_begin, int nt, T* xs, int xstride, int lane,
+                                            const Idx8<I> (*pre)[CH] = nullptr) {
     const int k0 = t_begin * 32, cpr = nt * 4; // chunks per row
     const int chunks = M * cpr;
     const unsigned short* xb = (const unsigned short*)X;
     const unsigned xsh = xblock ? (unsigned)__cvta_generic_to_shared(xblock) : 0u; // act-order gathers
-    // Chunk ch = m * cpr + kc, kept as (m, kc) and stepped by 32 chunks without a division.
-    auto step = [&](int& m, int& kc) {
-        kc += 32;
-        while (kc >= cpr) {
-            kc -= cpr;
-            ++m;
-        }
-    };
-    // Where staged chunk kk (in halves) reads X: the same place, or at 3 bits the transposed one.
-    auto src_k = [](int kk) {
-        if (BITS != 3) return kk;
-        const int kc = kk >> 3;
-        return ((kc & ~15) | ((kc & 3) << 2) | ((kc >> 2) & 3)) << 3;
-    };
+    auto step = [&](int& m, int& kc) { stage_step(cpr, m, kc); };
+    auto src_k = [](int kk) { return stage_src_k<BITS>(kk); };
     int m_next = 0, kc_next = lane - 32;
     if (chunks > 0) step(m_next, kc_next);
-    for (int ch0 = lane; ch0 < chunks; ch0 += CH * 32) {
+    int round = 0; // (PRE: rounds whose indices `pre` holds)
+    for (int ch0 = lane; ch0 < chunks; ch0 += CH * 32, ++round) {
         u32 w[CH][4];
         int mu[CH], ku[CH];
 #pragma unroll
@@ -926,16 +987,18 @@ __device__ __forceinline__ void mma_stage_x(const int* perm, const T* __restrict
             }
         }
         if (perm) {
-            int idx[CH][8];
+            Idx8<I> idx[CH];
+            if (PRE > 0 && round < PRE) {
 #pragma unroll
-            for (int u = 0; u < CH; ++u) {
-                const int ch = ch0 + u * 32;
-                const int kk = src_k(ku[u]);
-                if (ch < chunks) {
-                    const int4* pp = (const int4*)(perm + kk);
-                    const int4 p0 = PERM_SHARED ? pp[0] : __ldg(pp), p1 = PERM_SHARED ? pp[1] : __ldg(pp + 1);
-                    idx[u][0] = p0.x; idx[u][1] = p0.y; idx[u][2] = p0.z; idx[u][3] = p0.w;
-                    idx[u][4] = p1.x; idx[u][5] = p1.y; idx[u][6] = p1.z; idx[u][7] = p1.w;
+                for (int r = 0; r < PRE; ++r)
+                    if (r == round)
+#pragma unroll
+                        for (int u = 0; u < CH; ++u) idx[u] = pre[r][u];
+            } else {
+#pragma unroll
+                for (int u = 0; u < CH; ++u) {
+                    const int ch = ch0 + u * 32;
+                    if (ch < chunks) idx[u].template load<PERM_SHARED>(perm, src_k(ku[u]));
                 }
             }
 #pragma unroll
@@ -948,10 +1011,10 @@ __device__ __forceinline__ void mma_stage_x(const int* perm, const T* __restrict
                         // 32-bit shared addresses: one shift-add and one 2-byte load per element
                         const unsigned row = xsh + 2u * (unsigned)(m * K);
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) h[e] = lds_u16(row + 2u * (unsigned)idx[u][e]);
+                        for (int e = 0; e < 8; ++e) h[e] = lds_u16(row + 2u * idx[u].get(e));
                     } else {
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) h[e] = ld_dep(xb + (size_t)m * K + idx[u][e]);
+                        for (int e = 0; e < 8; ++e) h[e] = ld_dep(xb + (size_t)m * K + (int)idx[u].get(e));
                     }
 #pragma unroll
                     for (int e = 0; e < 4; ++e) w[u][e] = h[2 * e] | (h[2 * e + 1] << 16);
@@ -1153,7 +1216,8 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 // the group and bounds checks run once per block; otherwise once per tile. The loop body is D tiles
 // unrolled, so D trades tiles in flight against code size (measured: deeper was slower).
 // Dynamic shared memory: X [M][K] rounded up to 16 bytes with xblock, then nsplit warp areas of
-// M * xstride * 2 bytes, plus tiles_per_warp * 128 (the run's indices) each in `_gather_slice`.
+// M * xstride * 2 bytes, plus the run's indices (tiles_per_warp * 128 bytes, 64 with the u16 copy)
+// each in `_gather_slice`.
 // The entries' ws and counters are not used.
 // The group data in flight of mmad_gemv's groups of one tile (empty otherwise).
 template <int D, bool ON> struct MmadGroupPipe {
@@ -1179,6 +1243,9 @@ template <int D> struct MmadGroupPipe<D, false> {};
 #define MMAD_GATHER 1
 #define MMAD_GATHER_SLICE 2
 #define MMAD_GATHER_SYNC 3
+// MMAD_PERM16's bits: the entries of kind G read the u16 copy of the permutation.
+#define MMAD_PERM16_BIT(G) ((G) == MMAD_GATHER ? 1 : (G) == MMAD_GATHER_SLICE ? 2 : (G) == MMAD_GATHER_SYNC ? 4 : 0)
+#define MMAD_PERM16_ON(G) ((MMAD_PERM16 & MMAD_PERM16_BIT(G)) != 0)
 template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS, int L2_AHEAD, int GATHER>
 __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N, int group_rows,
                                           int nsplit, int tiles_per_warp, int xblock, float* __restrict__ Y,
@@ -1206,7 +1273,9 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     // A warp's area: its staged X, then with `slice` its run's indices (runtime/src/cuda/gptq.rs,
     // `mma_warp_smem`, computes the same size).
     const size_t x_area = (size_t)M * xstride * 2;
-    const size_t warp_bytes = x_area + (slice ? (size_t)tiles_per_warp * 128 : 0);
+    // The act-order index type of this entry (MMAD_PERM16).
+    typedef typename PermIndex<MMAD_PERM16_ON(GATHER)>::type I;
+    const size_t warp_bytes = x_area + (slice ? (size_t)tiles_per_warp * 32 * sizeof(I) : 0);
 
     // The first D slots, in flight before anything else.
     const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * q.strip_rows * 32) + (size_t)(t_begin / TPB) * TS + LPT * c * 8 + g;
@@ -1242,14 +1311,23 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     const size_t xblock_bytes = xblock ? ((size_t)M * K * 2 + 15) & ~(size_t)15 : 0;
     unsigned char* areas = (unsigned char*)smem + xblock_bytes;
     T* xs = (T*)(areas + warp * warp_bytes);
-    // Act-order: the run's indices (written by uploads only), with `slice` copied now.
-    const int* run_perm = GATHER == MMAD_PLAIN ? nullptr
-                          : slice              ? (const int*)((unsigned char*)xs + x_area)
-                                               : q.perm + t_begin * 32;
+    // Act-order: the run's indices (written by uploads only), with `slice` copied now. With
+    // MMAD_PERM16 they are the u16 copy that follows the K i32 indices in the same buffer.
+    const I* layer_perm = MMAD_PERM16_ON(GATHER) ? (const I*)(q.perm + K) : (const I*)q.perm;
+    const I* run_perm = GATHER == MMAD_PLAIN ? nullptr
+                        : slice              ? (const I*)((unsigned char*)xs + x_area)
+                                             : layer_perm + t_begin * 32;
     if constexpr (slice) {
-        for (int i = lane; i < nt * 8; i += 32) cp_async16((int*)run_perm + 4 * i, q.perm + t_begin * 32 + 4 * i);
+        constexpr int per16 = 16 / sizeof(I); // indices per 16-byte copy
+        for (int i = lane; i < nt * 32 / per16; i += 32)
+            cp_async16((I*)run_perm + per16 * i, layer_perm + t_begin * 32 + per16 * i);
         cp_async_commit();
     }
+
+    // Act-order with the indices in global memory: the first rounds' indices loaded now.
+    constexpr int PRE = GATHER == MMAD_GATHER ? MMAD_PERM_EARLY : GATHER == MMAD_GATHER_SYNC ? MMAD_MOE_PERM_EARLY : 0;
+    Idx8<I> pre[PRE > 0 ? PRE : 1][MMAD_X_CHUNKS];
+    if constexpr (PRE > 0) mma_stage_idx_early<BITS, MMAD_X_CHUNKS, PRE>(run_perm, M, nt, lane, pre);
 
     // Everything above reads only the layer's words; everything below may read what the previous
     // kernel wrote (X) or write what it reads (Y).
@@ -1270,7 +1348,8 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                 __syncwarp();
         }
     }
-    mma_stage_x<BITS, MMAD_X_CHUNKS, T, slice>(run_perm, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs, xstride, lane);
+    mma_stage_x<BITS, MMAD_X_CHUNKS, T, slice, PRE, I>(run_perm, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs,
+                                                       xstride, lane, pre);
     const T* xrow = xs + min(g, M - 1) * xstride + 8 * c;
 
     MmaAcc<BITS, BF> a;
@@ -1513,21 +1592,28 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 // Fused MoE on the tensor cores: block (strip, p) runs the register-pipelined GEMV of one row for
 // pair p = blockIdx.y, Y[p, :] = scale[p] * X[p / x_div, :] . W_e with e = expert_ids[p] (`table` as
 // in gemv_moe: 5 pointers per expert). Every expert shares bits, shape, grouping and act-order, so
-// one plan (runtime/src/cuda/gptq.rs, `mma_choice` on the first expert) fits them all; groups of
-// one tile (g32) keep the scalar fused kernel.
+// one plan (runtime/src/cuda/gptq.rs, `mma_choice` on the first expert) fits them all. Groups of
+// one tile (g32 at 4 and 8 bits) run their own entry, gptq_mmadg_moe_* (as the GEMV's mmadg).
+// The start of a fused MoE entry: pair p = blockIdx.y's expert weights (q), X row (x), Y row (y) and
+// scale (s), after the dependent-launch wait (the expert ids and pair scales may come from the
+// previous kernel).
+#define MMAD_MOE_PAIR(T)                                                                                     \
+    pdl_wait();                                                                                              \
+    const int p = blockIdx.y;                                                                                \
+    const unsigned long long* t = table + 5 * (size_t)expert_ids[p];                                        \
+    QMat q = {(const u32*)t[0], strip_rows, (const __half*)t[1], (const void*)t[2], (const int*)t[3],         \
+              (const int*)t[4]};                                                                             \
+    const T* x = X + (size_t)(p / x_div) * K;                                                                \
+    float* y = Y + (size_t)p * N;                                                                            \
+    const float s = pair_scale ? pair_scale[p] : 1.0f;
+#define MMAD_MOE_PARAMS(T)                                                                                   \
+    const unsigned long long* table, int strip_rows, const int* expert_ids, const float* pair_scale,         \
+        const T* X, int x_div, int K, int N, int group_rows, int nsplit, int tiles_per_warp, int xblock,     \
+        float* Y
 #define MMAD_MOE_ENTRY(B, TN, T, G, SFX)                                                                     \
     extern "C" __global__ void __launch_bounds__(MMAD_WARPS(B) * 32) gptq_mmad_moe_##B##b_##TN##SFX(         \
-        const unsigned long long* table, int strip_rows, const int* expert_ids, const float* pair_scale,      \
-        const T* X, int x_div, int K, int N, int group_rows, int nsplit, int tiles_per_warp, int xblock,     \
-        float* Y) {                                                                                          \
-        pdl_wait(); /* the expert ids and pair scales may come from the previous kernel */                  \
-        const int p = blockIdx.y;                                                                            \
-        const unsigned long long* t = table + 5 * (size_t)expert_ids[p];                                    \
-        QMat q = {(const u32*)t[0], strip_rows, (const __half*)t[1], (const void*)t[2], (const int*)t[3],     \
-                  (const int*)t[4]};                                                                         \
-        const T* x = X + (size_t)(p / x_div) * K;                                                            \
-        float* y = Y + (size_t)p * N;                                                                        \
-        const float s = pair_scale ? pair_scale[p] : 1.0f;                                                   \
+        MMAD_MOE_PARAMS(T)) {                                                                                \
+        MMAD_MOE_PAIR(T)                                                                                     \
         if constexpr (B == 3) {                                                                              \
             mmad_gemv<B, T, MMAD_DEPTH3, true, false, 0, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
         } else {                                                                                             \
@@ -1537,6 +1623,18 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
             else                                                                                             \
                 mmad_gemv<B, T, D, false, false, L2A, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
         }                                                                                                    \
+    }
+// Groups of one tile (g32 at 4 and 8 bits): each tile's scales and zero word travel through the
+// pipeline with its words (TILE_GROUPS), as in gptq_mmadg_gemv_*, under the same launch bound.
+#define MMADG_MOE_ENTRY(B, TN, T, G, SFX)                                                                    \
+    extern "C" __global__ void __launch_bounds__(MMADG_MAX_WARPS * 32) gptq_mmadg_moe_##B##b_##TN##SFX(     \
+        MMAD_MOE_PARAMS(T)) {                                                                                \
+        MMAD_MOE_PAIR(T)                                                                                     \
+        constexpr int D = mmad_depth(B), L2A = B == 4 ? MMAD_MOE_L2_AHEAD : 0;                              \
+        if (mmad_tile_groups(D, K, group_rows, tiles_per_warp))                                               \
+            mmad_gemv<B, T, D, true, true, L2A, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
+        else                                                                                                 \
+            mmad_gemv<B, T, D, false, false, L2A, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
     }
 
 // The register-pipelined entries without act-order (or with X put in order first) and with act-order
@@ -1584,6 +1682,10 @@ MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 8, f16, __half)
 MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 3, bf16, __nv_bfloat16)
 MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 4, bf16, __nv_bfloat16)
 MMAD_ENTRIES_SYNC(MMAD_MOE_ENTRY, 8, bf16, __nv_bfloat16)
+MMAD_ENTRIES_SYNC(MMADG_MOE_ENTRY, 4, f16, __half)
+MMAD_ENTRIES_SYNC(MMADG_MOE_ENTRY, 8, f16, __half)
+MMAD_ENTRIES_SYNC(MMADG_MOE_ENTRY, 4, bf16, __nv_bfloat16)
+MMAD_ENTRIES_SYNC(MMADG_MOE_ENTRY, 8, bf16, __nv_bfloat16)
 DEQUANT_ENTRY(3)
 DEQUANT_ENTRY(4)
 DEQUANT_ENTRY(8)

@@ -372,21 +372,26 @@ fn mma_gemv_matches_reference() {
 #[ignore = "needs a CUDA device"]
 fn fused_moe_matches_reference() {
     let dev = device();
-    // (bits, group, K, N, layout): the tensor-core fused kernel where the layout allows it (3-bit
-    // g32 and the scalar layout: the scalar fused kernel), K = 4096 with the act-order X copy.
+    // (bits, group, act-order, K, N, layout): the tensor-core fused kernel where the layout allows
+    // it (3-bit g32 and the scalar layout: the scalar fused kernel), K = 4096 with the act-order X
+    // copy; g32 at 4 and 8 bits on its own entry (`gptq_mmadg_moe_*`), with and without act-order.
     let cases = [
-        (4u32, 128i32, 512usize, 384usize, GemvKernel::Auto),
-        (4, 128, 512, 384, GemvKernel::Scalar),
-        (4, 128, 4096, 1024, GemvKernel::Auto),
-        (3, 32, 512, 384, GemvKernel::Auto),
-        (3, 128, 512, 384, GemvKernel::Auto),
-        (8, -1, 512, 384, GemvKernel::Auto),
-        (8, -1, 512, 384, GemvKernel::Scalar),
+        (4u32, 128i32, true, 512usize, 384usize, GemvKernel::Auto),
+        (4, 128, true, 512, 384, GemvKernel::Scalar),
+        (4, 128, true, 4096, 1024, GemvKernel::Auto),
+        (3, 32, true, 512, 384, GemvKernel::Auto),
+        (3, 128, true, 512, 384, GemvKernel::Auto),
+        (8, -1, false, 512, 384, GemvKernel::Auto),
+        (8, -1, false, 512, 384, GemvKernel::Scalar),
+        (4, 32, true, 512, 384, GemvKernel::Auto),
+        (4, 32, false, 4096, 1024, GemvKernel::Auto),
+        (8, 32, true, 4096, 1024, GemvKernel::Auto),
+        (8, 32, false, 512, 384, GemvKernel::Auto),
     ];
-    for (bits, gs, k, n, layout) in cases {
+    for (bits, gs, act_order, k, n, layout) in cases {
         let (experts, tokens, topk) = (8usize, 5usize, 2usize);
         let ws: Vec<GptqWeight> = (0..experts)
-            .map(|e| random_gptq(bits, gs, k, n, gs > 0, 77 + e as u64))
+            .map(|e| random_gptq(bits, gs, k, n, act_order, 77 + e as u64))
             .collect();
         let dws = ws
             .iter()
@@ -400,7 +405,7 @@ fn fused_moe_matches_reference() {
         let want_tc = layout == GemvKernel::Auto && !(bits == 3 && gs == 32);
         assert_eq!(
             tc, want_tc,
-            "MoE {bits}-bit g{gs} {k}x{n} {layout:?}: tensor cores"
+            "MoE {bits}-bit g{gs} act-order {act_order} {k}x{n} {layout:?}: tensor cores"
         );
         let mut rng = Rng::new(bits as u64);
         let mut ids = Vec::new();
@@ -457,10 +462,10 @@ fn fused_moe_matches_reference() {
             }
         }
         let e2 = rel_err(&y2, &r2);
-        eprintln!("MoE {bits}-bit g{gs} {k}x{n} (tensor cores: {tc}): gate/up rel err {e1:.2e}, down+combine rel err {e2:.2e}");
+        eprintln!("MoE {bits}-bit g{gs} act-order {act_order} {k}x{n} (tensor cores: {tc}): gate/up rel err {e1:.2e}, down+combine rel err {e2:.2e}");
         assert!(
             e1 < REL_TOL && e2 < REL_TOL,
-            "MoE {bits}-bit g{gs} {k}x{n} (tensor cores: {tc}): {e1:.3e} / {e2:.3e}"
+            "MoE {bits}-bit g{gs} act-order {act_order} {k}x{n} (tensor cores: {tc}): {e1:.3e} / {e2:.3e}"
         );
     }
 }

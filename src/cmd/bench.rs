@@ -106,9 +106,17 @@ pub struct KernelArgs {
     /// Experts for the fused-MoE timing (0 skips it).
     #[arg(long, default_value_t = 8)]
     pub moe_experts: usize,
-    /// Bit widths of the fused-MoE timing's experts (g128, act-order).
+    /// Bit widths of the fused-MoE timing's experts (act-order).
     #[arg(long, value_delimiter = ',', default_value = "4")]
     pub moe_bits: Vec<u32>,
+    /// Group sizes of the fused-MoE timing's experts (act-order; -1: per channel).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "128",
+        allow_hyphen_values = true
+    )]
+    pub moe_groups: Vec<i32>,
     /// Bytes the rotated input copies of one case should span at least (defeats the 50 MB L2).
     #[arg(long, default_value_t = 256 << 20)]
     pub rotate_bytes: usize,
@@ -156,6 +164,14 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
         if let Some(b) = bits.iter().find(|b| ![3, 4, 8].contains(*b)) {
             bail!("{flag}: {b} is not one of 3, 4, 8");
         }
+    }
+    // (the fused MoE's experts are 4096 x 14336 and 14336 x 4096)
+    if let Some(g) = a
+        .moe_groups
+        .iter()
+        .find(|&&g| g != -1 && (g <= 0 || 4096 % g != 0 || 14336 % g != 0))
+    {
+        bail!("--moe-groups: {g} is neither -1 (per channel) nor a group size dividing 4096 and 14336");
     }
     let shapes: Vec<(usize, usize)> = a
         .shapes
@@ -363,17 +379,19 @@ fn us_or_blank(ms: Option<f64>) -> String {
     ms.map(|t| format!("{:.2}", t * 1e3)).unwrap_or_default()
 }
 
-/// Fused MoE GEMV at the experts' two shapes (w1/w3: 4096 x 14336, w2: 14336 x 4096), g128
-/// act-order at each of `--moe-bits`: one launch for every (token, slot) pair against one qmatmul
-/// launch per pair.
+/// Fused MoE GEMV at the experts' two shapes (w1/w3: 4096 x 14336, w2: 14336 x 4096), act-order
+/// at each of `--moe-bits` and `--moe-groups`: one launch for every (token, slot) pair against one
+/// qmatmul launch per pair.
 fn moe(dev: &CudaDevice, a: &KernelArgs, copy: f64) -> anyhow::Result<()> {
     let (e, topk) = (a.moe_experts, 2usize);
     println!();
-    println!("| fused MoE, {e} experts, g128 act-order | bits | kernel | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) | scalar fused kernel (us) | no PDL (us) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| fused MoE, {e} experts, act-order | bits | group | kernel | tokens | pairs | time (us) | GB/s (distinct experts read) | % of copy | per-pair qmatmul launches (us) | scalar fused kernel (us) | no PDL (us) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &bits in &a.moe_bits {
-        for (k, n) in [(4096usize, 14336usize), (14336, 4096)] {
-            moe_shape(dev, a, copy, (k, n, e, topk), bits)?;
+        for &group in &a.moe_groups {
+            for (k, n) in [(4096usize, 14336usize), (14336, 4096)] {
+                moe_shape(dev, a, copy, (k, n, e, topk), (bits, group))?;
+            }
         }
     }
     Ok(())
@@ -385,10 +403,10 @@ fn moe_shape(
     a: &KernelArgs,
     copy: f64,
     (k, n, e, topk): (usize, usize, usize, usize),
-    bits: u32,
+    (bits, group): (u32, i32),
 ) -> anyhow::Result<()> {
     let experts: Vec<_> = (0..e)
-        .map(|i| random_gptq(bits, 128, k, n, true, 500 + i as u64))
+        .map(|i| random_gptq(bits, group, k, n, true, 500 + i as u64))
         .collect();
     let mut dws = Vec::new();
     let mut scalar_dws = Vec::new();
@@ -436,7 +454,7 @@ fn moe_shape(
         })?;
         let gbs = (distinct * wbytes) as f64 / (t * 1e-3) / 1e9;
         println!(
-            "| {k} x {n} | {bits} | {kernel} | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2} | {} |",
+            "| {k} x {n} | {bits} | {group} | {kernel} | {tokens} | {pairs} | {:.2} | {gbs:.0} | {:.0} % | {:.2} | {:.2} | {} |",
             t * 1e3,
             100.0 * gbs / copy,
             t2 * 1e3,

@@ -319,7 +319,7 @@ fn ring_bytes(bits: u32, mt: usize) -> usize {
 /// ([`uniform_group_rows`]) multiples of 128 rows: groups of 128 and per-channel, the 3-bit
 /// branches Mixtral is published with, but not groups of 32.
 pub fn mma_eligible(p: &PreparedGptq) -> bool {
-    if !p.out_features.is_multiple_of(32) {
+    if !p.out_features.is_multiple_of(32) || (p.perm.is_some() && p.in_features > PERM16_MAX_K) {
         return false;
     }
     if p.bits == 3 {
@@ -562,13 +562,25 @@ fn perm_slice(
 ) -> bool {
     direct
         && act_order
-        && k <= PERM_SLICE_MAX_K
+        && k <= perm_slice_max_k()
         && moe_pairs.is_none()
         && !mmad_tile_groups(k, bits, group_rows)
 }
 
 /// See [`perm_slice`].
 const PERM_SLICE_MAX_K: usize = 4096;
+
+/// [`PERM_SLICE_MAX_K`], or `MIXTRAL_GPTQ_PERM_SLICE_MAX_K` (benchmark sweeps: with `MMAD_PERM16`
+/// a run's indices take half the shared memory).
+fn perm_slice_max_k() -> usize {
+    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        std::env::var("MIXTRAL_GPTQ_PERM_SLICE_MAX_K")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(PERM_SLICE_MAX_K)
+    })
+}
 
 /// The [`CudaDevice::mma_choice`] cache key: bits, X dtype, K, N, M, group rows, act-order, and the
 /// fused MoE's pairs (None for a plain GEMV).
@@ -624,10 +636,12 @@ pub fn tensor_core_entries() -> Vec<String> {
                             (act_order, slice),
                         ));
                     }
-                    if !moe_tile_groups(k, bits, group_rows as i32) {
-                        let slice = perm_slice(true, act_order, (k, bits, group_rows), Some(2));
-                        out.push(mmad_moe_entry::<T>(bits, (act_order, slice)));
-                    }
+                    let slice = perm_slice(true, act_order, (k, bits, group_rows), Some(2));
+                    out.push(mmad_moe_entry::<T>(
+                        bits,
+                        (k, group_rows),
+                        (act_order, slice),
+                    ));
                 }
             }
         }
@@ -640,11 +654,21 @@ pub fn tensor_core_entries() -> Vec<String> {
     out
 }
 
-/// The fused MoE's entry point in kernels/gptq.cu (`gptq_mmad_moe_*`), with or without act-order
-/// gathered inside ([`mmad_suffix`]).
-fn mmad_moe_entry<T: ActDtype>(bits: u32, (gather, slice): (bool, bool)) -> String {
+/// The fused MoE's entry point in kernels/gptq.cu (`gptq_mmad_moe_*`, or `gptq_mmadg_moe_*` for
+/// groups of one tile, [`mmad_tile_groups`]), with or without act-order gathered inside
+/// ([`mmad_suffix`]).
+fn mmad_moe_entry<T: ActDtype>(
+    bits: u32,
+    (k, group_rows): (usize, usize),
+    (gather, slice): (bool, bool),
+) -> String {
+    let variant = if mmad_tile_groups(k, bits, group_rows) {
+        "mmadg"
+    } else {
+        "mmad"
+    };
     format!(
-        "gptq_mmad_moe_{bits}b_{}{}",
+        "gptq_{variant}_moe_{bits}b_{}{}",
         T::NAME,
         mmad_suffix(true, gather, slice)
     )
@@ -667,12 +691,6 @@ fn mmad_suffix(direct: bool, gather: bool, slice: bool) -> &'static str {
 /// 8 bits; 3 bits run the register-pipelined variant only.
 fn has_ring(bits: u32) -> bool {
     bits != 3
-}
-
-/// Whether a fused MoE of experts with `group_rows` (as uploaded, below 1 per channel) has groups of
-/// one tile ([`mmad_tile_groups`]), which run the scalar fused kernel.
-fn moe_tile_groups(k: usize, bits: u32, group_rows: i32) -> bool {
-    group_rows > 0 && mmad_tile_groups(k, bits, group_rows as usize)
 }
 
 /// Whether the register-pipelined GEMV runs its entry for groups of one tile (`gptq_mmadg_gemv_*`,
@@ -747,6 +765,18 @@ fn mmad_depth(bits: u32) -> usize {
     }
 }
 
+/// Bytes per act-order index the register-pipelined GEMV copies to shared memory with
+/// [`perm_slice`] (the `_gather_slice` entries): 2 where bit 2 of `MMAD_PERM16` (kernels/gptq.cu,
+/// default 0, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override) has them read the u16 copy
+/// ([`perm_words`]), else 4.
+fn perm_index_bytes() -> usize {
+    static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *B.get_or_init(|| match nvrtc_define("MMAD_PERM16") {
+        Some(v) if v & 2 != 0 => 2,
+        _ => 4,
+    })
+}
+
 /// The split sizes (tiles per warp) the register-pipelined GEMV's plan may choose: multiples of
 /// its depth where K's tiles and the groups allow whole blocks of it (`mmad_blocked` in
 /// kernels/gptq.cu: the group and bounds checks then run once per block), else any.
@@ -776,7 +806,11 @@ fn mma_warp_smem(
     (direct, slice): (bool, bool),
 ) -> usize {
     if direct {
-        let indices = if slice { tiles_per_warp * 32 * 4 } else { 0 };
+        let indices = if slice {
+            tiles_per_warp * 32 * perm_index_bytes()
+        } else {
+            0
+        };
         return m * mma_xstride(tiles_per_warp) * 2 + indices;
     }
     let stages = mma_tuning().2;
@@ -796,6 +830,26 @@ fn mma_groups_cap(tiles_per_warp: usize, group_rows: usize) -> usize {
         Some(q) => tiles_per_warp.min(q + 2),
         None => tiles_per_warp,
     }
+}
+
+/// The most rows an act-order layer on the tensor cores may have: its permutation's u16 copy
+/// ([`perm_words`]) holds indices below it.
+pub const PERM16_MAX_K: usize = 1 << 16;
+
+/// The device words of a layer's act-order permutation: the K i32 indices, and for a layer on the
+/// tensor cores (`mma`, K at most [`PERM16_MAX_K`]) the same indices as u16 after them, two a word
+/// (the lower half first, as the kernels read them little-endian): with `MMAD_PERM16` the
+/// register-pipelined GEMV and fused MoE gather through that copy, `q.perm + K` in kernels/gptq.cu,
+/// moving half the bytes (every block reads the layer's whole permutation).
+pub fn perm_words(perm: &[i32], mma: bool) -> Vec<i32> {
+    let mut words = perm.to_vec();
+    if mma {
+        words.extend(
+            perm.chunks(2)
+                .map(|p| (p[0] as u32 | (p.get(1).map_or(0, |&v| v as u32) << 16)) as i32),
+        );
+    }
+    words
 }
 
 /// Row-major `[R, N]` packed words to strip-major `[N/32][R][32]` (N a multiple of 32): the layout
@@ -952,7 +1006,7 @@ impl CudaDevice {
                         "tensor-core for a {}-bit {}x{} layer",
                         p.bits, p.in_features, p.out_features
                     ),
-                    "needs N a multiple of 32 and, at 4 or 8 bits, K a multiple of 32 and one group per 32-row tile, or at 3 bits K and the groups multiples of 128 rows",
+                    "needs N a multiple of 32, K at most 65536 with act-order, and, at 4 or 8 bits, K a multiple of 32 and one group per 32-row tile, or at 3 bits K and the groups multiples of 128 rows",
                 ))
             }
         };
@@ -969,7 +1023,11 @@ impl CudaDevice {
             scales: self.upload(&p.scales)?,
             zeros: self.upload(&p.zeros)?,
             ugroup: self.upload(&p.ugroup)?,
-            perm: p.perm.as_ref().map(|v| self.upload(v)).transpose()?,
+            perm: p
+                .perm
+                .as_ref()
+                .map(|v| self.upload(&perm_words(v, mma)))
+                .transpose()?,
             mma,
             group_rows: uniform_group_rows(p) as i32,
         })
@@ -1419,7 +1477,7 @@ impl CudaDevice {
             // The plan reads the launch bound and residency of the entry that will run: the fused
             // MoE's own (its bound and registers can differ from the GEMV's at the same bits).
             let entry = match moe_pairs {
-                Some(_) if direct => mmad_moe_entry::<T>(bits, (act_order, slice)),
+                Some(_) if direct => mmad_moe_entry::<T>(bits, (k, group_rows), (act_order, slice)),
                 _ => mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice)),
             };
             let f = self.function(&GPTQ, &entry)?;
@@ -1818,9 +1876,9 @@ impl CudaDevice {
     /// one row of the first expert, with the launch bound and residency of the `gptq_mmad_moe_*`
     /// entry that runs it and the waves of all pairs' blocks counted, used for every pair. None,
     /// and the scalar fused kernel, unless every expert was uploaded for the tensor cores with the
-    /// same grouping and act-order, one row runs there ([`gemv_on_tensor_cores`]), a
-    /// register-pipelined plan fits, and its groups are not one tile each (g32 has its own entry,
-    /// `mmadg`).
+    /// same grouping and act-order, one row runs there ([`gemv_on_tensor_cores`]) and a
+    /// register-pipelined plan fits. Groups of one tile (g32 at 4 and 8 bits) run their own entry,
+    /// `gptq_mmadg_moe_*`.
     fn moe_mma_choice<T: ActDtype>(
         &self,
         experts: &DeviceExperts,
@@ -1832,10 +1890,7 @@ impl CudaDevice {
             .experts
             .iter()
             .all(|e| e.mma && e.group_rows == rows && e.act_order() == first.act_order());
-        if !uniform
-            || !gemv_on_tensor_cores(true, bits, first.act_order(), k, 1)
-            || moe_tile_groups(k, bits, rows)
-        {
+        if !uniform || !gemv_on_tensor_cores(true, bits, first.act_order(), k, 1) {
             return None;
         }
         // (a layer no plan fits keeps the scalar fused kernel, which reports any real fault itself)
@@ -1858,7 +1913,11 @@ impl CudaDevice {
         let bits = first.bits;
         let plan = choice.plan;
         let smem = plan.smem;
-        let entry = mmad_moe_entry::<T>(bits, (choice.gather, choice.perm_slice));
+        let entry = mmad_moe_entry::<T>(
+            bits,
+            (first.in_features, first.group_rows as usize),
+            (choice.gather, choice.perm_slice),
+        );
         let f = self.function(&GPTQ, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
@@ -1873,12 +1932,12 @@ impl CudaDevice {
             .int(plan.tiles_per_warp as i32)
             .int(choice.xblock as i32)
             .buf_mut(y);
-        // SAFETY: matches `gptq_mmad_moe_*` in kernels/gptq.cu; the plan is the register-pipelined
-        // one for one row of an expert of this shape, grouping and act-order (one block per strip,
-        // nsplit warps, within this entry's launch bound), which every expert shares
-        // (`moe_mma_choice`); every expert id must be < experts.len() (the caller's routing
-        // guarantees it); lengths checked by `moe_gemv`. The kernel waits (`pdl_wait`) before it
-        // reads the ids, scales or X and before it writes Y.
+        // SAFETY: matches `gptq_mmad_moe_*` and `gptq_mmadg_moe_*` in kernels/gptq.cu; the plan is
+        // the register-pipelined one for one row of an expert of this shape, grouping and act-order
+        // (one block per strip, nsplit warps, within this entry's launch bound), which every
+        // expert shares (`moe_mma_choice`); every expert id must be < experts.len() (the caller's
+        // routing guarantees it); lengths checked by `moe_gemv`. The kernel waits (`pdl_wait`)
+        // before it reads the ids, scales or X and before it writes Y.
         drv(format!("launching {entry}"), unsafe {
             b.launch(&f, cfg, self.dependent_launch())
         })
@@ -1977,6 +2036,43 @@ mod tests {
     use super::*;
     use crate::cuda::random::random_gptq;
     use crate::qlinear::unpack_rows;
+
+    /// The permutation's device words: the i32 indices, then on the tensor cores the same indices
+    /// as u16, two a word with the lower half first (what `Idx8<unsigned short>` in
+    /// kernels/gptq.cu reads), for K even or odd; the scalar kernels get the i32 indices only.
+    #[test]
+    fn perm_words_append_the_u16_copy() {
+        for k in [1usize, 7, 96, 4096, 14336, PERM16_MAX_K] {
+            let perm: Vec<i32> = (0..k as i32).rev().map(|i| (i * 7919) % k as i32).collect();
+            assert_eq!(perm_words(&perm, false), perm, "k {k}");
+            let words = perm_words(&perm, true);
+            assert_eq!(words.len(), k + k.div_ceil(2), "k {k}");
+            assert_eq!(&words[..k], &perm[..], "k {k}");
+            let halves: Vec<u16> = words[k..]
+                .iter()
+                .flat_map(|&w| (w as u32).to_le_bytes())
+                .collect::<Vec<u8>>()
+                .chunks(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            for (i, &p) in perm.iter().enumerate() {
+                assert_eq!(halves[i] as i32, p, "k {k}, index {i}");
+            }
+        }
+    }
+
+    /// Act-order layers whose indices do not fit the u16 copy stay on the scalar kernel.
+    #[test]
+    fn act_order_past_the_u16_indices_is_not_on_tensor_cores() {
+        let w = random_gptq(4, 128, 256, 32, true, 3);
+        let mut p = prepare(&w).unwrap();
+        assert!(mma_eligible(&p));
+        p.in_features = PERM16_MAX_K + 128;
+        assert!(!mma_eligible(&p));
+        p.perm = None;
+        p.ugroup = vec![0; p.in_features / unit_rows(4)];
+        assert!(mma_eligible(&p));
+    }
 
     /// The sorted layout holds the same codes: sorted row i is input row perm[i], and every unit
     /// lies in one group, for act-order and plain layers at every bit width.
