@@ -582,17 +582,18 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #define MMAD_X_CHUNKS 1
 #endif
 #ifndef MMAD_PERM_EARLY // act-order in the GEMV's `_gather` entries: staging rounds whose indices are loaded
-#define MMAD_PERM_EARLY 0 // before the dependent-launch wait
+#define MMAD_PERM_EARLY 1 // before the dependent-launch wait (1 measured fastest, BENCHMARKS.md)
 #endif
-#ifndef MMAD_MOE_PERM_EARLY // the same in the fused MoE's `_gather` entries (before its copy of X)
-#define MMAD_MOE_PERM_EARLY 0
+#ifndef MMAD_MOE_PERM_EARLY // the same in the fused MoE's `_gather` entries (before its copy of X; 0 measured
+#define MMAD_MOE_PERM_EARLY 0 // fastest there)
 #endif
 // Act-order in the register-pipelined entries: the kinds of entry that read the permutation's u16 copy
 // (2 bytes an index, after the i32 ones in the same buffer) instead of the i32 indices, a bit each (1
 // `_gather`, 2 `_gather_slice`, 4 the fused MoE's `_gather`: MMAD_PERM16_BIT below), so that one sweep
-// times each kind's choice on its own.
+// times each kind's choice on its own. All three measured faster with the u16 copy (BENCHMARKS.md); the
+// host's MMAD_PERM16_DEFAULT (cuda/gptq.rs) must say the same.
 #ifndef MMAD_PERM16
-#define MMAD_PERM16 0
+#define MMAD_PERM16 7
 #endif
 #ifndef MMA_X_CHUNKS // 16-byte chunks of X each lane stages per round trip
 #define MMA_X_CHUNKS 3

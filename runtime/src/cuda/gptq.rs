@@ -765,15 +765,22 @@ fn mmad_depth(bits: u32) -> usize {
     }
 }
 
+/// `MMAD_PERM16`'s default in kernels/gptq.cu: every kind of act-order entry of the
+/// register-pipelined kernels reads the u16 copy of the permutation ([`perm_words`]).
+const MMAD_PERM16_DEFAULT: usize = 7;
+
 /// Bytes per act-order index the register-pipelined GEMV copies to shared memory with
 /// [`perm_slice`] (the `_gather_slice` entries): 2 where bit 2 of `MMAD_PERM16` (kernels/gptq.cu,
-/// default 0, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override) has them read the u16 copy
-/// ([`perm_words`]), else 4.
+/// default [`MMAD_PERM16_DEFAULT`], which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override) has them read
+/// the u16 copy ([`perm_words`]), else 4.
 fn perm_index_bytes() -> usize {
     static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *B.get_or_init(|| match nvrtc_define("MMAD_PERM16") {
-        Some(v) if v & 2 != 0 => 2,
-        _ => 4,
+    *B.get_or_init(|| {
+        if nvrtc_define("MMAD_PERM16").unwrap_or(MMAD_PERM16_DEFAULT) & 2 != 0 {
+            2
+        } else {
+            4
+        }
     })
 }
 
@@ -2036,6 +2043,19 @@ mod tests {
     use super::*;
     use crate::cuda::random::random_gptq;
     use crate::qlinear::unpack_rows;
+
+    /// The host sizes the `_gather_slice` entries' shared memory from `MMAD_PERM16`'s default, so
+    /// it must be the kernel source's.
+    #[test]
+    fn perm16_default_is_the_kernel_sources() {
+        let line = GPTQ
+            .src
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("#define MMAD_PERM16 "))
+            .expect("kernels/gptq.cu defines MMAD_PERM16");
+        let value: usize = line.split_whitespace().next().unwrap().parse().unwrap();
+        assert_eq!(value, MMAD_PERM16_DEFAULT);
+    }
 
     /// The permutation's device words: the i32 indices, then on the tensor cores the same indices
     /// as u16, two a word with the lower half first (what `Idx8<unsigned short>` in
