@@ -553,7 +553,9 @@ pub(crate) struct MmaChoice {
 /// Measured on an H200 back to back (BENCHMARKS.md, 2026-12-04), M = 1, g128 act-order, us, with
 /// the copy against without: 4096 x 1024 4-bit 5.18 / 5.46, 8-bit 5.70 / 5.83, 3-bit 5.17 / 5.47;
 /// 4096 x 4096 4-bit 6.66 / 6.86; but 14336 x 4096 4-bit 14.39 / 13.59 (each block's indices are
-/// 56 KiB there) and the fused MoE's w1/w3 at 1 token 23.5 / 22.3.
+/// 56 KiB there) and the fused MoE's w1/w3 at 1 token 23.5 / 22.3. With u16 indices (28 KiB) the
+/// copy still lost at 14336 x 4096 (2026-12-05, `MIXTRAL_GPTQ_PERM_SLICE_MAX_K=14336`): 4-bit
+/// 13.91 / 13.05.
 fn perm_slice(
     direct: bool,
     act_order: bool,
