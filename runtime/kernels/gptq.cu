@@ -964,10 +964,8 @@ __device__ __forceinline__ void mma_stage_x(const I* perm, const T* __restrict__
     const int chunks = M * cpr;
     const unsigned short* xb = (const unsigned short*)X;
     const unsigned xsh = xblock ? (unsigned)__cvta_generic_to_shared(xblock) : 0u; // act-order gathers
-    auto step = [&](int& m, int& kc) { stage_step(cpr, m, kc); };
-    auto src_k = [](int kk) { return stage_src_k<BITS>(kk); };
     int m_next = 0, kc_next = lane - 32;
-    if (chunks > 0) step(m_next, kc_next);
+    if (chunks > 0) stage_step(cpr, m_next, kc_next);
     int round = 0; // (PRE: rounds whose indices `pre` holds)
     for (int ch0 = lane; ch0 < chunks; ch0 += CH * 32, ++round) {
         u32 w[CH][4];
@@ -976,12 +974,12 @@ __device__ __forceinline__ void mma_stage_x(const I* perm, const T* __restrict__
         for (int u = 0; u < CH; ++u) {
             mu[u] = m_next;
             ku[u] = kc_next * 8;
-            step(m_next, kc_next);
+            stage_step(cpr, m_next, kc_next);
         }
 #pragma unroll
         for (int u = 0; u < CH; ++u) {
             const int ch = ch0 + u * 32;
-            const int m = mu[u], kk = src_k(ku[u]);
+            const int m = mu[u], kk = stage_src_k<BITS>(ku[u]);
             if (ch < chunks && !perm) {
                 const uint4 v = ld_dep((const uint4*)(xb + (size_t)m * K + k0 + kk));
                 w[u][0] = v.x; w[u][1] = v.y; w[u][2] = v.z; w[u][3] = v.w;
@@ -999,7 +997,7 @@ __device__ __forceinline__ void mma_stage_x(const I* perm, const T* __restrict__
 #pragma unroll
                 for (int u = 0; u < CH; ++u) {
                     const int ch = ch0 + u * 32;
-                    if (ch < chunks) idx[u].template load<PERM_SHARED>(perm, src_k(ku[u]));
+                    if (ch < chunks) idx[u].template load<PERM_SHARED>(perm, stage_src_k<BITS>(ku[u]));
                 }
             }
 #pragma unroll

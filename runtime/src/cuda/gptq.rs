@@ -457,6 +457,12 @@ pub fn gemv_launch_rows(mma: bool, bits: u32, k: usize) -> usize {
     }
 }
 
+/// A whole number from the environment variable `name` (the benchmark sweeps' overrides of the
+/// plans' limits), or None where it is unset or not a number.
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
+
 /// A `MIXTRAL_GPTQ_NVRTC_DEFINES` value (benchmark sweeps override the kernels' tuning defines).
 fn nvrtc_define(name: &str) -> Option<usize> {
     let v = std::env::var("MIXTRAL_GPTQ_NVRTC_DEFINES").ok()?;
@@ -476,10 +482,7 @@ fn mma_tuning() -> (usize, usize, usize) {
     static T: std::sync::OnceLock<(usize, usize, usize)> = std::sync::OnceLock::new();
     *T.get_or_init(|| {
         let warps = nvrtc_define("MMA_WARPS").filter(|&w| w > 0).unwrap_or(4);
-        let run_cost = std::env::var("MIXTRAL_GPTQ_MMA_RUN_COST")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(MMA_RUN_COST_TILES);
+        let run_cost = env_usize("MIXTRAL_GPTQ_MMA_RUN_COST").unwrap_or(MMA_RUN_COST_TILES);
         let stages = nvrtc_define("MMA_STAGES").filter(|&s| s >= 2).unwrap_or(4);
         (warps, run_cost, stages)
     })
@@ -501,12 +504,7 @@ const MMA_XBLOCK_MAX_BYTES: usize = 8 * 1024;
 /// 41.3. At M = 1 there (8 KiB) the copy gained 3 % (17.1 against 17.6 us).
 fn mmad_xblock_max_bytes() -> usize {
     static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *B.get_or_init(|| {
-        std::env::var("MIXTRAL_GPTQ_MMAD_XBLOCK")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(64 * 1024)
-    })
+    *B.get_or_init(|| env_usize("MIXTRAL_GPTQ_MMAD_XBLOCK").unwrap_or(64 * 1024))
 }
 
 /// See [`mmad_xblock_max_bytes`].
@@ -576,12 +574,7 @@ const PERM_SLICE_MAX_K: usize = 4096;
 /// a run's indices take half the shared memory).
 fn perm_slice_max_k() -> usize {
     static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *K.get_or_init(|| {
-        std::env::var("MIXTRAL_GPTQ_PERM_SLICE_MAX_K")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(PERM_SLICE_MAX_K)
-    })
+    *K.get_or_init(|| env_usize("MIXTRAL_GPTQ_PERM_SLICE_MAX_K").unwrap_or(PERM_SLICE_MAX_K))
 }
 
 /// The [`CudaDevice::mma_choice`] cache key: bits, X dtype, K, N, M, group rows, act-order, and the
@@ -2070,12 +2063,9 @@ mod tests {
             let words = perm_words(&perm, true);
             assert_eq!(words.len(), k + k.div_ceil(2), "k {k}");
             assert_eq!(&words[..k], &perm[..], "k {k}");
-            let halves: Vec<u16> = words[k..]
+            let halves: Vec<u32> = words[k..]
                 .iter()
-                .flat_map(|&w| (w as u32).to_le_bytes())
-                .collect::<Vec<u8>>()
-                .chunks(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .flat_map(|&w| [w as u32 & 0xffff, w as u32 >> 16])
                 .collect();
             for (i, &p) in perm.iter().enumerate() {
                 assert_eq!(halves[i] as i32, p, "k {k}, index {i}");
