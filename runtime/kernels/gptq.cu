@@ -582,7 +582,7 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #define MMAD_X_CHUNKS 1
 #endif
 #ifndef MMAD_PERM_EARLY // act-order in the GEMV's `_gather` entries: staging rounds whose indices are loaded
-#define MMAD_PERM_EARLY 1 // before the dependent-launch wait (1 measured fastest, BENCHMARKS.md)
+#define MMAD_PERM_EARLY 1 // before the dependent-launch wait (1 fastest at 3 and 4 bits, BENCHMARKS.md)
 #endif
 #ifndef MMAD_MOE_PERM_EARLY // the same in the fused MoE's `_gather` entries (before its copy of X; 0 measured
 #define MMAD_MOE_PERM_EARLY 0 // fastest there)
