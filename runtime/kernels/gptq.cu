@@ -569,12 +569,22 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #define MMAD_WARPS(B) ((B) == 3 ? MMAD_MAX_WARPS3 : (B) == 8 ? MMAD_MAX_WARPS8 : MMAD_MAX_WARPS)
 // The GEMV's `_gather` entry at 4 bits (act-order with K above 4096) allows 28: 72 registers, no
 // spill; 14336 x 4096 g128 M = 1 took 13.05 against 13.62 us at 32 (BENCHMARKS.md, "4-bit
-// act-order gathers in 28 warps"). The `_gather_slice` entry keeps 32 (4096 x 1024 was slower at 28).
+// act-order gathers in 28 warps").
 #ifndef MMAD_MAX_WARPS_GATHER
 #define MMAD_MAX_WARPS_GATHER 28
 #endif
+// The `_gather_slice` entry at 4 bits (act-order with K up to 4096) allows 24: 80 registers, no spill
+// (64 and 32 bytes of stack at 32 warps); g128 M = 1 took 6.10 against 6.57 us at 4096 x 4096 and 5.09
+// against 5.15 at 4096 x 1024 (BENCHMARKS.md, "4-bit act-order slices in 24 warps"; 28 had lost at
+// 4096 x 1024, 16 lost there too).
+#ifndef MMAD_MAX_WARPS_SLICE
+#define MMAD_MAX_WARPS_SLICE 24
+#endif
 // The launch bound of the GEMV's entry G (MMAD_PLAIN, MMAD_GATHER, MMAD_GATHER_SLICE) at B bits.
-#define MMAD_GEMV_WARPS(B, G) ((B) == 4 && (G) == MMAD_GATHER ? MMAD_MAX_WARPS_GATHER : MMAD_WARPS(B))
+#define MMAD_GEMV_WARPS(B, G)                                                                                  \
+    ((B) == 4 && (G) == MMAD_GATHER         ? MMAD_MAX_WARPS_GATHER                                            \
+     : (B) == 4 && (G) == MMAD_GATHER_SLICE ? MMAD_MAX_WARPS_SLICE                                             \
+                                            : MMAD_WARPS(B))
 #ifndef MMAD_MOE_L2_AHEAD // fused MoE at 4 bits: each lane also asks L2 for its words this many tiles
 #define MMAD_MOE_L2_AHEAD 2 // past the reload (0: off). Faster there, slower in the plain GEMV (BENCHMARKS.md)
 #endif
