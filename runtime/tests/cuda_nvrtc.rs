@@ -77,45 +77,53 @@ fn precompile_cache_for_sm_90() {
     }
 }
 
-/// The SASS of the GPTQ module compiled for sm_90 (`cuobjdump -sass`), or `None` after printing why
-/// `test` is skipped. Needs NVRTC and CUDA's `cuobjdump` and `nvdisasm` (`.ci/run` installs them from
-/// PyPI; MIXTRAL_GPTQ_CUDA_BIN_DIR names their folder).
-fn gptq_sass_or_skip(test: &str) -> Option<String> {
-    let setup = nvrtc_or_skip(test)?;
-    let bin = std::env::var_os("MIXTRAL_GPTQ_CUDA_BIN_DIR")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("MIXTRAL_GPTQ_CUDA_LIB_DIR")
-                .map(|l| std::path::PathBuf::from(l).join("../bin"))
-        });
-    let Some(bin) = bin.filter(|b| b.join("cuobjdump").is_file() && b.join("nvdisasm").is_file())
-    else {
-        eprintln!("SKIPPED {test}: no cuobjdump and nvdisasm (set MIXTRAL_GPTQ_CUDA_BIN_DIR)");
-        return None;
-    };
-    let cubin = kernels::compile(&kernels::GPTQ, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
-    let path = std::env::temp_dir().join(format!("gptq-sm_90-{}-{test}.cubin", std::process::id()));
-    std::fs::write(&path, &cubin).unwrap();
-    let path_var = std::env::var_os("PATH").unwrap_or_default();
-    let paths = std::iter::once(bin.clone()).chain(std::env::split_paths(&path_var));
-    let out = std::process::Command::new(bin.join("cuobjdump"))
-        .arg("-sass")
-        .arg(&path)
-        .env("PATH", std::env::join_paths(paths).unwrap())
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
-    assert!(
-        out.status.success(),
-        "cuobjdump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(String::from_utf8(out.stdout).unwrap())
+/// A tensor-core GEMV entry's name and its instructions without their addresses and encodings,
+/// spaces collapsed (`@P0 LDG.E.64 R4, desc[UR8][R2.64]`).
+type GemvSass = (String, Vec<String>);
+
+/// The `gptq_mmad_gemv_*` and `gptq_mmadg_gemv_*` functions of the GPTQ module compiled for sm_90
+/// (`cuobjdump -sass`), made once for all the tests that read them, or `None` after printing why
+/// `test` is skipped. Needs NVRTC and CUDA's `cuobjdump` and `nvdisasm` (`.ci/run` installs them
+/// from PyPI; MIXTRAL_GPTQ_CUDA_BIN_DIR names their folder).
+fn gemv_sass_or_skip(test: &str) -> Option<&'static [GemvSass]> {
+    static SASS: std::sync::OnceLock<Result<Vec<GemvSass>, String>> = std::sync::OnceLock::new();
+    let sass = SASS.get_or_init(|| {
+        let setup = probe::probe_nvrtc().map_err(|e| e.to_string())?;
+        let bin = std::env::var_os("MIXTRAL_GPTQ_CUDA_BIN_DIR")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("MIXTRAL_GPTQ_CUDA_LIB_DIR")
+                    .map(|l| std::path::PathBuf::from(l).join("../bin"))
+            })
+            .filter(|b| b.join("cuobjdump").is_file() && b.join("nvdisasm").is_file())
+            .ok_or("no cuobjdump and nvdisasm (set MIXTRAL_GPTQ_CUDA_BIN_DIR)")?;
+        let cubin =
+            kernels::compile(&kernels::GPTQ, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
+        let path = std::env::temp_dir().join(format!("gptq-sm_90-{}.cubin", std::process::id()));
+        std::fs::write(&path, &cubin).unwrap();
+        let path_var = std::env::var_os("PATH").unwrap_or_default();
+        let paths = std::iter::once(bin.clone()).chain(std::env::split_paths(&path_var));
+        let out = std::process::Command::new(bin.join("cuobjdump"))
+            .arg("-sass")
+            .arg(&path)
+            .env("PATH", std::env::join_paths(paths).unwrap())
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            out.status.success(),
+            "cuobjdump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(gemv_functions(&String::from_utf8(out.stdout).unwrap()))
+    });
+    sass.as_deref()
+        .map_err(|why| eprintln!("SKIPPED {test}: {why}"))
+        .ok()
 }
 
-/// The tensor-core GEMV entries of a SASS listing: (name, instructions without their addresses and
-/// encodings, spaces collapsed: `@P0 LDG.E.64 R4, desc[UR8][R2.64]`).
-fn gemv_functions(sass: &str) -> Vec<(&str, Vec<String>)> {
+/// The tensor-core GEMV entries of a SASS listing ([`GemvSass`]).
+fn gemv_functions(sass: &str) -> Vec<GemvSass> {
     let mut functions = Vec::new();
     for function in sass.split("Function : ").skip(1) {
         let name = function.split_whitespace().next().unwrap_or_default();
@@ -129,7 +137,7 @@ fn gemv_functions(sass: &str) -> Vec<(&str, Vec<String>)> {
             .map(|(i, _)| i.split_whitespace().collect::<Vec<_>>().join(" "))
             .filter(|i| !i.is_empty())
             .collect();
-        functions.push((name, code));
+        functions.push((name.to_string(), code));
     }
     functions
 }
@@ -151,11 +159,10 @@ fn opcode(instruction: &str) -> &str {
 #[test]
 fn gemv_entries_load_weights_before_the_dependent_launch_wait() {
     let test = "gemv_entries_load_weights_before_the_dependent_launch_wait";
-    let Some(sass) = gptq_sass_or_skip(test) else {
+    let Some(functions) = gemv_sass_or_skip(test) else {
         return;
     };
-    let functions = gemv_functions(&sass);
-    for (name, code) in &functions {
+    for (name, code) in functions {
         let (mut waits, mut loaded) = (0, false);
         for line in code {
             if line.contains("LDG.E.NA.128") {
@@ -238,7 +245,7 @@ fn written_registers(instruction: &str) -> Vec<u32> {
 #[test]
 fn gemv_entries_spill_no_load_before_the_dependent_launch_wait() {
     let test = "gemv_entries_spill_no_load_before_the_dependent_launch_wait";
-    let Some(sass) = gptq_sass_or_skip(test) else {
+    let Some(functions) = gemv_sass_or_skip(test) else {
         return;
     };
     const KNOWN: [&str; 3] = [
@@ -247,12 +254,12 @@ fn gemv_entries_spill_no_load_before_the_dependent_launch_wait() {
         "gptq_mmadg_gemv_8b_f16_gather",
     ];
     let mut offenders = Vec::new();
-    for (name, code) in gemv_functions(&sass) {
+    for (name, code) in functions {
         // (an entry holds one prologue per code path, each ending at its own ACQBULK)
         let mut loaded = std::collections::HashSet::new();
         let mut pending = Vec::new();
         let mut spills = Vec::new();
-        for line in &code {
+        for line in code {
             if line.contains("ACQBULK") {
                 spills.append(&mut pending);
                 loaded.clear();
@@ -277,7 +284,7 @@ fn gemv_entries_spill_no_load_before_the_dependent_launch_wait() {
                 }
             }
         }
-        if !spills.is_empty() && !KNOWN.contains(&name) {
+        if !spills.is_empty() && !KNOWN.contains(&name.as_str()) {
             offenders.push(format!("{name}: {spills:?}"));
         }
         eprintln!(
