@@ -573,8 +573,9 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MAX_WARPS_GATHER
 #define MMAD_MAX_WARPS_GATHER 28
 #endif
-// The `_gather_slice` entry at 4 bits (act-order with K up to 4096) allows 24: 80 registers, no spill
-// (64 and 32 bytes of stack at 32 warps); g128 M = 1 took 6.10 against 6.57 us at 4096 x 4096 and 5.09
+// The `_gather_slice` entry at 4 bits (act-order with K up to 4096) allows 24: 80 (bf16: 74) registers,
+// no stack (at 32 warps: 64 registers and 32 (16) bytes of stack, the group's zero word spilled before
+// the dependent-launch wait); g128 M = 1 took 6.10 against 6.57 us at 4096 x 4096 and 5.09
 // against 5.15 at 4096 x 1024 (BENCHMARKS.md, "4-bit act-order slices in 24 warps"; 28 had lost at
 // 4096 x 1024, 16 lost there too).
 #ifndef MMAD_MAX_WARPS_SLICE
