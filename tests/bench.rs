@@ -36,3 +36,25 @@ fn bad_widths_and_groups_are_named_errors() {
         assert!(!stderr.contains("panicked"), "{args:?}: {}", text(&out));
     }
 }
+
+/// `bench reads` checks its widths and depths before it opens the GPU, too.
+#[test]
+fn bench_reads_names_bad_widths_and_depths() {
+    for (args, want) in [
+        (&["--bits", "4,2"][..], "--bits: 2 is not one of 3, 4, 8"),
+        (
+            &["--depths", "2,5"][..],
+            "--depths: 5 is not one of [1, 2, 3, 4, 6, 8]",
+        ),
+        (&["--shapes", "4096"][..], "4096"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut all = vec!["bench", "reads"];
+        all.extend_from_slice(args);
+        let out = run_in(dir.path(), &all);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "{args:?}: {}", text(&out));
+        assert!(!stderr.contains("panicked"), "{args:?}: {}", text(&out));
+    }
+}

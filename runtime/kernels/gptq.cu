@@ -1778,3 +1778,52 @@ extern "C" __global__ void __launch_bounds__(256) bench_stream_read(const uint4*
     for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
     if ((threadIdx.x & 31) == 0 && acc == 0x9E3779B9u) atomicXor(out, acc); // keeps the loads alive
 }
+
+// Reference kernels for `mixtral-gptq bench reads`: read-only launches with the register-pipelined
+// GEMV's access pattern, to tell its weight stream from the rest of its work. Block b (a strip) has
+// one warp per k-split; warp w reads its run of up to L 512-byte pieces of the strip's P (lane l:
+// bytes 16 l .. 16 l + 15 of each), at most D in flight: the load of piece t + D is issued after
+// piece t's words are used, and its address depends on them (through `zero`, a launch argument that
+// is 0), as the GEMV's next load waits for the registers of the tile it computes. Piece t of (b, w)
+// lies at b P + w L + t (strip-major: where the GEMV's words are) or, with `time_major`,
+// at t (blocks x warps) + b warps + w: every warp's piece t side by side, so that the grid reads one
+// contiguous region at a time.
+template <int D>
+__device__ __forceinline__ void read_runs(const uint4* p, int P, int L, int time_major, u32 zero, u32* out) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int n = min(L, P - w * L); // pieces of this warp's run
+    if (n <= 0) return;
+    // (in pieces; the host keeps buffers under 2^27 pieces, 64 GiB, so 32 bits hold every index)
+    const u32 step = time_major ? gridDim.x * nw : 1u;
+    const u32 base = time_major ? blockIdx.x * nw + w : blockIdx.x * (u32)P + (u32)(w * L);
+    const uint4* q = p + lane;
+    uint4 v[D];
+    u32 acc = 0;
+#pragma unroll
+    for (int d = 0; d < D; ++d)
+        if (d < n) v[d] = ld_stream((const u32*)(q + (size_t)(base + d * step) * 32));
+    for (int t0 = 0; t0 < n; t0 += D) {
+#pragma unroll
+        for (int d = 0; d < D; ++d) {
+            const int t = t0 + d;
+            if (t < n) {
+                acc = acc * 0x9E3779B1u + (v[d].x ^ v[d].y ^ v[d].z ^ v[d].w);
+                if (t + D < n) v[d] = ld_stream((const u32*)(q + (size_t)((base + (t + D) * step) * 32 + (acc & zero))));
+            }
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0 && acc == 0x9E3779B9u) atomicXor(out, acc); // keeps the loads alive
+}
+#define READ_RUNS_ENTRY(D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(1024) bench_read_runs_d##D(const uint4* p, int P, int L,    \
+                                                                            int time_major, u32 zero, u32* out) { \
+        read_runs<D>(p, P, L, time_major, zero, out);                                                        \
+    }
+READ_RUNS_ENTRY(1)
+READ_RUNS_ENTRY(2)
+READ_RUNS_ENTRY(3)
+READ_RUNS_ENTRY(4)
+READ_RUNS_ENTRY(6)
+READ_RUNS_ENTRY(8)

@@ -538,6 +538,65 @@ fn dependent_launches_keep_stream_order() {
     }
 }
 
+/// `bench reads`' pieces: the GEMV's launch as the plan makes it, and the read-only launches that
+/// imitate it (residency held to the GEMV's, buffers and depths checked before launching).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn read_only_runs_imitate_the_gemv_launch() {
+    use runtime::cuda::timing::{ReadRuns, Timing};
+    let dev = device();
+    let (k, n) = (4096, 4096);
+    for bits in [4u32, 3, 8] {
+        let w = dev
+            .upload_prepared(&prepare(&random_gptq(bits, 128, k, n, false, 7)).unwrap())
+            .unwrap();
+        let plan = dev
+            .gemv_launch_shape::<f16>(&w, 1)
+            .unwrap()
+            .expect("the GEMV of one row runs on the tensor cores");
+        eprintln!("{bits}-bit: {plan:?}");
+        assert!(plan.register_pipelined, "{plan:?}");
+        assert_eq!(plan.blocks, n / 32, "{plan:?}");
+        assert_eq!(plan.warps_per_block, plan.splits, "{plan:?}");
+        assert!(plan.splits * plan.tiles_per_warp >= k / 32, "{plan:?}");
+        assert!(
+            plan.resident_blocks_per_sm >= 1 && plan.tiles_in_flight >= 1,
+            "{plan:?}"
+        );
+        assert!(dev.gemv_launch_shape::<f16>(&w, 64).unwrap().is_none());
+
+        let b = bits as usize;
+        let runs = ReadRuns {
+            blocks: plan.blocks,
+            warps: plan.warps_per_block,
+            pieces_per_strip: k * b / 128,
+            pieces_per_warp: plan.tiles_per_warp * b / 4,
+            depth: 2,
+            time_major: false,
+            blocks_per_sm: plan.resident_blocks_per_sm,
+        };
+        // every piece of the layer's packed words once
+        assert_eq!(runs.buffer_bytes(), k * n * b / 8);
+        let tm = Timing::one_by_one(1, 3);
+        for time_major in [false, true] {
+            let r = ReadRuns { time_major, ..runs };
+            let bufs = vec![dev.zeros::<u8>(r.buffer_bytes()).unwrap()];
+            let (ms, resident) = dev.read_runs_ms(&bufs, r, tm).unwrap();
+            assert!(ms > 0.0 && ms.is_finite());
+            assert_eq!(resident, plan.resident_blocks_per_sm, "{r:?}");
+        }
+        let short = vec![dev.zeros::<u8>(runs.buffer_bytes() - 512).unwrap()];
+        let e = dev.read_runs_ms(&short, runs, tm).unwrap_err().to_string();
+        assert!(e.contains("read-only launch buffer"), "{e}");
+        let bufs = vec![dev.zeros::<u8>(runs.buffer_bytes()).unwrap()];
+        let e = dev
+            .read_runs_ms(&bufs, ReadRuns { depth: 5, ..runs }, tm)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pieces in flight"), "{e}");
+    }
+}
+
 /// Without a device, asking for one gives a named error, never a panic (runs everywhere).
 #[test]
 fn missing_cuda_is_a_named_error() {

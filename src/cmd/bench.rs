@@ -1,5 +1,6 @@
 //! `mixtral-gptq bench kernels`: times the CUDA GPTQ kernels against cuBLAS and the copy bandwidth
-//! measured in the same run, and prints a Markdown table (BENCHMARKS.md, "CUDA kernels").
+//! measured in the same run, and prints a Markdown table (BENCHMARKS.md, "CUDA kernels"); `bench
+//! reads` ([`reads`]) and `bench eval`.
 
 use std::process::ExitCode;
 
@@ -8,6 +9,8 @@ use runtime::cuda::gptq::{mma_eligible, prepare, ActDtype, DeviceGptq, GemvKerne
 use runtime::cuda::random::{random_activations, random_gptq};
 use runtime::cuda::timing::Timing;
 use runtime::cuda::{bf16, f16, CudaDevice};
+
+pub mod reads;
 
 /// Arguments of `mixtral-gptq bench`.
 #[derive(Debug, clap::Args)]
@@ -22,6 +25,9 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// CUDA GPTQ kernels: time, bandwidth, ratio to cuBLAS, per shape, bits, group size and M.
     Kernels(KernelArgs),
+    /// Read-only launches with the tensor-core GEMV's access pattern (its grid, runs and loads in
+    /// flight, nothing computed), next to the GEMV and a plain streaming read of the same bytes.
+    Reads(reads::ReadsArgs),
     /// Layer-major perplexity throughput on a synthetic full-size Mixtral (or a branch on disk)
     /// against the dense bf16 floor measured in the same run.
     Eval(EvalBenchArgs),
@@ -155,16 +161,14 @@ fn to_dtype<T: ActDtype>(v: &[f32]) -> Vec<T> {
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchWhat::Kernels(a) => kernels(a),
+        BenchWhat::Reads(a) => reads::run(a),
         BenchWhat::Eval(a) => eval_bench(a),
     }
 }
 
 fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
-    for (flag, bits) in [("--bits", &a.bits), ("--moe-bits", &a.moe_bits)] {
-        if let Some(b) = bits.iter().find(|b| ![3, 4, 8].contains(*b)) {
-            bail!("{flag}: {b} is not one of 3, 4, 8");
-        }
-    }
+    check_bits("--bits", &a.bits)?;
+    check_bits("--moe-bits", &a.moe_bits)?;
     // (the fused MoE's experts are 4096 x 14336 and 14336 x 4096)
     if let Some(g) = a
         .moe_groups
@@ -244,13 +248,8 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                 rng_seed += 1;
                 let w = random_gptq(bits, gs, k, n, act, rng_seed);
                 let p = prepare(&w)?;
-                let probe: DeviceGptq = dev.upload_prepared(&p)?;
-                let wbytes = probe.checkpoint_bytes();
-                let copies = a.rotate_bytes.div_ceil(wbytes).clamp(2, 64);
-                let mut ws = vec![probe];
-                for _ in 1..copies {
-                    ws.push(dev.upload_prepared(&p)?);
-                }
+                let ws = rotated_layers(&dev, &p, a.rotate_bytes)?;
+                let (wbytes, copies) = (ws[0].checkpoint_bytes(), ws.len());
                 // The other GEMV kernel on the same layer, where both can run it: the tensor-core one
                 // where the automatic choice is scalar and the reverse (each on its own layout).
                 let other = if dev.uses_mma_gemv(&ws[0]) {
@@ -358,6 +357,30 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
         moe(&dev, &a, copy)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A usage error unless every width of `flag` is 3, 4 or 8.
+fn check_bits(flag: &str, bits: &[u32]) -> anyhow::Result<()> {
+    if let Some(b) = bits.iter().find(|b| ![3, 4, 8].contains(*b)) {
+        bail!("{flag}: {b} is not one of 3, 4, 8");
+    }
+    Ok(())
+}
+
+/// Copies of one prepared layer on the device, enough to span `rotate_bytes` (2 to 64), so that
+/// timed runs taking them in turn are not served by the cache.
+fn rotated_layers(
+    dev: &CudaDevice,
+    p: &runtime::cuda::gptq::PreparedGptq,
+    rotate_bytes: usize,
+) -> anyhow::Result<Vec<DeviceGptq>> {
+    let first = dev.upload_prepared(p)?;
+    let copies = rotate_bytes.div_ceil(first.checkpoint_bytes()).clamp(2, 64);
+    let mut ws = vec![first];
+    for _ in 1..copies {
+        ws.push(dev.upload_prepared(p)?);
+    }
+    Ok(ws)
 }
 
 /// `time()` again with programmatic dependent launch off, where it is on (then back on).

@@ -527,6 +527,28 @@ pub(crate) struct MmaPlan {
     cost: usize,
 }
 
+/// A tensor-core GEMV launch as [`CudaDevice::gemv_launch_shape`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GemvLaunchShape {
+    /// The kernel's entry point in kernels/gptq.cu.
+    pub entry: String,
+    /// The register-pipelined variant (one block per 32-column strip, one warp per k-split), else
+    /// the cp.async-ring one (independent warps, `MMA_WARPS` per block).
+    pub register_pipelined: bool,
+    /// k-splits per strip.
+    pub splits: usize,
+    /// 32-row tiles per warp's run (the last split of a strip may have fewer).
+    pub tiles_per_warp: usize,
+    /// Warps per block.
+    pub warps_per_block: usize,
+    /// Blocks of the grid.
+    pub blocks: usize,
+    /// Blocks the driver keeps resident per SM with this launch's registers and shared memory.
+    pub resident_blocks_per_sm: usize,
+    /// 32-row tiles whose packed words each warp has in flight.
+    pub tiles_in_flight: usize,
+}
+
 /// What a tensor-core GEMV launch runs ([`CudaDevice::mma_choice`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MmaChoice {
@@ -1128,7 +1150,7 @@ impl CudaDevice {
 
     /// Blocks of `threads` threads and `smem` dynamic shared bytes the driver keeps resident per SM
     /// (0 when `smem` is over the device's limit); cached per (entry and threads, smem).
-    fn resident_blocks(
+    pub(crate) fn resident_blocks(
         &self,
         f: &cudarc::driver::CudaFunction,
         entry: &str,
@@ -1161,7 +1183,11 @@ impl CudaDevice {
     /// Lets `f` use `smem` bytes of dynamic shared memory. Without the attribute, static and dynamic
     /// shared memory together are limited to 48 KiB, and the kernels declare about 1 KiB of static
     /// shared memory, so the attribute is set from 40 KiB on.
-    fn allow_smem(f: &cudarc::driver::CudaFunction, smem: u32, entry: &str) -> Result<()> {
+    pub(crate) fn allow_smem(
+        f: &cudarc::driver::CudaFunction,
+        smem: u32,
+        entry: &str,
+    ) -> Result<()> {
         if smem as usize > 40 * 1024 {
             drv(
                 format!("allowing {smem} bytes of shared memory for {entry}"),
@@ -1360,6 +1386,46 @@ impl CudaDevice {
                 w.in_features,
                 m.min(gemv_launch_rows(w.mma, w.bits, w.in_features)),
             )
+    }
+
+    /// How [`CudaDevice::qmatmul`] launches the tensor-core GEMV of `m` rows of `T` on `w` (X as
+    /// given, not put in order first), or None where that GEMV does not run on the tensor cores:
+    /// what `mixtral-gptq bench reads` imitates with read-only launches.
+    pub fn gemv_launch_shape<T: ActDtype>(
+        &self,
+        w: &DeviceGptq,
+        m: usize,
+    ) -> Result<Option<GemvLaunchShape>> {
+        if m == 0 || !self.qmatmul_uses_gemv(w, m) || !self.gemv_uses_tensor_cores(w, m) {
+            return Ok(None);
+        }
+        let c = self.mma_choice::<T>(w, m, false, None)?;
+        let entry = mma_entry::<T>(
+            c.direct,
+            w.bits,
+            (w.in_features, w.group_rows as usize),
+            (c.gather, c.perm_slice),
+        );
+        let f = self.function(&GPTQ, &entry)?;
+        let threads = (c.plan.warps * 32) as u32;
+        let resident = self.resident_blocks(&f, &entry, threads, c.plan.smem as usize)?;
+        let tiles_in_flight = match (c.direct, w.bits) {
+            (true, 3) => {
+                nvrtc_define("MMAD_DEPTH3").filter(|&d| d > 0).unwrap_or(1) * MMA3_ROWS / 32
+            }
+            (true, b) => mmad_depth(b),
+            (false, _) => mma_tuning().2 - 1,
+        };
+        Ok(Some(GemvLaunchShape {
+            entry,
+            register_pipelined: c.direct,
+            splits: c.plan.nsplit,
+            tiles_per_warp: c.plan.tiles_per_warp,
+            warps_per_block: c.plan.warps,
+            blocks: c.plan.blocks,
+            resident_blocks_per_sm: resident,
+            tiles_in_flight,
+        }))
     }
 
     /// Plan of one variant of the tensor-core GEMV (`direct`: the register-pipelined one), or None

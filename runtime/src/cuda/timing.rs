@@ -7,7 +7,7 @@ use std::time::Instant;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::CudaDevice;
-use super::error::{drv, Result};
+use super::error::{drv, CudaError, Result};
 use super::kernels::GPTQ;
 
 /// How a benchmark case is timed.
@@ -43,6 +43,46 @@ pub struct Timed {
     /// Host milliseconds per run spent queueing it (the wall clock around the calls, which return
     /// before the device runs them).
     pub host_ms: f64,
+}
+
+/// Pieces in flight per warp that `bench_read_runs_d*` (kernels/gptq.cu) is compiled for.
+pub const READ_RUNS_DEPTHS: [usize; 6] = [1, 2, 3, 4, 6, 8];
+
+/// One read-only launch with the register-pipelined GEMV's access pattern
+/// ([`CudaDevice::read_runs_ms`], `bench_read_runs_d*` in kernels/gptq.cu): `blocks` blocks (the
+/// GEMV's 32-column strips) of `warps` warps (its k-splits); warp w of a block reads pieces
+/// w·L .. w·L + L - 1 (L = `pieces_per_warp`) of the block's `pieces_per_strip` 512-byte pieces
+/// (each lane 16 bytes of each), `depth` in flight, each next load issued once an earlier piece's
+/// words are used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadRuns {
+    /// Blocks of the grid.
+    pub blocks: usize,
+    /// Warps per block (1 to 32).
+    pub warps: usize,
+    /// 512-byte pieces of one block's strip.
+    pub pieces_per_strip: usize,
+    /// Pieces of one warp's run (the last warps of a strip may have fewer, or none).
+    pub pieces_per_warp: usize,
+    /// Pieces in flight per warp: one of [`READ_RUNS_DEPTHS`].
+    pub depth: usize,
+    /// Piece t of every warp side by side (the grid reads one region at a time), instead of each
+    /// strip's pieces in one run (the GEMV's strip-major layout).
+    pub time_major: bool,
+    /// Blocks per SM to allow (unused shared memory holds the others off), or 0 for as many as
+    /// the SM takes.
+    pub blocks_per_sm: usize,
+}
+
+impl ReadRuns {
+    /// Bytes a buffer of this launch spans.
+    pub fn buffer_bytes(&self) -> usize {
+        512 * if self.time_major {
+            self.blocks * self.warps * self.pieces_per_warp
+        } else {
+            self.blocks * self.pieces_per_strip
+        }
+    }
 }
 
 impl CudaDevice {
@@ -197,6 +237,91 @@ impl CudaDevice {
                 unsafe { l.launch(cfg) }.map(|_| ()),
             )
         })
+    }
+
+    /// Median milliseconds of one read-only launch with the register-pipelined GEMV's access
+    /// pattern ([`ReadRuns`], `bench_read_runs_d*` in kernels/gptq.cu), the buffers taken in turn
+    /// so that the cache does not serve them (each at least [`ReadRuns::buffer_bytes`]), and the
+    /// blocks per SM the driver kept resident.
+    pub fn read_runs_ms(
+        &self,
+        bufs: &[CudaSlice<u8>],
+        r: ReadRuns,
+        t: Timing,
+    ) -> Result<(f64, usize)> {
+        if !READ_RUNS_DEPTHS.contains(&r.depth) {
+            return Err(CudaError::Unsupported {
+                field: "read-only pieces in flight per warp",
+                value: r.depth.to_string(),
+                reason: "bench_read_runs is compiled for 1, 2, 3, 4, 6 and 8",
+            });
+        }
+        if !(1..=32).contains(&r.warps) || r.blocks == 0 || r.pieces_per_warp == 0 {
+            return Err(CudaError::Unsupported {
+                field: "read-only launch",
+                value: format!("{r:?}"),
+                reason: "1 to 32 warps per block, at least one block and one piece per warp",
+            });
+        }
+        let need = r.buffer_bytes();
+        if need >= 64 << 30 {
+            return Err(CudaError::Unsupported {
+                field: "read-only launch buffer (bytes)",
+                value: need.to_string(),
+                reason: "the kernel indexes pieces with 32 bits: under 64 GiB",
+            });
+        }
+        if let Some(b) = bufs.iter().find(|b| b.len() < need) {
+            return Err(CudaError::BadInput {
+                what: "read-only launch buffer (bytes)",
+                expected: need,
+                got: b.len(),
+            });
+        }
+        let entry = format!("bench_read_runs_d{}", r.depth);
+        let f = self.function(&GPTQ, &entry)?;
+        let threads = (r.warps * 32) as u32;
+        // Dynamic shared memory (unused) keeps the SM to `blocks_per_sm` blocks, as the GEMV's
+        // registers and shared memory keep it; the driver reserves 1 KiB per block.
+        let mut smem = 0usize;
+        if let Some(want) = std::num::NonZeroUsize::new(r.blocks_per_sm) {
+            let per_sm = drv(
+                "reading the shared memory per SM",
+                self.context().attribute(
+                    cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+                ),
+            )? as usize;
+            smem = ((per_sm / want).saturating_sub(1024) & !127).min(self.smem_optin());
+            while smem >= 1024 && self.resident_blocks(&f, &entry, threads, smem)? < want.get() {
+                smem -= 1024;
+            }
+        }
+        let resident = self.resident_blocks(&f, &entry, threads, smem)?;
+        Self::allow_smem(&f, smem as u32, &entry)?;
+        let sink = self.zeros::<u32>(1)?;
+        let cfg = LaunchConfig {
+            grid_dim: (r.blocks as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (p, l, tm, zero) = (
+            r.pieces_per_strip as i32,
+            r.pieces_per_warp as i32,
+            r.time_major as i32,
+            0u32,
+        );
+        let ms = self.median_ms(t, |i| {
+            let b = &bufs[i % bufs.len()];
+            let mut lb = self.stream().launch_builder(&f);
+            lb.arg(b).arg(&p).arg(&l).arg(&tm).arg(&zero).arg(&sink);
+            // SAFETY: (const uint4*, int, int, int, u32, u32*) as `bench_read_runs_d*` takes
+            // them; b holds every piece the grid reads (checked above), sink one u32.
+            drv(
+                format!("launching {entry}"),
+                unsafe { lb.launch(cfg) }.map(|_| ()),
+            )
+        })?;
+        Ok((ms, resident))
     }
 }
 
