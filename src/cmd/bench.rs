@@ -75,9 +75,9 @@ pub struct EvalBenchArgs {
     pub model: Option<std::path::PathBuf>,
 }
 
-/// Arguments of `mixtral-gptq bench kernels`.
+/// Which layers a kernel benchmark times, and on which device (`bench kernels`, `bench reads`).
 #[derive(Debug, clap::Args)]
-pub struct KernelArgs {
+pub struct LayerArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
@@ -88,15 +88,37 @@ pub struct KernelArgs {
         default_value = "4096x14336,14336x4096,4096x4096,4096x1024"
     )]
     pub shapes: Vec<String>,
-    /// Bit widths.
+    /// Bit widths (3, 4, 8).
     #[arg(long, value_delimiter = ',', default_value = "4,3,8")]
     pub bits: Vec<u32>,
-    /// Rows of X for the GEMV path (X in f16, compared with cuBLAS f16).
-    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
-    pub m: Vec<usize>,
-    /// Rows of X for the GEMM path (X in bf16, compared with cuBLAS bf16 dense); 0 skips it.
-    #[arg(long, default_value_t = 2048)]
-    pub gemm_m: usize,
+}
+
+impl LayerArgs {
+    /// Opens the device and measures its copy bandwidth, printing both.
+    fn open_device(&self) -> anyhow::Result<(std::sync::Arc<CudaDevice>, f64)> {
+        let dev = CudaDevice::new(self.device).context("opening the CUDA device")?;
+        let copy = dev
+            .copy_bandwidth_gbs(1 << 30, 20)
+            .context("measuring copy bandwidth")?;
+        println!(
+            "device: {} ({}, {} SMs); measured device-to-device copy: {copy:.0} GB/s (read + write)",
+            dev.name(),
+            dev.arch(),
+            dev.sm_count()
+        );
+        Ok((dev, copy))
+    }
+
+    /// The shapes as (K, N); a usage error names a malformed one. The widths are checked too.
+    fn shapes(&self) -> anyhow::Result<Vec<(usize, usize)>> {
+        check_bits("--bits", &self.bits)?;
+        self.shapes.iter().map(|s| parse_shape(s)).collect()
+    }
+}
+
+/// How a kernel benchmark times each case (`bench kernels`, `bench reads`).
+#[derive(Debug, clap::Args)]
+pub struct TimingArgs {
     /// Timed runs per case (median reported).
     #[arg(long, default_value_t = 100)]
     pub iters: usize,
@@ -109,6 +131,44 @@ pub struct KernelArgs {
     /// as a decoding step queues them. Applies to every timed case (ours, cuBLAS, read-only, empty).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub back_to_back: u64,
+    /// Bytes the rotated input copies of one case should span at least (defeats the 50 MB L2).
+    #[arg(long, default_value_t = 256 << 20)]
+    pub rotate_bytes: usize,
+}
+
+impl TimingArgs {
+    /// How each case is timed: `iters` samples after the warm-up, `--back-to-back` runs each.
+    fn timing(&self, iters: usize) -> Timing {
+        Timing {
+            warmup: self.warmup,
+            iters,
+            back_to_back: self.back_to_back as usize,
+        }
+    }
+
+    /// The line that says how the figures below were timed.
+    fn describe(&self) -> String {
+        if self.back_to_back == 1 {
+            format!("times are medians of {} runs after {} warm-up runs, each run between its own CUDA events, inputs rotated over >= {} MiB", self.iters, self.warmup, self.rotate_bytes >> 20)
+        } else {
+            format!("times are medians of {} samples after {} warm-up runs, a sample being the mean of {} runs queued back to back between one pair of CUDA events, inputs rotated over >= {} MiB", self.iters, self.warmup, self.back_to_back, self.rotate_bytes >> 20)
+        }
+    }
+}
+
+/// Arguments of `mixtral-gptq bench kernels`.
+#[derive(Debug, clap::Args)]
+pub struct KernelArgs {
+    #[command(flatten)]
+    pub layers: LayerArgs,
+    /// Rows of X for the GEMV path (X in f16, compared with cuBLAS f16).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    pub m: Vec<usize>,
+    /// Rows of X for the GEMM path (X in bf16, compared with cuBLAS bf16 dense); 0 skips it.
+    #[arg(long, default_value_t = 2048)]
+    pub gemm_m: usize,
+    #[command(flatten)]
+    pub timing: TimingArgs,
     /// Experts for the fused-MoE timing (0 skips it).
     #[arg(long, default_value_t = 8)]
     pub moe_experts: usize,
@@ -123,20 +183,6 @@ pub struct KernelArgs {
         allow_hyphen_values = true
     )]
     pub moe_groups: Vec<i32>,
-    /// Bytes the rotated input copies of one case should span at least (defeats the 50 MB L2).
-    #[arg(long, default_value_t = 256 << 20)]
-    pub rotate_bytes: usize,
-}
-
-impl KernelArgs {
-    /// How each case is timed: `iters` samples after the warm-up, `--back-to-back` runs each.
-    fn timing(&self, iters: usize) -> Timing {
-        Timing {
-            warmup: self.warmup,
-            iters,
-            back_to_back: self.back_to_back as usize,
-        }
-    }
 }
 
 fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -167,7 +213,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
-    check_bits("--bits", &a.bits)?;
+    let shapes = a.layers.shapes()?;
     check_bits("--moe-bits", &a.moe_bits)?;
     // (the fused MoE's experts are 4096 x 14336 and 14336 x 4096)
     if let Some(g) = a
@@ -177,28 +223,10 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
     {
         bail!("--moe-groups: {g} is neither -1 (per channel) nor a group size dividing 4096 and 14336");
     }
-    let shapes: Vec<(usize, usize)> = a
-        .shapes
-        .iter()
-        .map(|s| parse_shape(s))
-        .collect::<anyhow::Result<_>>()?;
-    let dev = CudaDevice::new(a.device).context("opening the CUDA device")?;
-    let copy = dev
-        .copy_bandwidth_gbs(1 << 30, 20)
-        .context("measuring copy bandwidth")?;
-    println!(
-        "device: {} ({}, {} SMs); measured device-to-device copy: {copy:.0} GB/s (read + write)",
-        dev.name(),
-        dev.arch(),
-        dev.sm_count()
-    );
-    let tm = a.timing(a.iters);
-    let tm30 = a.timing(a.iters.min(30));
-    if tm.back_to_back == 1 {
-        println!("times are medians of {} runs after {} warm-up runs, each run between its own CUDA events, inputs rotated over >= {} MiB", a.iters, a.warmup, a.rotate_bytes >> 20);
-    } else {
-        println!("times are medians of {} samples after {} warm-up runs, a sample being the mean of {} runs queued back to back between one pair of CUDA events, inputs rotated over >= {} MiB", a.iters, a.warmup, tm.back_to_back, a.rotate_bytes >> 20);
-    }
+    let (dev, copy) = a.layers.open_device()?;
+    let tm = a.timing.timing(a.timing.iters);
+    let tm30 = a.timing.timing(a.timing.iters.min(30));
+    println!("{}", a.timing.describe());
     let empty = dev.empty_kernel(tm)?;
     println!("an empty kernel takes {:.2} us, timed the same way, and {:.1} us of host time to queue; \"read-only\" is one kernel that only streams the layer's bytes (same rotation); \"host\" is the host's time to queue one call", empty.device_ms * 1e3, empty.host_ms * 1e3);
     if dev.dependent_launch() {
@@ -213,7 +241,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
     for &(k, n) in &shapes {
         // cuBLAS baselines for this shape: f16 at each GEMV M, bf16 at the GEMM M.
         let dense_bytes = k * n * 2;
-        let dcopies = a.rotate_bytes.div_ceil(dense_bytes).clamp(2, 32);
+        let dcopies = a.timing.rotate_bytes.div_ceil(dense_bytes).clamp(2, 32);
         let wh = random_activations(k * n, 11);
         let mut base_f16 = Vec::new();
         {
@@ -243,12 +271,12 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
             println!("| {k} x {n} | dense | | | {m} | bf16 | cuBLAS bf16 | {:.1} | | | | | {:.0} TFLOP/s |", t * 1e3, 2.0 * (m * k * n) as f64 / (t * 1e-3) / 1e12);
             base_bf16 = Some(t);
         }
-        for &bits in &a.bits {
+        for &bits in &a.layers.bits {
             for (gs, act) in [(128, false), (128, true), (32, false), (-1, false)] {
                 rng_seed += 1;
                 let w = random_gptq(bits, gs, k, n, act, rng_seed);
                 let p = prepare(&w)?;
-                let ws = rotated_layers(&dev, &p, a.rotate_bytes)?;
+                let ws = rotated_layers(&dev, &p, a.timing.rotate_bytes)?;
                 let (wbytes, copies) = (ws[0].checkpoint_bytes(), ws.len());
                 // The other GEMV kernel on the same layer, where both can run it: the tensor-core one
                 // where the automatic choice is scalar and the reverse (each on its own layout).
@@ -449,7 +477,7 @@ fn moe_shape(
         "scalar"
     };
     let wbytes = singles[0].checkpoint_bytes();
-    let tm = a.timing(a.iters);
+    let tm = a.timing.timing(a.timing.iters);
     for tokens in [1usize, 4] {
         let pairs = tokens * topk;
         let ids: Vec<i32> = (0..pairs)

@@ -6,84 +6,48 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use runtime::cuda::gptq::{prepare, GemvLaunchShape};
 use runtime::cuda::random::{random_activations, random_gptq};
 use runtime::cuda::timing::{ReadRuns, Timing, READ_RUNS_DEPTHS};
 use runtime::cuda::{f16, CudaDevice};
 
-use super::{check_bits, parse_shape, rotated_layers, to_dtype, without_dependent_launch};
+use super::{rotated_layers, to_dtype, without_dependent_launch, LayerArgs, TimingArgs};
 
-/// Arguments of `mixtral-gptq bench reads`.
+/// Arguments of `mixtral-gptq bench reads` (layers of group size 128 without act-order, M = 1, f16 X).
 #[derive(Debug, clap::Args)]
 pub struct ReadsArgs {
-    /// CUDA device ordinal.
-    #[arg(long, default_value_t = 0)]
-    pub device: usize,
-    /// Shapes as KxN, comma-separated (default: Mixtral's four).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "4096x14336,14336x4096,4096x4096,4096x1024"
-    )]
-    pub shapes: Vec<String>,
-    /// Bit widths (layers of group size 128 without act-order, M = 1, f16 X).
-    #[arg(long, value_delimiter = ',', default_value = "4,3,8")]
-    pub bits: Vec<u32>,
+    #[command(flatten)]
+    pub layers: LayerArgs,
     /// 512-byte pieces in flight per warp to try, besides the GEMV's own (1, 2, 3, 4, 6 or 8).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     pub depths: Vec<usize>,
-    /// Timed samples per case (median reported).
-    #[arg(long, default_value_t = 100)]
-    pub iters: usize,
-    /// Warm-up runs per case.
-    #[arg(long, default_value_t = 10)]
-    pub warmup: usize,
-    /// Runs queued back to back between one pair of CUDA events (as in `bench kernels`).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
-    pub back_to_back: u64,
-    /// Bytes the rotated copies of one case should span at least (defeats the 50 MB L2).
-    #[arg(long, default_value_t = 256 << 20)]
-    pub rotate_bytes: usize,
+    #[command(flatten)]
+    pub timing: TimingArgs,
 }
 
 /// Runs `bench reads`.
 pub fn run(a: ReadsArgs) -> anyhow::Result<ExitCode> {
-    check_bits("--bits", &a.bits)?;
+    let shapes = a.layers.shapes()?;
     if let Some(d) = a.depths.iter().find(|d| !READ_RUNS_DEPTHS.contains(d)) {
         bail!("--depths: {d} is not one of {READ_RUNS_DEPTHS:?}");
     }
-    let shapes: Vec<(usize, usize)> = a
-        .shapes
-        .iter()
-        .map(|s| parse_shape(s))
-        .collect::<anyhow::Result<_>>()?;
-    let tm = Timing {
-        warmup: a.warmup,
-        iters: a.iters,
-        back_to_back: a.back_to_back as usize,
-    };
-    let dev = CudaDevice::new(a.device).context("opening the CUDA device")?;
-    let copy = dev
-        .copy_bandwidth_gbs(1 << 30, 20)
-        .context("measuring copy bandwidth")?;
+    let tm = a.timing.timing(a.timing.iters);
+    let (dev, copy) = a.layers.open_device()?;
     println!(
-        "device: {} ({}, {} SMs); measured device-to-device copy: {copy:.0} GB/s (read + write)",
-        dev.name(),
-        dev.arch(),
-        dev.sm_count()
+        "{}; GB/s counts the packed words (K x N x bits / 8) in every row",
+        a.timing.describe()
     );
-    println!("times are medians of {} samples after {} warm-up runs, a sample being the mean of {} runs queued back to back, inputs rotated over >= {} MiB; GB/s counts the packed words (K x N x bits / 8) in every row", a.iters, a.warmup, tm.back_to_back, a.rotate_bytes >> 20);
     println!("\"runs\" launches read only, with the GEMV's grid: one block per 32-column strip, one warp per k-split reading its run of 512-byte pieces, each next load issued once an earlier piece is used; \"strip-major\" is where the GEMV's words lie, \"time-major\" puts piece t of every warp side by side");
     println!();
     println!("| K x N | bits | launch | layout | pieces in flight per warp | warps per block | blocks per SM | time (us) | GB/s | % of copy | GEMV without PDL / this |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut seed = 1u64;
     for &(k, n) in &shapes {
-        for &bits in &a.bits {
+        for &bits in &a.layers.bits {
             seed += 1;
             let p = prepare(&random_gptq(bits, 128, k, n, false, seed))?;
-            let ws = rotated_layers(&dev, &p, a.rotate_bytes)?;
+            let ws = rotated_layers(&dev, &p, a.timing.rotate_bytes)?;
             let Some(plan) = dev.gemv_launch_shape::<f16>(&ws[0], 1)? else {
                 println!("| {k} x {n} | {bits} | the GEMV of one row is not on the tensor cores | | | | | | | | |");
                 continue;
@@ -170,7 +134,7 @@ fn shape_rows(
     let biggest = runs(1, true, 0)
         .buffer_bytes()
         .max(runs(1, false, 0).buffer_bytes());
-    let copies = a.rotate_bytes.div_ceil(biggest).clamp(2, 64);
+    let copies = a.timing.rotate_bytes.div_ceil(biggest).clamp(2, 64);
     let bufs: Vec<_> = (0..copies)
         .map(|_| dev.zeros::<u8>(biggest))
         .collect::<Result<_, _>>()?;
