@@ -131,14 +131,15 @@ fn shape_rows(
         gemv_row("the same GEMV without dependent launch", t);
     }
 
-    let biggest = runs(1, true, 0)
-        .buffer_bytes()
-        .max(runs(1, false, 0).buffer_bytes());
-    let copies = a.timing.rotate_bytes.div_ceil(biggest).clamp(2, 64);
-    let bufs: Vec<_> = (0..copies)
-        .map(|_| dev.zeros::<u8>(biggest))
-        .collect::<Result<_, _>>()?;
-    let stream = dev.stream_read_ms(&bufs, tm)?;
+    // The streaming read takes exactly the layer's words; the runs' buffers span their layouts
+    // (time-major leaves the holes of the strips' short last runs).
+    let rotated = |bytes: usize| -> anyhow::Result<Vec<_>> {
+        let copies = a.timing.rotate_bytes.div_ceil(bytes).clamp(2, 64);
+        Ok((0..copies)
+            .map(|_| dev.zeros::<u8>(bytes))
+            .collect::<Result<_, _>>()?)
+    };
+    let stream = dev.stream_read_ms(&rotated(words)?, tm)?;
     let (sblocks, swarps) = (dev.sm_count() * 8, 8);
     row(
         "streaming read (`bench_stream_read`)",
@@ -149,6 +150,11 @@ fn shape_rows(
         stream,
         base,
     );
+    let bufs = rotated(
+        runs(1, true, 0)
+            .buffer_bytes()
+            .max(runs(1, false, 0).buffer_bytes()),
+    )?;
     let mut depths: Vec<usize> = a.depths.clone();
     if READ_RUNS_DEPTHS.contains(&own) {
         depths.push(own);
