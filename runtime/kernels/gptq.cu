@@ -586,6 +586,15 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
     ((B) == 4 && (G) == MMAD_GATHER         ? MMAD_MAX_WARPS_GATHER                                            \
      : (B) == 4 && (G) == MMAD_GATHER_SLICE ? MMAD_MAX_WARPS_SLICE                                             \
                                             : MMAD_WARPS(B))
+// The fused MoE's act-order `_gather` entries at 4 bits: MMAD_MAX_WARPS unless a sweep says otherwise.
+// At 32 warps they spill the group's zero word just after loading it, before the dependent-launch wait
+// (runtime/tests/cuda_nvrtc.rs), as the 4-bit `_gather_slice` entries did; the fused MoE's bound of 32
+// had been chosen over 28 on measurements (BENCHMARKS.md), before that spill was known.
+#ifndef MMAD_MAX_WARPS_MOE_GATHER
+#define MMAD_MAX_WARPS_MOE_GATHER MMAD_MAX_WARPS
+#endif
+// The launch bound of the fused MoE's entry G (MMAD_PLAIN, MMAD_GATHER_SYNC) at B bits.
+#define MMAD_MOE_WARPS(B, G) ((B) == 4 && (G) == MMAD_GATHER_SYNC ? MMAD_MAX_WARPS_MOE_GATHER : MMAD_WARPS(B))
 #ifndef MMAD_MOE_L2_AHEAD // fused MoE at 4 bits: each lane also asks L2 for its words this many tiles
 #define MMAD_MOE_L2_AHEAD 2 // past the reload (0: off). Faster there, slower in the plain GEMV (BENCHMARKS.md)
 #endif
@@ -1621,7 +1630,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
         const T* X, int x_div, int K, int N, int group_rows, int nsplit, int tiles_per_warp, int xblock,     \
         float* Y
 #define MMAD_MOE_ENTRY(B, TN, T, G, SFX)                                                                     \
-    extern "C" __global__ void __launch_bounds__(MMAD_WARPS(B) * 32) gptq_mmad_moe_##B##b_##TN##SFX(         \
+    extern "C" __global__ void __launch_bounds__(MMAD_MOE_WARPS(B, G) * 32) gptq_mmad_moe_##B##b_##TN##SFX( \
         MMAD_MOE_PARAMS(T)) {                                                                                \
         MMAD_MOE_PAIR(T)                                                                                     \
         if constexpr (B == 3) {                                                                              \
