@@ -766,19 +766,24 @@ fn mma_direct(group_rows: usize) -> bool {
     !ring && group_rows > 0 && group_rows.is_multiple_of(32)
 }
 
-/// Tiles in flight per warp of the register-pipelined GEMV (`mmad_depth` in kernels/gptq.cu):
-/// `MMAD_DEPTH` at 4 bits and `MMAD_DEPTH8` at 8 bits (defaults 2 and 2, which
+/// 32-row tiles in flight per warp of the register-pipelined GEMV (`mmad_depth` in
+/// kernels/gptq.cu): `MMAD_DEPTH` at 4 bits and `MMAD_DEPTH8` at 8 bits, and at 3 bits
+/// `MMAD_DEPTH3` [`MMA3_ROWS`]-row super-tiles of 4 tiles each (defaults 2, 2 and 1, which
 /// `MIXTRAL_GPTQ_NVRTC_DEFINES` may override).
 fn mmad_depth(bits: u32) -> usize {
-    static D: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
-    let (d4, d8) = *D.get_or_init(|| {
+    static D: std::sync::OnceLock<(usize, usize, usize)> = std::sync::OnceLock::new();
+    let (d4, d8, d3) = *D.get_or_init(|| {
         let get = |name, default| nvrtc_define(name).filter(|&d| d > 0).unwrap_or(default);
-        (get("MMAD_DEPTH", 2), get("MMAD_DEPTH8", 2))
+        (
+            get("MMAD_DEPTH", 2),
+            get("MMAD_DEPTH8", 2),
+            get("MMAD_DEPTH3", 1) * MMA3_ROWS / 32,
+        )
     });
-    if bits == 4 {
-        d4
-    } else {
-        d8
+    match bits {
+        3 => d3,
+        4 => d4,
+        _ => d8,
     }
 }
 
@@ -1409,12 +1414,10 @@ impl CudaDevice {
         let f = self.function(&GPTQ, &entry)?;
         let threads = (c.plan.warps * 32) as u32;
         let resident = self.resident_blocks(&f, &entry, threads, c.plan.smem as usize)?;
-        let tiles_in_flight = match (c.direct, w.bits) {
-            (true, 3) => {
-                nvrtc_define("MMAD_DEPTH3").filter(|&d| d > 0).unwrap_or(1) * MMA3_ROWS / 32
-            }
-            (true, b) => mmad_depth(b),
-            (false, _) => mma_tuning().2 - 1,
+        let tiles_in_flight = if c.direct {
+            mmad_depth(w.bits)
+        } else {
+            mma_tuning().2 - 1
         };
         Ok(Some(GemvLaunchShape {
             entry,
