@@ -581,10 +581,30 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MAX_WARPS_SLICE
 #define MMAD_MAX_WARPS_SLICE 24
 #endif
+// The `_gather_slice` entry at 8 bits allows 24 (the plain and `_gather` entries 28): on an H100, g128
+// M = 1 took 8.85 against 9.07 us at 4096 x 4096 and 5.48 against 5.77 at 4096 x 1024, while 24 for
+// every 8-bit entry lost 2 % at the two large shapes (BENCHMARKS.md, "first H100 figures").
+#ifndef MMAD_MAX_WARPS8_SLICE
+#define MMAD_MAX_WARPS8_SLICE 24
+#endif
+#ifndef MMAD_MAX_WARPS8_GATHER // the `_gather` entry at 8 bits (sweeps)
+#define MMAD_MAX_WARPS8_GATHER MMAD_MAX_WARPS8
+#endif
+// The 3-bit act-order entries keep the 3-bit bound: 24, 20 and 16 lost or tied on an H100 (same section).
+#ifndef MMAD_MAX_WARPS3_SLICE // the `_gather_slice` entry at 3 bits (sweeps)
+#define MMAD_MAX_WARPS3_SLICE MMAD_MAX_WARPS3
+#endif
+#ifndef MMAD_MAX_WARPS3_GATHER // the `_gather` entry at 3 bits (sweeps)
+#define MMAD_MAX_WARPS3_GATHER MMAD_MAX_WARPS3
+#endif
 // The launch bound of the GEMV's entry G (MMAD_PLAIN, MMAD_GATHER, MMAD_GATHER_SLICE) at B bits.
 #define MMAD_GEMV_WARPS(B, G)                                                                                  \
     ((B) == 4 && (G) == MMAD_GATHER         ? MMAD_MAX_WARPS_GATHER                                            \
      : (B) == 4 && (G) == MMAD_GATHER_SLICE ? MMAD_MAX_WARPS_SLICE                                             \
+     : (B) == 8 && (G) == MMAD_GATHER       ? MMAD_MAX_WARPS8_GATHER                                           \
+     : (B) == 8 && (G) == MMAD_GATHER_SLICE ? MMAD_MAX_WARPS8_SLICE                                            \
+     : (B) == 3 && (G) == MMAD_GATHER       ? MMAD_MAX_WARPS3_GATHER                                           \
+     : (B) == 3 && (G) == MMAD_GATHER_SLICE ? MMAD_MAX_WARPS3_SLICE                                            \
                                             : MMAD_WARPS(B))
 // The fused MoE's act-order `_gather` entries at 4 bits: MMAD_MAX_WARPS unless a sweep says otherwise.
 // At 32 warps they spill the group's zero word just after loading it, before the dependent-launch wait
