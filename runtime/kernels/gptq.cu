@@ -609,7 +609,8 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 // The fused MoE's act-order `_gather` entries at 4 bits: MMAD_MAX_WARPS unless a sweep says otherwise.
 // At 32 warps they spill the group's zero word just after loading it, before the dependent-launch wait
 // (runtime/tests/cuda_nvrtc.rs), as the 4-bit `_gather_slice` entries did; the fused MoE's bound of 32
-// had been chosen over 28 on measurements (BENCHMARKS.md), before that spill was known.
+// had been chosen over 28 on measurements (BENCHMARKS.md), before that spill was known, and an H100
+// sweep with the spill known kept it: 28 and 24 were 3-14 % slower at 1 token ("first H100 figures").
 #ifndef MMAD_MAX_WARPS_MOE_GATHER
 #define MMAD_MAX_WARPS_MOE_GATHER MMAD_MAX_WARPS
 #endif
