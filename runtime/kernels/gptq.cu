@@ -1,9 +1,10 @@
 // GPTQ "v1" matrix products, compiled at run time by NVRTC (runtime/src/cuda/kernels.rs).
 //
 // Layout the kernels see (prepared once at load by runtime/src/cuda/gptq.rs):
-// * qweight: u32 [R = K*b/32, N] (row-major), or strip-major [N/32][R][32] when `strip_rows` = R > 0
-//   (chosen at upload for the layers the tensor-core GEMV runs: each warp's 32-column strip is then
-//   one contiguous stream), rows already sorted by g_idx for act-order checkpoints, so that every
+// * qweight: u32 [R = K*b/32, N] (row-major), or the tensor-core layout when `strip_rows` = R > 0
+//   (chosen at upload for the layers the tensor-core GEMV runs): strip-major [N/32][R][32], each
+//   warp's 32-column strip one contiguous stream, or with QW_TILE_MAJOR tile-major (qw_slot_step),
+//   rows already sorted by g_idx for act-order checkpoints, so that every
 //   "unit" (8 k-rows at 4 bits, 4 at 8 bits, 32 at 3 bits: the rows held by one packed word, or by
 //   three words at 3 bits) belongs to a single group;
 // * ugroup: i32 [K/unit_k], the group of each unit;
@@ -222,11 +223,41 @@ template <int MT> __device__ __forceinline__ void load_x(const float* p, float* 
     }
 }
 
-// The packed word at (word row `row`, column n): row-major [R, N], or strip-major [N/32][R][32] when
-// strip_rows = R > 0. Four consecutive columns from a multiple of 4 are consecutive in both.
+#ifndef QW_TILE_MAJOR // 1: the tensor-core layout is tile-major (see qw_slot_step); the host reads it too
+#define QW_TILE_MAJOR 0
+#endif
+// Packed rows of one slot of the tensor-core layout, what one warp-wide step of the GEMV reads: a
+// 32-row tile at 4 and 8 bits (512 or 1024 bytes of a strip), a 128-row super-tile at 3 bits (1536).
+__host__ __device__ constexpr int qw_slot_rows(int bits) { return bits == 3 ? 12 : bits == 4 ? 4 : 8; }
+// Where slot j of strip s lies in the tensor-core layout, in words: s * qw_strip_step + j *
+// qw_slot_step. Strip-major [N/32][R][32]: each strip's slots in one run. Tile-major
+// [R/SR][N/32][SR][32] (QW_TILE_MAJOR): slot j of every strip side by side, so that the warps of
+// the grid that are at the same step read one region.
+template <int BITS> __device__ __forceinline__ size_t qw_strip_step(int strip_rows) {
+    return QW_TILE_MAJOR ? (size_t)qw_slot_rows(BITS) * 32 : (size_t)strip_rows * 32;
+}
+template <int BITS> __device__ __forceinline__ size_t qw_slot_step(int N) {
+    return QW_TILE_MAJOR ? (size_t)qw_slot_rows(BITS) * N : (size_t)qw_slot_rows(BITS) * 32;
+}
+
+// The packed word at (word row `row`, column n): row-major [R, N], or the tensor-core layout when
+// strip_rows = R > 0. Four consecutive columns from a multiple of 4 are consecutive in each.
+// (Strip-major in code of its own, as before the tile-major option: with one expression for both
+// layouts ptxas scheduled the scalar GEMV differently.)
+#if QW_TILE_MAJOR
+template <int BITS>
+__device__ __forceinline__ const u32* qw_at(const u32* qw, int strip_rows, size_t row, int n, int N) {
+    if (!strip_rows) return qw + row * N + n;
+    constexpr int SR = qw_slot_rows(BITS);
+    return qw + (row / SR) * qw_slot_step<BITS>(N) + (size_t)(n >> 5) * qw_strip_step<BITS>(strip_rows) +
+           (row % SR) * 32 + (n & 31);
+}
+#else
+template <int BITS>
 __device__ __forceinline__ const u32* qw_at(const u32* qw, int strip_rows, size_t row, int n, int N) {
     return strip_rows ? qw + ((size_t)(n >> 5) * strip_rows + row) * 32 + (n & 31) : qw + row * N + n;
 }
+#endif
 
 // One quantized matrix as the kernels read it.
 struct QMat {
@@ -366,7 +397,7 @@ __device__ __forceinline__ void gemv_block(const QMat q, const T* __restrict__ X
 #pragma unroll
             for (int w = 0; w < L::WORDS; ++w)
                 cp_async16(ring + (slot * L::WORDS + w) * GEMV_THREADS + tid,
-                           qw_at(q.qweight, q.strip_rows, (size_t)u * L::WORDS + w, n0, N));
+                           qw_at<BITS>(q.qweight, q.strip_rows, (size_t)u * L::WORDS + w, n0, N));
         };
         const int nw = wu_end - wu_begin;
         if (active) {
@@ -406,7 +437,7 @@ __device__ __forceinline__ void gemv_block(const QMat q, const T* __restrict__ X
                 if (u0 + r < wu_end) {
 #pragma unroll
                     for (int w = 0; w < L::WORDS; ++w)
-                        nxt[r][w] = ld_stream(qw_at(q.qweight, q.strip_rows, (size_t)(u0 + r) * L::WORDS + w, n0, N));
+                        nxt[r][w] = ld_stream(qw_at<BITS>(q.qweight, q.strip_rows, (size_t)(u0 + r) * L::WORDS + w, n0, N));
                 }
             }
         };
@@ -580,6 +611,14 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 // 4096 x 1024, 16 lost there too).
 #ifndef MMAD_MAX_WARPS_SLICE
 #define MMAD_MAX_WARPS_SLICE 24
+#endif
+// Tiles in flight per warp of that entry (mmad_depth). 4 with 16 warps made the entry itself faster
+// on an H100 (4096 x 1024 g128 M = 1: 4.75 against 5.17 us; 4096 x 4096: 6.46 against 6.65), but the
+// module then compiled other entries differently (ptxas schedules each entry of one module with the
+// others' code in view): the 8-bit `_gather_slice` entries lost 2-6 % and the 4-bit plain entry
+// 2-4 % at 4096 x 4096 (BENCHMARKS.md, "act-order slices four tiles deep"). Kept at MMAD_DEPTH.
+#ifndef MMAD_DEPTH_SLICE
+#define MMAD_DEPTH_SLICE 2
 #endif
 // The `_gather_slice` entry at 8 bits allows 24 (the plain and `_gather` entries 28): on an H100, g128
 // M = 1 took 8.85 against 9.07 us at 4096 x 4096 and 5.48 against 5.77 at 4096 x 1024, while 24 for
@@ -1180,12 +1219,19 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
     // packed rows t * UNITS_PER_TILE .. + UNITS_PER_TILE - 1, 128 bytes (32 columns) each. Lane l copies
     // bytes 16 l (and 512 + 16 l) in order, so that global and shared addresses follow the lanes alike;
     // tile i of the run (i counted from t_begin) goes to ring slot i % S, row r at r * PITCH.
+#if QW_TILE_MAJOR
+    const size_t tstep = qw_slot_step<BITS>(N); // (a tile is a slot at 4 and 8 bits)
+    const u32* wsrc = q.qweight + (size_t)strip * qw_strip_step<BITS>(q.strip_rows) + (size_t)t_begin * tstep +
+                      (lane >> 3) * 32 + 4 * (lane & 7);
+#else
+    const size_t tstep = UNITS_PER_TILE * 32;
     const u32* wsrc = q.qweight + (size_t)strip * q.strip_rows * 32 +
                       ((size_t)t_begin * UNITS_PER_TILE + (lane >> 3)) * 32 + 4 * (lane & 7);
+#endif
     const int wdst = (lane >> 3) * PITCH + 16 * (lane & 7);
     auto issue = [&](int i) {
         unsigned char* slot = ring + (i % S) * SLOT;
-        const u32* src = wsrc + (size_t)i * (UNITS_PER_TILE * 32);
+        const u32* src = wsrc + (size_t)i * tstep;
 #pragma unroll
         for (int h = 0; h < LPT; ++h) cp_async16(slot + wdst + h * 4 * PITCH, src + h * 4 * 32);
     };
@@ -1318,13 +1364,16 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     const size_t warp_bytes = x_area + (slice ? (size_t)tiles_per_warp * 32 * sizeof(I) : 0);
 
     // The first D slots, in flight before anything else.
-    const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * q.strip_rows * 32) + (size_t)(t_begin / TPB) * TS + LPT * c * 8 + g;
+    // Slots lie SST uint4 apart (TS: one run per strip; tile-major: every strip's slot in between).
+    const int SST = QW_TILE_MAJOR ? (N / 32) * TS : TS;
+    const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * qw_strip_step<BITS>(q.strip_rows)) +
+                      (size_t)(t_begin / TPB) * SST + LPT * c * 8 + g;
     uint4 buf[D][LPT];
 #pragma unroll
     for (int d = 0; d < D; ++d)
         if (d * TPB < nt)
 #pragma unroll
-            for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * TS + h * 8));
+            for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * SST + h * 8));
 
     // Groups: tpg tiles each. sp and zp point at the scales and zero word of the group loaded next
     // (into nsr, nzw), gl counts the groups after it; past the last group they stay on it.
@@ -1424,7 +1473,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     };
     // Tile i computes from buf[i % D], then reloads it with tile i + D; wq and xq follow tile i0 + D
     // and i0, so that every address in the unrolled body is a constant offset.
-    const uint4* wq = wp + D * TS;
+    const uint4* wq = wp + D * SST;
     const T* xq = xrow;
     if constexpr (BITS == 3) {
         // D super-tiles in flight, each reloaded piece by piece with the one D later: after step 1 no
@@ -1437,7 +1486,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                     group_check(4);
                     uint4* b = buf[d];
                     const bool more = i0 + 4 * (d + D) < nt;
-                    const uint4* wn = wq + d * TS;
+                    const uint4* wn = wq + d * SST;
                     const T* xd = xq + d * 128;
                     mma_tile3<BF, 0>(b, *(const uint4*)xd, a.zc, a.gacc);
                     mma_tile3<BF, 1>(b, *(const uint4*)(xd + 32), a.zc, a.gacc);
@@ -1448,7 +1497,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                     if (more) b[2] = ld_stream((const u32*)(wn + 16));
                 }
             }
-            wq += D * TS;
+            wq += D * SST;
             xq += D * 128;
         }
     } else {
@@ -1474,12 +1523,12 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                 mma_tile<BITS, BF>(buf[d], x, a.zc, a.gacc);
                 if (BLOCKED ? more : i + D < nt)
 #pragma unroll
-                    for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wq + d * TS + h * 8));
+                    for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wq + d * SST + h * 8));
                 if constexpr (L2_AHEAD > 0)
-                    if (i + D + L2_AHEAD < nt) prefetch_l2(wq + (d + L2_AHEAD) * TS);
+                    if (i + D + L2_AHEAD < nt) prefetch_l2(wq + (d + L2_AHEAD) * SST);
             }
         }
-        wq += D * TS;
+        wq += D * SST;
         xq += D * 32;
         if constexpr (TILE_GROUPS) {
             gp.sp += D * (N / 4);
@@ -1502,9 +1551,12 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     }
 }
 
-// Pipeline depth of the register-pipelined GEMV: MMAD_DEPTH 512-byte tiles at 4 bits, MMAD_DEPTH8
-// 1 KiB tiles at 8 bits; runtime/src/cuda/gptq.rs (`mmad_depth`) reads the same defines.
-__host__ __device__ constexpr int mmad_depth(int bits) { return bits == 4 ? MMAD_DEPTH : MMAD_DEPTH8; }
+// Pipeline depth of the register-pipelined GEMV's entry of kind `gather`: MMAD_DEPTH 512-byte tiles
+// at 4 bits (MMAD_DEPTH_SLICE in the `_gather_slice` entries), MMAD_DEPTH8 1 KiB tiles at 8 bits;
+// runtime/src/cuda/gptq.rs (`mmad_depth`) reads the same defines.
+__host__ __device__ constexpr int mmad_depth(int bits, int gather = MMAD_PLAIN) {
+    return bits == 4 ? (gather == MMAD_GATHER_SLICE ? MMAD_DEPTH_SLICE : MMAD_DEPTH) : MMAD_DEPTH8;
+}
 
 // Whether every warp's run is whole blocks of D tiles with group starts only at block starts: the
 // plan picks tiles_per_warp as a multiple of D where it can (runtime/src/cuda/gptq.rs, `mma_plan`).
@@ -1529,7 +1581,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
     u32 wc[4][L::WORDS];
 #pragma unroll
     for (int w = 0; w < L::WORDS; ++w) {
-        const uint4 r = ld_stream(qw_at(qweight, strip_rows, (size_t)u * L::WORDS + w, n0, N));
+        const uint4 r = ld_stream(qw_at<BITS>(qweight, strip_rows, (size_t)u * L::WORDS + w, n0, N));
         wc[0][w] = r.x; wc[1][w] = r.y; wc[2][w] = r.z; wc[3][w] = r.w;
     }
     const int g = ugroup[u];
@@ -1606,7 +1658,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
         if constexpr (B == 3) {                                                                              \
             mmad_gemv<B, T, MMAD_DEPTH3, true, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
         } else {                                                                                             \
-            constexpr int D = mmad_depth(B);                                                                 \
+            constexpr int D = mmad_depth(B, G);                                                              \
             if (mmad_blocked(D, K, group_rows, tiles_per_warp))                                               \
                 mmad_gemv<B, T, D, true, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
             else                                                                                             \

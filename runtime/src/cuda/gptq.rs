@@ -716,7 +716,7 @@ fn has_ring(bits: u32) -> bool {
 /// that the other layers' kernel stays as it was (with the third path in one entry, their times
 /// grew by 1-2 % on the small shapes, H200).
 fn mmad_tile_groups(k: usize, bits: u32, group_rows: usize) -> bool {
-    bits != 3 && group_rows == 32 && (k / 32).is_multiple_of(mmad_depth(bits))
+    bits != 3 && group_rows == 32 && (k / 32).is_multiple_of(mmad_depth(bits, false))
 }
 
 /// The fewest warps per block of a fused MoE plan ([`CudaDevice::mma_plan`]), where the shape allows,
@@ -766,23 +766,35 @@ fn mma_direct(group_rows: usize) -> bool {
     !ring && group_rows > 0 && group_rows.is_multiple_of(32)
 }
 
+/// The register-pipelined GEMV's depths in kernels/gptq.cu and their defaults ([`mmad_depth`]).
+const MMAD_DEPTH_DEFAULTS: [(&str, usize); 4] = [
+    ("MMAD_DEPTH", 2),
+    ("MMAD_DEPTH_SLICE", 2),
+    ("MMAD_DEPTH8", 2),
+    ("MMAD_DEPTH3", 1),
+];
+
 /// 32-row tiles in flight per warp of the register-pipelined GEMV (`mmad_depth` in
-/// kernels/gptq.cu): `MMAD_DEPTH` at 4 bits and `MMAD_DEPTH8` at 8 bits, and at 3 bits
-/// `MMAD_DEPTH3` [`MMA3_ROWS`]-row super-tiles of 4 tiles each (defaults 2, 2 and 1, which
-/// `MIXTRAL_GPTQ_NVRTC_DEFINES` may override).
-fn mmad_depth(bits: u32) -> usize {
-    static D: std::sync::OnceLock<(usize, usize, usize)> = std::sync::OnceLock::new();
-    let (d4, d8, d3) = *D.get_or_init(|| {
-        let get = |name, default| nvrtc_define(name).filter(|&d| d > 0).unwrap_or(default);
-        (
-            get("MMAD_DEPTH", 2),
-            get("MMAD_DEPTH8", 2),
-            get("MMAD_DEPTH3", 1) * MMA3_ROWS / 32,
-        )
+/// kernels/gptq.cu): `MMAD_DEPTH` at 4 bits (`MMAD_DEPTH_SLICE` in the `_gather_slice` entries,
+/// [`perm_slice`]) and `MMAD_DEPTH8` at 8 bits, and at 3 bits `MMAD_DEPTH3` [`MMA3_ROWS`]-row
+/// super-tiles of 4 tiles each (defaults 2, 2, 2 and 1, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may
+/// override).
+fn mmad_depth(bits: u32, slice: bool) -> usize {
+    static D: std::sync::OnceLock<[usize; 4]> = std::sync::OnceLock::new();
+    let [d4, d4_slice, d8, d3] = *D.get_or_init(|| {
+        MMAD_DEPTH_DEFAULTS.map(|(name, default)| {
+            let d = nvrtc_define(name).filter(|&d| d > 0).unwrap_or(default);
+            if name == "MMAD_DEPTH3" {
+                d * MMA3_ROWS / 32
+            } else {
+                d
+            }
+        })
     });
-    match bits {
-        3 => d3,
-        4 => d4,
+    match (bits, slice) {
+        (3, _) => d3,
+        (4, false) => d4,
+        (4, true) => d4_slice,
         _ => d8,
     }
 }
@@ -809,11 +821,11 @@ fn perm_index_bytes() -> usize {
 /// The split sizes (tiles per warp) the register-pipelined GEMV's plan may choose: multiples of
 /// its depth where K's tiles and the groups allow whole blocks of it (`mmad_blocked` in
 /// kernels/gptq.cu: the group and bounds checks then run once per block), else any.
-fn mmad_tile_step(k: usize, bits: u32, group_rows: usize) -> usize {
+fn mmad_tile_step(k: usize, bits: u32, group_rows: usize, slice: bool) -> usize {
     if bits == 3 {
         return MMA3_ROWS / 32; // whole super-tiles (mma_eligible)
     }
-    let (d, tiles) = (mmad_depth(bits), k / 32);
+    let (d, tiles) = (mmad_depth(bits, slice), k / 32);
     let tpg = group_rows / 32;
     // (`mmad_tile_groups`: groups of one tile take whole blocks too)
     if tiles.is_multiple_of(d) && (tpg.is_multiple_of(d) || tpg == tiles || tpg == 1) {
@@ -879,6 +891,47 @@ pub fn perm_words(perm: &[i32], mma: bool) -> Vec<i32> {
         );
     }
     words
+}
+
+/// `QW_TILE_MAJOR`'s default in kernels/gptq.cu: 0, the tensor-core layout is strip-major.
+const QW_TILE_MAJOR_DEFAULT: usize = 0;
+
+/// Packed rows of one slot of the tensor-core layout (`qw_slot_rows` in kernels/gptq.cu): what one
+/// warp-wide step of the GEMV reads, a 32-row tile at 4 and 8 bits, a 128-row super-tile at 3.
+fn slot_rows(bits: u32) -> usize {
+    match bits {
+        3 => 12,
+        4 => 4,
+        _ => 8,
+    }
+}
+
+/// Row-major `[R, N]` packed words in the tensor-core layout of `bits`-bit codes: strip-major
+/// ([`to_strip_major`]), or tile-major ([`to_tile_major`]) where `QW_TILE_MAJOR` (kernels/gptq.cu,
+/// default [`QW_TILE_MAJOR_DEFAULT`], which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override) says so.
+fn to_mma_layout(q: &[u32], n: usize, bits: u32) -> Vec<u32> {
+    if nvrtc_define("QW_TILE_MAJOR").unwrap_or(QW_TILE_MAJOR_DEFAULT) != 0 {
+        to_tile_major(q, n, slot_rows(bits))
+    } else {
+        to_strip_major(q, n)
+    }
+}
+
+/// Row-major `[R, N]` packed words to tile-major `[R/SR][N/32][SR][32]` (N a multiple of 32, R of
+/// `sr` = SR): slot j (packed rows j SR .. j SR + SR - 1) of every 32-column strip side by side.
+pub fn to_tile_major(q: &[u32], n: usize, sr: usize) -> Vec<u32> {
+    let strips = n / 32;
+    let mut out = vec![0u32; q.len()];
+    out.par_chunks_mut(sr * n).enumerate().for_each(|(j, dst)| {
+        for (s, d) in dst.chunks_mut(sr * 32).enumerate() {
+            for (r, row) in d.chunks_mut(32).enumerate() {
+                let src = (j * sr + r) * n + s * 32;
+                row.copy_from_slice(&q[src..src + 32]);
+            }
+        }
+        debug_assert_eq!(dst.len(), strips * sr * 32);
+    });
+    out
 }
 
 /// Row-major `[R, N]` packed words to strip-major `[N/32][R][32]` (N a multiple of 32): the layout
@@ -1045,7 +1098,7 @@ impl CudaDevice {
             out_features: p.out_features,
             groups: p.groups,
             qweight: if mma {
-                self.upload(&to_strip_major(&p.qweight, p.out_features))?
+                self.upload(&to_mma_layout(&p.qweight, p.out_features, p.bits))?
             } else {
                 self.upload(&p.qweight)?
             },
@@ -1415,7 +1468,7 @@ impl CudaDevice {
         let threads = (c.plan.warps * 32) as u32;
         let resident = self.resident_blocks(&f, &entry, threads, c.plan.smem as usize)?;
         let tiles_in_flight = if c.direct {
-            mmad_depth(w.bits)
+            mmad_depth(w.bits, c.perm_slice)
         } else {
             mma_tuning().2 - 1
         };
@@ -1457,7 +1510,7 @@ impl CudaDevice {
         // variant runs one block per strip with one warp per split; the ring variant packs
         // `MMA_WARPS` independent warps per block.
         let candidates: Vec<(usize, usize, usize, usize)> = if direct {
-            let step = mmad_tile_step(k, bits, group_rows);
+            let step = mmad_tile_step(k, bits, group_rows, slice);
             // One warp per split, up to the entry's launch bound (`MMAD_MAX_WARPS*` in
             // kernels/gptq.cu, per bit width).
             let max_warps = drv(
@@ -2108,17 +2161,25 @@ mod tests {
     use crate::cuda::random::random_gptq;
     use crate::qlinear::unpack_rows;
 
-    /// The host sizes the `_gather_slice` entries' shared memory from `MMAD_PERM16`'s default, so
-    /// it must be the kernel source's.
+    /// The host plans and lays out for the kernels' defaults of the defines it reads (the
+    /// `_gather_slice` entries' shared memory from `MMAD_PERM16`, the splits from the depths, the
+    /// words from `QW_TILE_MAJOR`), so they must be the kernel source's.
     #[test]
-    fn perm16_default_is_the_kernel_sources() {
-        let line = GPTQ
-            .src
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("#define MMAD_PERM16 "))
-            .expect("kernels/gptq.cu defines MMAD_PERM16");
-        let value: usize = line.split_whitespace().next().unwrap().parse().unwrap();
-        assert_eq!(value, MMAD_PERM16_DEFAULT);
+    fn host_defaults_are_the_kernel_sources() {
+        let defaults = MMAD_DEPTH_DEFAULTS.iter().copied().chain([
+            ("MMAD_PERM16", MMAD_PERM16_DEFAULT),
+            ("QW_TILE_MAJOR", QW_TILE_MAJOR_DEFAULT),
+        ]);
+        for (name, host) in defaults {
+            let prefix = format!("#define {name} ");
+            let line = GPTQ
+                .src
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+                .unwrap_or_else(|| panic!("kernels/gptq.cu defines {name}"));
+            let value: usize = line.split_whitespace().next().unwrap().parse().unwrap();
+            assert_eq!(value, host, "{name}");
+        }
     }
 
     /// The permutation's device words: the i32 indices, then on the tensor cores the same indices
@@ -2294,6 +2355,19 @@ mod tests {
         assert_eq!(uniform_group_rows(&prepare(&w).unwrap()), 32);
         w.g_idx = (0..128).map(|i| i / 32 * 2 % 4).collect();
         assert_eq!(uniform_group_rows(&prepare(&w).unwrap()), 0);
+    }
+
+    #[test]
+    fn tile_major_layout() {
+        let (rows, n, sr) = (24, 96, 12);
+        let q: Vec<u32> = (0..rows * n).map(|i| i as u32 * 7 + 1).collect();
+        let t = to_tile_major(&q, n, sr);
+        for r in 0..rows {
+            for c in 0..n {
+                let at = ((r / sr) * (n / 32) + c / 32) * sr * 32 + (r % sr) * 32 + c % 32;
+                assert_eq!(t[at], q[r * n + c], "row {r} column {c}");
+            }
+        }
     }
 
     #[test]
