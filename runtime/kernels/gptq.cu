@@ -223,7 +223,10 @@ template <int MT> __device__ __forceinline__ void load_x(const float* p, float* 
     }
 }
 
-#ifndef QW_TILE_MAJOR // 1: the tensor-core layout is tile-major (see qw_slot_step); the host reads it too
+// QW_TILE_MAJOR 1: the tensor-core layout is tile-major (qw_slot_step; the host reads the define too).
+// On an H100 it was 1-1.5 % faster at 4096 x 14336 and 14336 x 4096 but 2-7 % slower at 4096 x 4096 and
+// 4096 x 1024 at 4 and 8 bits (BENCHMARKS.md, "the tile-major layout ... tried"): strip-major stays.
+#ifndef QW_TILE_MAJOR
 #define QW_TILE_MAJOR 0
 #endif
 // Packed rows of one slot of the tensor-core layout, what one warp-wide step of the GEMV reads: a
