@@ -616,10 +616,10 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #define MMAD_MAX_WARPS_SLICE 24
 #endif
 // Tiles in flight per warp of that entry (mmad_depth). 4 with 16 warps made the entry itself faster
-// on an H100 (4096 x 1024 g128 M = 1: 4.75 against 5.17 us; 4096 x 4096: 6.46 against 6.65), but the
+// on an H100 (4096 x 1024 g128 M = 1: 4.76 against 5.17 us; 4096 x 4096: 6.47 against 6.65), but the
 // module then compiled other entries differently (ptxas schedules each entry of one module with the
 // others' code in view): the 8-bit `_gather_slice` entries lost 2-6 % and the 4-bit plain entry
-// 2-4 % at 4096 x 4096 (BENCHMARKS.md, "act-order slices four tiles deep"). Kept at MMAD_DEPTH.
+// 2-4 % at 4096 x 4096 (BENCHMARKS.md, "act-order slices four tiles deep"). Kept at 2, as MMAD_DEPTH.
 #ifndef MMAD_DEPTH_SLICE
 #define MMAD_DEPTH_SLICE 2
 #endif
