@@ -782,17 +782,11 @@ const MMAD_DEPTH_DEFAULTS: [(&str, usize); 4] = [
 fn mmad_depth(bits: u32, slice: bool) -> usize {
     static D: std::sync::OnceLock<[usize; 4]> = std::sync::OnceLock::new();
     let [d4, d4_slice, d8, d3] = *D.get_or_init(|| {
-        MMAD_DEPTH_DEFAULTS.map(|(name, default)| {
-            let d = nvrtc_define(name).filter(|&d| d > 0).unwrap_or(default);
-            if name == "MMAD_DEPTH3" {
-                d * MMA3_ROWS / 32
-            } else {
-                d
-            }
-        })
+        MMAD_DEPTH_DEFAULTS
+            .map(|(name, default)| nvrtc_define(name).filter(|&d| d > 0).unwrap_or(default))
     });
     match (bits, slice) {
-        (3, _) => d3,
+        (3, _) => d3 * MMA3_ROWS / 32,
         (4, false) => d4,
         (4, true) => d4_slice,
         _ => d8,
@@ -897,20 +891,22 @@ pub fn perm_words(perm: &[i32], mma: bool) -> Vec<i32> {
 const QW_TILE_MAJOR_DEFAULT: usize = 0;
 
 /// Packed rows of one slot of the tensor-core layout (`qw_slot_rows` in kernels/gptq.cu): what one
-/// warp-wide step of the GEMV reads, a 32-row tile at 4 and 8 bits, a 128-row super-tile at 3.
+/// warp-wide step of the GEMV reads, a 32-row tile at 4 and 8 bits, a [`MMA3_ROWS`]-row super-tile
+/// at 3, each `bits` words of 32 codes per 32 rows.
 fn slot_rows(bits: u32) -> usize {
-    match bits {
-        3 => 12,
-        4 => 4,
-        _ => 8,
-    }
+    let rows = if bits == 3 { MMA3_ROWS } else { 32 };
+    rows * bits as usize / 32
 }
 
 /// Row-major `[R, N]` packed words in the tensor-core layout of `bits`-bit codes: strip-major
 /// ([`to_strip_major`]), or tile-major ([`to_tile_major`]) where `QW_TILE_MAJOR` (kernels/gptq.cu,
-/// default [`QW_TILE_MAJOR_DEFAULT`], which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override) says so.
+/// default [`QW_TILE_MAJOR_DEFAULT`], which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override) says so;
+/// read once, as the kernels are compiled once.
 fn to_mma_layout(q: &[u32], n: usize, bits: u32) -> Vec<u32> {
-    if nvrtc_define("QW_TILE_MAJOR").unwrap_or(QW_TILE_MAJOR_DEFAULT) != 0 {
+    static TILE_MAJOR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let tile_major = *TILE_MAJOR
+        .get_or_init(|| nvrtc_define("QW_TILE_MAJOR").unwrap_or(QW_TILE_MAJOR_DEFAULT) != 0);
+    if tile_major {
         to_tile_major(q, n, slot_rows(bits))
     } else {
         to_strip_major(q, n)
@@ -920,7 +916,6 @@ fn to_mma_layout(q: &[u32], n: usize, bits: u32) -> Vec<u32> {
 /// Row-major `[R, N]` packed words to tile-major `[R/SR][N/32][SR][32]` (N a multiple of 32, R of
 /// `sr` = SR): slot j (packed rows j SR .. j SR + SR - 1) of every 32-column strip side by side.
 pub fn to_tile_major(q: &[u32], n: usize, sr: usize) -> Vec<u32> {
-    let strips = n / 32;
     let mut out = vec![0u32; q.len()];
     out.par_chunks_mut(sr * n).enumerate().for_each(|(j, dst)| {
         for (s, d) in dst.chunks_mut(sr * 32).enumerate() {
@@ -929,7 +924,6 @@ pub fn to_tile_major(q: &[u32], n: usize, sr: usize) -> Vec<u32> {
                 row.copy_from_slice(&q[src..src + 32]);
             }
         }
-        debug_assert_eq!(dst.len(), strips * sr * 32);
     });
     out
 }
@@ -2355,6 +2349,12 @@ mod tests {
         assert_eq!(uniform_group_rows(&prepare(&w).unwrap()), 32);
         w.g_idx = (0..128).map(|i| i / 32 * 2 % 4).collect();
         assert_eq!(uniform_group_rows(&prepare(&w).unwrap()), 0);
+    }
+
+    /// The slots the host lays out are the kernels' (`qw_slot_rows`): 4, 8 and 12 packed rows.
+    #[test]
+    fn slot_rows_are_the_kernels() {
+        assert_eq!([3, 4, 8].map(slot_rows), [12, 4, 8]);
     }
 
     #[test]
