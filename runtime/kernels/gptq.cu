@@ -607,21 +607,23 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MAX_WARPS_GATHER
 #define MMAD_MAX_WARPS_GATHER 28
 #endif
-// The `_gather_slice` entry at 4 bits (act-order with K up to 4096) allows 24: 80 (bf16: 74) registers,
-// no stack (at 32 warps: 64 registers and 32 (16) bytes of stack, the group's zero word spilled before
-// the dependent-launch wait); g128 M = 1 took 6.10 against 6.57 us at 4096 x 4096 and 5.09
-// against 5.15 at 4096 x 1024 (BENCHMARKS.md, "4-bit act-order slices in 24 warps"; 28 had lost at
-// 4096 x 1024, 16 lost there too).
+// The `_gather_slice` entries at 4 bits (act-order with K up to 4096) are compiled in a module of
+// their own (GPTQ_SLICE4_MODULE below, runtime/src/cuda/kernels.rs), because ptxas schedules each entry
+// of one module with the others' code in view: made 4 tiles deep in 16 warps inside the GPTQ module,
+// they got faster on an H100 (4096 x 1024 g128 M = 1: 4.76 against 5.17 us; 4096 x 4096: 6.47
+// against 6.65), but the 8-bit `_gather_slice` entries lost 2-6 % and the 4-bit plain entry 2-4 % at
+// 4096 x 4096 (BENCHMARKS.md, "act-order slices four tiles deep"). In their own module they leave the
+// others' code as it was.
+// Before, at 2 tiles deep: 24 warps, 80 (bf16: 74) registers, no stack (at 32 warps: 64 registers and
+// 32 (16) bytes of stack, the group's zero word spilled before the dependent-launch wait; g128 M = 1
+// took 6.10 against 6.57 us at 4096 x 4096 and 5.09 against 5.15 at 4096 x 1024: BENCHMARKS.md,
+// "4-bit act-order slices in 24 warps").
 #ifndef MMAD_MAX_WARPS_SLICE
-#define MMAD_MAX_WARPS_SLICE 24
+#define MMAD_MAX_WARPS_SLICE 16
 #endif
-// Tiles in flight per warp of that entry (mmad_depth). 4 with 16 warps made the entry itself faster
-// on an H100 (4096 x 1024 g128 M = 1: 4.76 against 5.17 us; 4096 x 4096: 6.47 against 6.65), but the
-// module then compiled other entries differently (ptxas schedules each entry of one module with the
-// others' code in view): the 8-bit `_gather_slice` entries lost 2-6 % and the 4-bit plain entry
-// 2-4 % at 4096 x 4096 (BENCHMARKS.md, "act-order slices four tiles deep"). Kept at 2, as MMAD_DEPTH.
+// Tiles in flight per warp of those entries (mmad_depth).
 #ifndef MMAD_DEPTH_SLICE
-#define MMAD_DEPTH_SLICE 2
+#define MMAD_DEPTH_SLICE 4
 #endif
 // The `_gather_slice` entry at 8 bits allows 24 (the plain and `_gather` entries 28): on an H100, g128
 // M = 1 took 8.85 against 9.07 us at 4096 x 4096 and 5.48 against 5.77 at 4096 x 1024, while 24 for
@@ -1745,6 +1747,9 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
     KIND(B, TN, T, MMAD_PLAIN, )          \
     KIND(B, TN, T, MMAD_GATHER_SYNC, _gather)
 
+// GPTQ_SLICE4_MODULE (the `gptq_slice4` module, runtime/src/cuda/kernels.rs): this file's second
+// compilation, holding only the 4-bit `_gather_slice` entries (MMAD_MAX_WARPS_SLICE above says why).
+#ifndef GPTQ_SLICE4_MODULE
 GEMV_ENTRIES(3, f16, __half)
 GEMV_ENTRIES(4, f16, __half)
 GEMV_ENTRIES(8, f16, __half)
@@ -1762,10 +1767,10 @@ MMA_ENTRY(8, f16, __half)
 MMA_ENTRY(4, bf16, __nv_bfloat16)
 MMA_ENTRY(8, bf16, __nv_bfloat16)
 MMAD_ENTRIES_SLICE(MMAD_ENTRY, 3, f16, __half)
-MMAD_ENTRIES_SLICE(MMAD_ENTRY, 4, f16, __half)
+MMAD_ENTRIES(MMAD_ENTRY, 4, f16, __half) // (its `_gather_slice`: GPTQ_SLICE4_MODULE)
 MMAD_ENTRIES_SLICE(MMAD_ENTRY, 8, f16, __half)
 MMAD_ENTRIES_SLICE(MMAD_ENTRY, 3, bf16, __nv_bfloat16)
-MMAD_ENTRIES_SLICE(MMAD_ENTRY, 4, bf16, __nv_bfloat16)
+MMAD_ENTRIES(MMAD_ENTRY, 4, bf16, __nv_bfloat16)
 MMAD_ENTRIES_SLICE(MMAD_ENTRY, 8, bf16, __nv_bfloat16)
 MMAD_ENTRIES(MMADG_ENTRY, 4, f16, __half)
 MMAD_ENTRIES(MMADG_ENTRY, 8, f16, __half)
@@ -1912,3 +1917,8 @@ READ_RUNS_ENTRY(3)
 READ_RUNS_ENTRY(4)
 READ_RUNS_ENTRY(6)
 READ_RUNS_ENTRY(8)
+
+#else // GPTQ_SLICE4_MODULE
+MMAD_ENTRY(4, f16, __half, MMAD_GATHER_SLICE, _gather_slice)
+MMAD_ENTRY(4, bf16, __nv_bfloat16, MMAD_GATHER_SLICE, _gather_slice)
+#endif

@@ -42,27 +42,45 @@ fn every_kernel_compiles_for_sm_90() {
 }
 
 /// Every tensor-core entry the launches can ask for (`runtime::cuda::gptq::tensor_core_entries`) is
-/// in the compiled module: its name, NUL-terminated, is in the cubin's string table. A name the host
-/// builds without a kernel behind it would otherwise fail only on a GPU, at its first launch.
+/// in the module the host loads it from (`kernels::gptq_source`), and in no other: its name,
+/// NUL-terminated, is in that cubin's string table. A name the host builds without a kernel behind it
+/// would otherwise fail only on a GPU, at its first launch.
 #[test]
 fn every_tensor_core_entry_the_launches_ask_for_exists() {
     let Some(setup) = nvrtc_or_skip("every_tensor_core_entry_the_launches_ask_for_exists") else {
         return;
     };
-    let cubin = kernels::compile(&kernels::GPTQ, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
+    let modules = [kernels::GPTQ, kernels::GPTQ_SLICE4].map(|k| {
+        let cubin = kernels::compile(&k, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
+        (k.name, cubin)
+    });
     let names = runtime::cuda::gptq::tensor_core_entries();
     assert!(names.len() >= 40, "only {} entries listed", names.len());
-    let missing: Vec<&String> = names
-        .iter()
-        .filter(|name| {
-            let needle = format!("{name}\0");
-            !cubin.windows(needle.len()).any(|w| w == needle.as_bytes())
-        })
-        .collect();
+    let mut wrong = Vec::new();
+    for name in &names {
+        let needle = format!("{name}\0");
+        let holders: Vec<&str> = modules
+            .iter()
+            .filter(|(_, cubin)| cubin.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            .map(|(module, _)| *module)
+            .collect();
+        let want = kernels::gptq_source(name).name;
+        if holders != [want] {
+            wrong.push(format!(
+                "{name}: loaded from `{want}`, found in {holders:?}"
+            ));
+        }
+    }
     assert!(
-        missing.is_empty(),
-        "entries the launches ask for but the module lacks: {missing:?}"
+        wrong.is_empty(),
+        "entries the launches ask for that are not (only) in their module:\n{}",
+        wrong.join("\n")
     );
+    let sliced = names
+        .iter()
+        .filter(|n| kernels::gptq_source(n).name == kernels::GPTQ_SLICE4.name)
+        .count();
+    assert_eq!(sliced, 2, "the 4-bit `_gather_slice` entries, f16 and bf16");
     eprintln!("{} tensor-core entries present", names.len());
 }
 
@@ -81,10 +99,10 @@ fn precompile_cache_for_sm_90() {
 /// spaces collapsed (`@P0 LDG.E.64 R4, desc[UR8][R2.64]`).
 type GemvSass = (String, Vec<String>);
 
-/// The `gptq_mmad_gemv_*` and `gptq_mmadg_gemv_*` functions of the GPTQ module compiled for sm_90
-/// (`cuobjdump -sass`), made once for all the tests that read them, or `None` after printing why
-/// `test` is skipped. Needs NVRTC and CUDA's `cuobjdump` and `nvdisasm` (`.ci/run` installs them
-/// from PyPI; MIXTRAL_GPTQ_CUDA_BIN_DIR names their folder).
+/// The `gptq_mmad_gemv_*` and `gptq_mmadg_gemv_*` functions of the GPTQ modules (`gptq` and
+/// `gptq_slice4`) compiled for sm_90 (`cuobjdump -sass`), made once for all the tests that read
+/// them, or `None` after printing why `test` is skipped. Needs NVRTC and CUDA's `cuobjdump` and
+/// `nvdisasm` (`.ci/run` installs them from PyPI; MIXTRAL_GPTQ_CUDA_BIN_DIR names their folder).
 fn gemv_sass_or_skip(test: &str) -> Option<&'static [GemvSass]> {
     static SASS: std::sync::OnceLock<Result<Vec<GemvSass>, String>> = std::sync::OnceLock::new();
     let sass = SASS.get_or_init(|| {
@@ -97,25 +115,30 @@ fn gemv_sass_or_skip(test: &str) -> Option<&'static [GemvSass]> {
             })
             .filter(|b| b.join("cuobjdump").is_file() && b.join("nvdisasm").is_file())
             .ok_or("no cuobjdump and nvdisasm (set MIXTRAL_GPTQ_CUDA_BIN_DIR)")?;
-        let cubin =
-            kernels::compile(&kernels::GPTQ, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
-        let path = std::env::temp_dir().join(format!("gptq-sm_90-{}.cubin", std::process::id()));
-        std::fs::write(&path, &cubin).unwrap();
-        let path_var = std::env::var_os("PATH").unwrap_or_default();
-        let paths = std::iter::once(bin.clone()).chain(std::env::split_paths(&path_var));
-        let out = std::process::Command::new(bin.join("cuobjdump"))
-            .arg("-sass")
-            .arg(&path)
-            .env("PATH", std::env::join_paths(paths).unwrap())
-            .output()
-            .unwrap();
-        let _ = std::fs::remove_file(&path);
-        assert!(
-            out.status.success(),
-            "cuobjdump: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(gemv_functions(&String::from_utf8(out.stdout).unwrap()))
+        let mut functions = Vec::new();
+        for k in [kernels::GPTQ, kernels::GPTQ_SLICE4] {
+            let cubin = kernels::compile(&k, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
+            let path =
+                std::env::temp_dir().join(format!("{}-sm_90-{}.cubin", k.name, std::process::id()));
+            std::fs::write(&path, &cubin).unwrap();
+            let path_var = std::env::var_os("PATH").unwrap_or_default();
+            let paths = std::iter::once(bin.clone()).chain(std::env::split_paths(&path_var));
+            let out = std::process::Command::new(bin.join("cuobjdump"))
+                .arg("-sass")
+                .arg(&path)
+                .env("PATH", std::env::join_paths(paths).unwrap())
+                .output()
+                .unwrap();
+            let _ = std::fs::remove_file(&path);
+            assert!(
+                out.status.success(),
+                "cuobjdump ({}): {}",
+                k.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            functions.extend(gemv_functions(&String::from_utf8(out.stdout).unwrap()));
+        }
+        Ok(functions)
     });
     sass.as_deref()
         .map_err(|why| eprintln!("SKIPPED {test}: {why}"))

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::device::{ensure, CudaDevice, Workspace};
 use super::error::{drv, CudaError, Result};
-use super::kernels::GPTQ;
+use super::kernels::{gptq_source, GPTQ};
 use super::launch::ExLaunch;
 use crate::qlinear::GptqWeight;
 
@@ -769,7 +769,7 @@ fn mma_direct(group_rows: usize) -> bool {
 /// The register-pipelined GEMV's depths in kernels/gptq.cu and their defaults ([`mmad_depth`]).
 const MMAD_DEPTH_DEFAULTS: [(&str, usize); 4] = [
     ("MMAD_DEPTH", 2),
-    ("MMAD_DEPTH_SLICE", 2),
+    ("MMAD_DEPTH_SLICE", 4),
     ("MMAD_DEPTH8", 2),
     ("MMAD_DEPTH3", 1),
 ];
@@ -777,7 +777,7 @@ const MMAD_DEPTH_DEFAULTS: [(&str, usize); 4] = [
 /// 32-row tiles in flight per warp of the register-pipelined GEMV (`mmad_depth` in
 /// kernels/gptq.cu): `MMAD_DEPTH` at 4 bits (`MMAD_DEPTH_SLICE` in the `_gather_slice` entries,
 /// [`perm_slice`]) and `MMAD_DEPTH8` at 8 bits, and at 3 bits `MMAD_DEPTH3` [`MMA3_ROWS`]-row
-/// super-tiles of 4 tiles each (defaults 2, 2, 2 and 1, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may
+/// super-tiles of 4 tiles each (defaults 2, 4, 2 and 1, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may
 /// override).
 fn mmad_depth(bits: u32, slice: bool) -> usize {
     static D: std::sync::OnceLock<[usize; 4]> = std::sync::OnceLock::new();
@@ -1458,7 +1458,7 @@ impl CudaDevice {
             (w.in_features, w.group_rows as usize),
             (c.gather, c.perm_slice),
         );
-        let f = self.function(&GPTQ, &entry)?;
+        let f = self.function(gptq_source(&entry), &entry)?;
         let threads = (c.plan.warps * 32) as u32;
         let resident = self.resident_blocks(&f, &entry, threads, c.plan.smem as usize)?;
         let tiles_in_flight = if c.direct {
@@ -1598,7 +1598,7 @@ impl CudaDevice {
                 Some(_) if direct => mmad_moe_entry::<T>(bits, (k, group_rows), (act_order, slice)),
                 _ => mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice)),
             };
-            let f = self.function(&GPTQ, &entry)?;
+            let f = self.function(gptq_source(&entry), &entry)?;
             // Act-order with X small enough: each block copies X to shared memory for its gathers
             // (MMA_XBLOCK_MAX_BYTES, mmad_xblock_max_bytes).
             let x_bytes = (m * k * 2).next_multiple_of(16);
@@ -1704,7 +1704,7 @@ impl CudaDevice {
             (k, w.group_rows as usize),
             (gather, perm_slice),
         );
-        let f = self.function(&GPTQ, &entry)?;
+        let f = self.function(gptq_source(&entry), &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
@@ -1762,7 +1762,7 @@ impl CudaDevice {
         let units = k / uk;
         let tiles = ceil_div(n, GEMV_COLS);
         let entry = format!("gptq_gemv_{bits}b_{}_m{mt}", T::NAME);
-        let f = self.function(&GPTQ, &entry)?;
+        let f = self.function(gptq_source(&entry), &entry)?;
         let (ups, nsplit, smem) = self.plan(&f, &entry, (units, tiles, mt, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(nsplit * mt * n, tiles)?;
@@ -1898,7 +1898,7 @@ impl CudaDevice {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
         Self::check_len("dequantize: output", k * n, out.len())?;
         let entry = format!("gptq_dequant_{bits}b_f16");
-        let f = self.function(&GPTQ, &entry)?;
+        let f = self.function(gptq_source(&entry), &entry)?;
         let mut b = ExLaunch::new(self.stream());
         layer_args(&mut b, w, false);
         b.int(k as i32).int(n as i32).buf_mut(out);
@@ -2036,7 +2036,7 @@ impl CudaDevice {
             (first.in_features, first.group_rows as usize),
             (choice.gather, choice.perm_slice),
         );
-        let f = self.function(&GPTQ, &entry)?;
+        let f = self.function(gptq_source(&entry), &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
             grid_dim: (plan.blocks as u32, pairs as u32, 1),
@@ -2098,7 +2098,7 @@ impl CudaDevice {
         let units = k / uk;
         let tiles = ceil_div(n, GEMV_COLS);
         let entry = format!("gptq_moe_gemv_{bits}b_{}", T::NAME);
-        let f = self.function(&GPTQ, &entry)?;
+        let f = self.function(gptq_source(&entry), &entry)?;
         let (ups, nsplit, smem) = self.plan(&f, &entry, (units, tiles * pairs, 1, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(pairs * nsplit * n, pairs * tiles)?;

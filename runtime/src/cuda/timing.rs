@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::CudaDevice;
 use super::error::{drv, CudaError, Result};
-use super::kernels::GPTQ;
+use super::kernels::{gptq_source, GPTQ};
 
 /// How a benchmark case is timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,7 +279,7 @@ impl CudaDevice {
             });
         }
         let entry = format!("bench_read_runs_d{}", r.depth);
-        let f = self.function(&GPTQ, &entry)?;
+        let f = self.function(gptq_source(&entry), &entry)?;
         let threads = (r.warps * 32) as u32;
         // Dynamic shared memory (unused) keeps the SM to `blocks_per_sm` blocks, as the GEMV's
         // registers and shared memory keep it; the driver reserves 1 KiB per block.
