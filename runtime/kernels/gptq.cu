@@ -610,16 +610,16 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 // The `_gather_slice` entries at 4 bits (act-order with K up to 4096) are compiled in a module of
 // their own (GPTQ_SLICE4_MODULE below, runtime/src/cuda/kernels.rs), because ptxas schedules each entry
 // of one module with the others' code in view: made 4 tiles deep in 16 warps inside the GPTQ module,
-// they got faster on an H100 (4096 x 1024 g128 M = 1: 4.76 against 5.17 us; 4096 x 4096: 6.47
-// against 6.65), but the 8-bit `_gather_slice` entries lost 2-6 % and the 4-bit plain entry 2-4 % at
-// 4096 x 4096 (BENCHMARKS.md, "act-order slices four tiles deep"). In their own module they leave the
-// others' code as it was.
-// Before, at 2 tiles deep: 24 warps, 80 (bf16: 74) registers, no stack (at 32 warps: 64 registers and
-// 32 (16) bytes of stack, the group's zero word spilled before the dependent-launch wait; g128 M = 1
-// took 6.10 against 6.57 us at 4096 x 4096 and 5.09 against 5.15 at 4096 x 1024: BENCHMARKS.md,
-// "4-bit act-order slices in 24 warps").
+// they got faster, but the 8-bit `_gather_slice` entries lost 2-6 % and the 4-bit plain entry 2-4 %
+// at 4096 x 4096 (BENCHMARKS.md, "act-order slices four tiles deep"). In their own module the other
+// entries' code is as it was, and on an H100 (g128, M = 1, us; BENCHMARKS.md, "the 4-bit act-order
+// slices in a module of their own") 20 warps of 4 tiles took 6.36 at 4096 x 4096 and 4.69 at
+// 4096 x 1024 against 6.58 and 5.20 for 24 warps of 2 in the GPTQ module (the same bound and depth in
+// their own module: 6.58 and 5.20; 16 warps of 4: 6.48 and 4.79). 20 x 4: 96 registers, no stack.
+// At 2 tiles deep, 32 warps had spilled the group's zero word before the dependent-launch wait
+// (BENCHMARKS.md, "4-bit act-order slices in 24 warps").
 #ifndef MMAD_MAX_WARPS_SLICE
-#define MMAD_MAX_WARPS_SLICE 16
+#define MMAD_MAX_WARPS_SLICE 20
 #endif
 // Tiles in flight per warp of those entries (mmad_depth).
 #ifndef MMAD_DEPTH_SLICE
