@@ -36,8 +36,8 @@ pub const GPTQ_SLICE4: KernelSource = KernelSource {
     ),
 };
 
-/// The kernel file compiled with entry `entry` of kernels/gptq.cu: [`GPTQ_SLICE4`] for the 4-bit
-/// `_gather_slice` entries, [`GPTQ`] for the others.
+/// The module that holds entry `entry` of kernels/gptq.cu: [`GPTQ_SLICE4`] for the 4-bit
+/// `_gather_slice` entries, [`GPTQ`] for every other one.
 pub fn gptq_source(entry: &str) -> &'static KernelSource {
     if entry.starts_with("gptq_mmad_gemv_4b_") && entry.ends_with("_gather_slice") {
         &GPTQ_SLICE4
