@@ -50,7 +50,7 @@ fn every_tensor_core_entry_the_launches_ask_for_exists() {
     let Some(setup) = nvrtc_or_skip("every_tensor_core_entry_the_launches_ask_for_exists") else {
         return;
     };
-    let modules = [kernels::GPTQ, kernels::GPTQ_SLICE4].map(|k| {
+    let modules = kernels::GPTQ_MODULES.map(|k| {
         let cubin = kernels::compile(&k, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
         (k.name, cubin)
     });
@@ -116,7 +116,7 @@ fn gemv_sass_or_skip(test: &str) -> Option<&'static [GemvSass]> {
             .filter(|b| b.join("cuobjdump").is_file() && b.join("nvdisasm").is_file())
             .ok_or("no cuobjdump and nvdisasm (set MIXTRAL_GPTQ_CUDA_BIN_DIR)")?;
         let mut functions = Vec::new();
-        for k in [kernels::GPTQ, kernels::GPTQ_SLICE4] {
+        for k in kernels::GPTQ_MODULES {
             let cubin = kernels::compile(&k, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
             let path =
                 std::env::temp_dir().join(format!("{}-sm_90-{}.cubin", k.name, std::process::id()));

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::device::{ensure, CudaDevice, Workspace};
 use super::error::{drv, CudaError, Result};
-use super::kernels::{gptq_source, GPTQ};
+use super::kernels::gptq_source;
 use super::launch::ExLaunch;
 use crate::qlinear::GptqWeight;
 
@@ -1063,6 +1063,11 @@ fn ceil_div(a: usize, b: usize) -> usize {
 }
 
 impl CudaDevice {
+    /// Entry point `entry` of kernels/gptq.cu, from the module that holds it ([`gptq_source`]).
+    pub(crate) fn gptq_function(&self, entry: &str) -> Result<cudarc::driver::CudaFunction> {
+        self.function(gptq_source(entry), entry)
+    }
+
     /// Copies a prepared layer to the device.
     pub fn upload_prepared(&self, p: &PreparedGptq) -> Result<DeviceGptq> {
         self.upload_prepared_as(p, GemvKernel::Auto)
@@ -1404,7 +1409,7 @@ impl CudaDevice {
         let mut slot = self.lock_workspace()?.xperm.take();
         ensure(self.stream(), &mut slot, m * k)?;
         let mut xs = slot.unwrap_or_else(unreachable_ws);
-        let f = self.function(&GPTQ, "permute_x16")?;
+        let f = self.gptq_function("permute_x16")?;
         let ki = k as i32;
         let cfg = LaunchConfig {
             grid_dim: (ceil_div(k, 256) as u32, m as u32, 1),
@@ -1458,7 +1463,7 @@ impl CudaDevice {
             (w.in_features, w.group_rows as usize),
             (c.gather, c.perm_slice),
         );
-        let f = self.function(gptq_source(&entry), &entry)?;
+        let f = self.gptq_function(&entry)?;
         let threads = (c.plan.warps * 32) as u32;
         let resident = self.resident_blocks(&f, &entry, threads, c.plan.smem as usize)?;
         let tiles_in_flight = if c.direct {
@@ -1598,7 +1603,7 @@ impl CudaDevice {
                 Some(_) if direct => mmad_moe_entry::<T>(bits, (k, group_rows), (act_order, slice)),
                 _ => mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice)),
             };
-            let f = self.function(gptq_source(&entry), &entry)?;
+            let f = self.gptq_function(&entry)?;
             // Act-order with X small enough: each block copies X to shared memory for its gathers
             // (MMA_XBLOCK_MAX_BYTES, mmad_xblock_max_bytes).
             let x_bytes = (m * k * 2).next_multiple_of(16);
@@ -1704,7 +1709,7 @@ impl CudaDevice {
             (k, w.group_rows as usize),
             (gather, perm_slice),
         );
-        let f = self.function(gptq_source(&entry), &entry)?;
+        let f = self.gptq_function(&entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
@@ -1762,7 +1767,7 @@ impl CudaDevice {
         let units = k / uk;
         let tiles = ceil_div(n, GEMV_COLS);
         let entry = format!("gptq_gemv_{bits}b_{}_m{mt}", T::NAME);
-        let f = self.function(gptq_source(&entry), &entry)?;
+        let f = self.gptq_function(&entry)?;
         let (ups, nsplit, smem) = self.plan(&f, &entry, (units, tiles, mt, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(nsplit * mt * n, tiles)?;
@@ -1857,7 +1862,7 @@ impl CudaDevice {
         let x_ptr = if T::IS_BF16 {
             ensure(s, xconv, m * k)?;
             let xc = xconv.as_mut().unwrap_or_else(unreachable_ws);
-            let f = self.function(&GPTQ, "convert_bf16_f16")?;
+            let f = self.gptq_function("convert_bf16_f16")?;
             let total = (m * k) as u64;
             let mut b = s.launch_builder(&f);
             b.arg(x).arg(&mut *xc).arg(&total);
@@ -1898,7 +1903,7 @@ impl CudaDevice {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
         Self::check_len("dequantize: output", k * n, out.len())?;
         let entry = format!("gptq_dequant_{bits}b_f16");
-        let f = self.function(gptq_source(&entry), &entry)?;
+        let f = self.gptq_function(&entry)?;
         let mut b = ExLaunch::new(self.stream());
         layer_args(&mut b, w, false);
         b.int(k as i32).int(n as i32).buf_mut(out);
@@ -2036,7 +2041,7 @@ impl CudaDevice {
             (first.in_features, first.group_rows as usize),
             (choice.gather, choice.perm_slice),
         );
-        let f = self.function(gptq_source(&entry), &entry)?;
+        let f = self.gptq_function(&entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
             grid_dim: (plan.blocks as u32, pairs as u32, 1),
@@ -2098,7 +2103,7 @@ impl CudaDevice {
         let units = k / uk;
         let tiles = ceil_div(n, GEMV_COLS);
         let entry = format!("gptq_moe_gemv_{bits}b_{}", T::NAME);
-        let f = self.function(gptq_source(&entry), &entry)?;
+        let f = self.gptq_function(&entry)?;
         let (ups, nsplit, smem) = self.plan(&f, &entry, (units, tiles * pairs, 1, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(pairs * nsplit * n, pairs * tiles)?;
@@ -2123,7 +2128,7 @@ impl CudaDevice {
     ) -> Result<()> {
         Self::check_len("moe_combine: yp", tokens * topk * n, yp.len())?;
         Self::check_len("moe_combine: y", tokens * n, y.len())?;
-        let f = self.function(&GPTQ, "moe_combine_f32")?;
+        let f = self.gptq_function("moe_combine_f32")?;
         let (tk, tt, nn) = (topk as i32, tokens as i32, n as i32);
         let mut b = self.stream().launch_builder(&f);
         b.arg(yp).arg(&tk).arg(&tt).arg(&nn).arg(y);
@@ -2152,6 +2157,7 @@ pub type SharedDevice = Arc<CudaDevice>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::kernels::GPTQ;
     use crate::cuda::random::random_gptq;
     use crate::qlinear::unpack_rows;
 

@@ -36,6 +36,9 @@ pub const GPTQ_SLICE4: KernelSource = KernelSource {
     ),
 };
 
+/// The modules compiled from kernels/gptq.cu.
+pub const GPTQ_MODULES: [KernelSource; 2] = [GPTQ, GPTQ_SLICE4];
+
 /// The module that holds entry `entry` of kernels/gptq.cu: [`GPTQ_SLICE4`] for the 4-bit
 /// `_gather_slice` entries, [`GPTQ`] for every other one.
 pub fn gptq_source(entry: &str) -> &'static KernelSource {

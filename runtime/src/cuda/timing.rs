@@ -8,7 +8,6 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::CudaDevice;
 use super::error::{drv, CudaError, Result};
-use super::kernels::{gptq_source, GPTQ};
 
 /// How a benchmark case is timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,7 +198,7 @@ impl CudaDevice {
     /// Median times of an empty kernel launch (`bench_noop`), timed as `t` says: on the device, the
     /// fixed cost of a launch; on the host, the driver's cost of queueing one.
     pub fn empty_kernel(&self, t: Timing) -> Result<Timed> {
-        let f = self.function(&GPTQ, "bench_noop")?;
+        let f = self.gptq_function("bench_noop")?;
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),
@@ -218,7 +217,7 @@ impl CudaDevice {
     /// 16-byte loads, a grid of the blocks the device keeps resident), the buffers taken in turn so
     /// that the cache does not serve them: the practical floor of a kernel streaming those bytes.
     pub fn stream_read_ms(&self, bufs: &[CudaSlice<u8>], t: Timing) -> Result<f64> {
-        let f = self.function(&GPTQ, "bench_stream_read")?;
+        let f = self.gptq_function("bench_stream_read")?;
         let sink = self.zeros::<u32>(1)?;
         let cfg = LaunchConfig {
             grid_dim: ((self.sm_count() * 8) as u32, 1, 1),
@@ -279,7 +278,7 @@ impl CudaDevice {
             });
         }
         let entry = format!("bench_read_runs_d{}", r.depth);
-        let f = self.function(gptq_source(&entry), &entry)?;
+        let f = self.gptq_function(&entry)?;
         let threads = (r.warps * 32) as u32;
         // Dynamic shared memory (unused) keeps the SM to `blocks_per_sm` blocks, as the GEMV's
         // registers and shared memory keep it; the driver reserves 1 KiB per block.
