@@ -608,7 +608,7 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #define MMAD_MAX_WARPS_GATHER 28
 #endif
 // The `_gather_slice` entries at 4 bits (act-order with K up to 4096) are compiled in a module of
-// their own (GPTQ_SLICE4_MODULE below, runtime/src/cuda/kernels.rs), because ptxas schedules each entry
+// their own (GPTQ_MODULE 1 below, runtime/src/cuda/kernels.rs), because ptxas schedules each entry
 // of one module with the others' code in view: made 4 tiles deep in 16 warps inside the GPTQ module,
 // they got faster, but the 8-bit `_gather_slice` entries lost 2-6 % and the 4-bit plain entry 2-4 %
 // at 4096 x 4096 (BENCHMARKS.md, "act-order slices four tiles deep"). In their own module the other
@@ -635,6 +635,34 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #define MMAD_MAX_WARPS8_GATHER MMAD_MAX_WARPS8
 #endif
 // The 3-bit act-order entries keep the 3-bit bound: 24, 20 and 16 lost or tied on an H100 (same section).
+// Narrow layers (few strips: runtime/src/cuda/gptq.rs, `mmad_narrow`, says where) run the plain entries,
+// and at 3 and 8 bits the `_gather_slice` ones, as `_narrow` entries in a module of their own
+// (GPTQ_MODULE 2 below): deeper pipelines in fewer warps. One block runs per strip, so only a few SMs
+// work, and the bytes each keeps in flight set the speed. On an H100 (BENCHMARKS.md, "entries for
+// narrow layers"), 4096 x 1024 g128 M = 1, us, against the other entries: 3-bit 4.22 / 4.60 at 2
+// super-tiles in 20 warps (act-order 4.71 / 5.05), 4-bit 4.31 / 4.54 at 4 tiles in 20 (16: 4.49, 3 in
+// 24: 4.93), 8-bit 4.93 / 5.28 at 4 tiles in 20 (act-order 5.30 / 5.53; 16 warps: the same without
+// act-order, 5.75 with it). 4 bits take no `_gather_slice` entry here: theirs is already 4 deep.
+#ifndef MMAD_DEPTH_NARROW
+#define MMAD_DEPTH_NARROW 4
+#endif
+#ifndef MMAD_MAX_WARPS_NARROW
+#define MMAD_MAX_WARPS_NARROW 20
+#endif
+#ifndef MMAD_DEPTH8_NARROW
+#define MMAD_DEPTH8_NARROW 4
+#endif
+#ifndef MMAD_MAX_WARPS8_NARROW
+#define MMAD_MAX_WARPS8_NARROW 20
+#endif
+#ifndef MMAD_DEPTH3_NARROW
+#define MMAD_DEPTH3_NARROW 2
+#endif
+#ifndef MMAD_MAX_WARPS3_NARROW
+#define MMAD_MAX_WARPS3_NARROW 20
+#endif
+#define MMAD_NARROW_WARPS(B) ((B) == 3 ? MMAD_MAX_WARPS3_NARROW : (B) == 8 ? MMAD_MAX_WARPS8_NARROW : MMAD_MAX_WARPS_NARROW)
+#define MMAD_NARROW_DEPTH(B) ((B) == 3 ? MMAD_DEPTH3_NARROW : (B) == 8 ? MMAD_DEPTH8_NARROW : MMAD_DEPTH_NARROW)
 #ifndef MMAD_MAX_WARPS3_SLICE // the `_gather_slice` entry at 3 bits (sweeps)
 #define MMAD_MAX_WARPS3_SLICE MMAD_MAX_WARPS3
 #endif
@@ -1653,23 +1681,26 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
         mma_gemv<B, T>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, ws, counters, Y);          \
     }
 
-// 3 bits: whole 128-row super-tiles (K and the groups multiples of 128 rows), MMAD_DEPTH3 in flight.
-#define MMAD_ENTRY(B, TN, T, G, SFX)                                                                         \
-    extern "C" __global__ void __launch_bounds__(MMAD_GEMV_WARPS(B, G) * 32) gptq_mmad_gemv_##B##b_##TN##SFX( \
-        const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,       \
-        const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,   \
-        int xblock, float* ws, u32* counters, float* Y) {                                                    \
-        QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                         \
-        if constexpr (B == 3) {                                                                              \
-            mmad_gemv<B, T, MMAD_DEPTH3, true, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
-        } else {                                                                                             \
-            constexpr int D = mmad_depth(B, G);                                                              \
-            if (mmad_blocked(D, K, group_rows, tiles_per_warp))                                               \
-                mmad_gemv<B, T, D, true, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
-            else                                                                                             \
-                mmad_gemv<B, T, D, false, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
-        }                                                                                                    \
+// The register-pipelined GEMV's entry of kind G at B bits, under launch bound WARPS, D tiles in flight
+// (at 3 bits D whole 128-row super-tiles: K and the groups multiples of 128 rows).
+#define MMAD_ENTRY_AT(B, TN, T, G, SFX, WARPS, D)                                                              \
+    extern "C" __global__ void __launch_bounds__((WARPS) * 32) gptq_mmad_gemv_##B##b_##TN##SFX(                \
+        const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,        \
+        const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,      \
+        int xblock, float* ws, u32* counters, float* Y) {                                                      \
+        QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                           \
+        if constexpr (B == 3) {                                                                                \
+            mmad_gemv<B, T, (D), true, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
+        } else {                                                                                               \
+            if (mmad_blocked((D), K, group_rows, tiles_per_warp))                                              \
+                mmad_gemv<B, T, (D), true, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
+            else                                                                                               \
+                mmad_gemv<B, T, (D), false, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
+        }                                                                                                      \
     }
+#define MMAD_ENTRY(B, TN, T, G, SFX) MMAD_ENTRY_AT(B, TN, T, G, SFX, MMAD_GEMV_WARPS(B, G), (B) == 3 ? MMAD_DEPTH3 : mmad_depth(B, G))
+// The same for narrow layers (`_narrow`: runtime/src/cuda/gptq.rs, `mmad_narrow`), deeper in fewer warps.
+#define MMAD_NARROW_ENTRY(B, TN, T, G, SFX) MMAD_ENTRY_AT(B, TN, T, G, SFX##_narrow, MMAD_NARROW_WARPS(B), MMAD_NARROW_DEPTH(B))
 
 // Groups of one tile (g32, runtime/src/cuda/gptq.rs `mmad_tile_groups`), as its own entry so that the
 // other layers' kernel keeps its code.
@@ -1747,9 +1778,13 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
     KIND(B, TN, T, MMAD_PLAIN, )          \
     KIND(B, TN, T, MMAD_GATHER_SYNC, _gather)
 
-// GPTQ_SLICE4_MODULE (the `gptq_slice4` module, runtime/src/cuda/kernels.rs): this file's second
-// compilation, holding only the 4-bit `_gather_slice` entries (MMAD_MAX_WARPS_SLICE above says why).
-#ifndef GPTQ_SLICE4_MODULE
+// This file is compiled into three modules (runtime/src/cuda/kernels.rs): GPTQ_MODULE 0 (`gptq`, every
+// entry but those below), 1 (`gptq_slice4`: the 4-bit `_gather_slice` entries, MMAD_MAX_WARPS_SLICE above
+// says why) and 2 (`gptq_narrow`: the `_narrow` entries, MMAD_DEPTH_NARROW above).
+#ifndef GPTQ_MODULE
+#define GPTQ_MODULE 0
+#endif
+#if GPTQ_MODULE == 0
 GEMV_ENTRIES(3, f16, __half)
 GEMV_ENTRIES(4, f16, __half)
 GEMV_ENTRIES(8, f16, __half)
@@ -1767,7 +1802,7 @@ MMA_ENTRY(8, f16, __half)
 MMA_ENTRY(4, bf16, __nv_bfloat16)
 MMA_ENTRY(8, bf16, __nv_bfloat16)
 MMAD_ENTRIES_SLICE(MMAD_ENTRY, 3, f16, __half)
-MMAD_ENTRIES(MMAD_ENTRY, 4, f16, __half) // (its `_gather_slice`: GPTQ_SLICE4_MODULE)
+MMAD_ENTRIES(MMAD_ENTRY, 4, f16, __half) // (its `_gather_slice`: GPTQ_MODULE 1)
 MMAD_ENTRIES_SLICE(MMAD_ENTRY, 8, f16, __half)
 MMAD_ENTRIES_SLICE(MMAD_ENTRY, 3, bf16, __nv_bfloat16)
 MMAD_ENTRIES(MMAD_ENTRY, 4, bf16, __nv_bfloat16)
@@ -1918,7 +1953,18 @@ READ_RUNS_ENTRY(4)
 READ_RUNS_ENTRY(6)
 READ_RUNS_ENTRY(8)
 
-#else // GPTQ_SLICE4_MODULE
+#elif GPTQ_MODULE == 1
 MMAD_ENTRY(4, f16, __half, MMAD_GATHER_SLICE, _gather_slice)
 MMAD_ENTRY(4, bf16, __nv_bfloat16, MMAD_GATHER_SLICE, _gather_slice)
+#elif GPTQ_MODULE == 2
+#define MMAD_NARROW_ENTRIES(TN, T)                                   \
+    MMAD_NARROW_ENTRY(3, TN, T, MMAD_PLAIN, )                        \
+    MMAD_NARROW_ENTRY(3, TN, T, MMAD_GATHER_SLICE, _gather_slice)    \
+    MMAD_NARROW_ENTRY(4, TN, T, MMAD_PLAIN, )                        \
+    MMAD_NARROW_ENTRY(8, TN, T, MMAD_PLAIN, )                        \
+    MMAD_NARROW_ENTRY(8, TN, T, MMAD_GATHER_SLICE, _gather_slice)
+MMAD_NARROW_ENTRIES(f16, __half)
+MMAD_NARROW_ENTRIES(bf16, __nv_bfloat16)
+#else
+#error "GPTQ_MODULE: 0, 1 or 2"
 #endif

@@ -76,11 +76,22 @@ fn every_tensor_core_entry_the_launches_ask_for_exists() {
         "entries the launches ask for that are not (only) in their module:\n{}",
         wrong.join("\n")
     );
-    let sliced = names
-        .iter()
-        .filter(|n| kernels::gptq_source(n).name == kernels::GPTQ_SLICE4.name)
-        .count();
-    assert_eq!(sliced, 2, "the 4-bit `_gather_slice` entries, f16 and bf16");
+    let held = |module: &str| {
+        names
+            .iter()
+            .filter(|n| kernels::gptq_source(n).name == module)
+            .count()
+    };
+    assert_eq!(
+        held(kernels::GPTQ_SLICE4.name),
+        2,
+        "the 4-bit `_gather_slice` entries, f16 and bf16"
+    );
+    assert_eq!(
+        held(kernels::GPTQ_NARROW.name),
+        10,
+        "the `_narrow` entries: plain at 3, 4 and 8 bits, `_gather_slice` at 3 and 8; f16 and bf16"
+    );
     eprintln!("{} tensor-core entries present", names.len());
 }
 
@@ -99,8 +110,8 @@ fn precompile_cache_for_sm_90() {
 /// spaces collapsed (`@P0 LDG.E.64 R4, desc[UR8][R2.64]`).
 type GemvSass = (String, Vec<String>);
 
-/// The `gptq_mmad_gemv_*` and `gptq_mmadg_gemv_*` functions of the GPTQ modules (`gptq` and
-/// `gptq_slice4`) compiled for sm_90 (`cuobjdump -sass`), made once for all the tests that read
+/// The `gptq_mmad_gemv_*` and `gptq_mmadg_gemv_*` functions of the GPTQ modules
+/// (`kernels::GPTQ_MODULES`) compiled for sm_90 (`cuobjdump -sass`), made once for all the tests that read
 /// them, or `None` after printing why `test` is skipped. Needs NVRTC and CUDA's `cuobjdump` and
 /// `nvdisasm` (`.ci/run` installs them from PyPI; MIXTRAL_GPTQ_CUDA_BIN_DIR names their folder).
 fn gemv_sass_or_skip(test: &str) -> Option<&'static [GemvSass]> {
@@ -205,8 +216,9 @@ fn gemv_entries_load_weights_before_the_dependent_launch_wait() {
     }
     assert_eq!(
         functions.len(),
-        26,
-        "expected 18 gptq_mmad_gemv entries (plain, _gather, _gather_slice) and 8 gptq_mmadg_gemv (plain, _gather)"
+        36,
+        "expected 18 gptq_mmad_gemv entries (plain, _gather, _gather_slice), 10 `_narrow` ones and 8 \
+         gptq_mmadg_gemv (plain, _gather)"
     );
 }
 

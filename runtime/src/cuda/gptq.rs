@@ -562,6 +562,8 @@ pub(crate) struct MmaChoice {
     /// The register-pipelined variant's warps copy their run's act-order indices to shared memory
     /// before the dependent-launch wait ([`perm_slice`]).
     perm_slice: bool,
+    /// The register-pipelined variant runs its entry for narrow layers ([`mmad_narrow`]).
+    narrow: bool,
     plan: MmaPlan,
 }
 
@@ -599,6 +601,46 @@ fn perm_slice_max_k() -> usize {
     *K.get_or_init(|| env_usize("MIXTRAL_GPTQ_PERM_SLICE_MAX_K").unwrap_or(PERM_SLICE_MAX_K))
 }
 
+/// Whether the register-pipelined GEMV of `m` rows on a `k` x `n` layer runs its entries for narrow
+/// layers (`_narrow` in kernels/gptq.cu, `MMAD_DEPTH_NARROW` there: deeper pipelines in fewer
+/// warps): on a plain GEMV (not the fused MoE, nor the entry for groups of one tile,
+/// [`mmad_tile_groups`]) with at most [`NARROW_MAX_STRIPS`] 32-column strips and K at most
+/// [`NARROW_MAX_K`], at one row (3 bits: up to 4), without act-order gathered inside or, at 3 and 8
+/// bits, with the indices copied first ([`perm_slice`]). One block runs per strip, so such a layer
+/// keeps only a few SMs busy, and the bytes each has in flight set the speed. Measured on an H100
+/// (BENCHMARKS.md, "entries for narrow layers"), g128, us, narrow against not: 4096 x 1024 M = 1
+/// 3-bit 4.22 / 4.60 (act-order 4.71 / 5.05), 4-bit 4.31 / 4.54, 8-bit 4.93 / 5.28 (act-order
+/// 5.30 / 5.53); 4096 x 2048 M = 1 3-bit 4.65 / 4.77, 4-bit 4.66 / 4.78; 4096 x 1024 M = 4 3-bit
+/// 5.27 / 5.62 but 4-bit 5.36 / 5.00; at 96 strips (4096 x 3072) no faster, at 128 (4096 x 4096)
+/// and at 14336 x 1024 slower.
+fn mmad_narrow(
+    direct: bool,
+    (k, n, m, bits, group_rows): (usize, usize, usize, u32, usize),
+    (gather, slice): (bool, bool),
+    moe_pairs: Option<usize>,
+) -> bool {
+    direct
+        && moe_pairs.is_none()
+        && !mmad_tile_groups(k, bits, group_rows)
+        && (!gather || (slice && bits != 4))
+        && (m == 1 || (bits == 3 && m <= 4))
+        && n / 32 <= narrow_max_strips()
+        && k <= NARROW_MAX_K
+}
+
+/// See [`mmad_narrow`].
+const NARROW_MAX_STRIPS: usize = 64;
+
+/// See [`mmad_narrow`].
+const NARROW_MAX_K: usize = 4096;
+
+/// [`NARROW_MAX_STRIPS`], or `MIXTRAL_GPTQ_NARROW_MAX_STRIPS` (benchmark sweeps; 0 turns the narrow
+/// entries off).
+fn narrow_max_strips() -> usize {
+    static S: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *S.get_or_init(|| env_usize("MIXTRAL_GPTQ_NARROW_MAX_STRIPS").unwrap_or(NARROW_MAX_STRIPS))
+}
+
 /// The [`CudaDevice::mma_choice`] cache key: bits, X dtype, K, N, M, group rows, act-order, and the
 /// fused MoE's pairs (None for a plain GEMV).
 pub(crate) type MmaKey = (
@@ -614,12 +656,13 @@ pub(crate) type MmaKey = (
 
 /// The entry point of a tensor-core GEMV variant in kernels/gptq.cu for a layer of `k` rows and
 /// `group_rows` ([`uniform_group_rows`]): the ring (`mma`), the register pipeline (`mmad`), or the
-/// register pipeline for groups of one 32-row tile (`mmadg`, [`mmad_tile_groups`]).
+/// register pipeline for groups of one 32-row tile (`mmadg`, [`mmad_tile_groups`]); of the kind
+/// [`mmad_suffix`] names, for narrow layers or not ([`mmad_narrow`]).
 fn mma_entry<T: ActDtype>(
     direct: bool,
     bits: u32,
     (k, group_rows): (usize, usize),
-    (gather, slice): (bool, bool),
+    (gather, slice, narrow): (bool, bool, bool),
 ) -> String {
     let variant = match direct {
         false => "mma",
@@ -627,18 +670,19 @@ fn mma_entry<T: ActDtype>(
         true => "mmad",
     };
     format!(
-        "gptq_{variant}_gemv_{bits}b_{}{}",
+        "gptq_{variant}_gemv_{bits}b_{}{}{}",
         T::NAME,
-        mmad_suffix(direct, gather, slice)
+        mmad_suffix(direct, gather, slice),
+        if narrow { "_narrow" } else { "" }
     )
 }
 
 /// Every tensor-core entry name the launches can ask for (the GEMV's `gptq_mma_gemv_*`,
 /// `gptq_mmad_gemv_*`, `gptq_mmadg_gemv_*`, the fused MoE's `gptq_mmad_moe_*`): both X dtypes, bits
-/// 3, 4 and 8, with and without act-order gathered inside, over the K and grouping cases that pick a
-/// different entry (K at most and above 4096, where the act-order indices are copied first or not;
-/// groups of one tile). The NVRTC test checks that the compiled module has each
-/// one, so that a name the host builds without a kernel behind it fails without a GPU.
+/// 3, 4 and 8, with and without act-order gathered inside, over the K, N and grouping cases that pick
+/// a different entry (K at most and above 4096, where the act-order indices are copied first or
+/// not; narrow layers or not; groups of one tile). The NVRTC test checks that the compiled modules
+/// have each one, so that a name the host builds without a kernel behind it fails without a GPU.
 pub fn tensor_core_entries() -> Vec<String> {
     fn for_dtype<T: ActDtype>(out: &mut Vec<String>) {
         for bits in [3u32, 4, 8] {
@@ -646,12 +690,20 @@ pub fn tensor_core_entries() -> Vec<String> {
                 for act_order in [false, true] {
                     for direct in [true, false].into_iter().filter(|&d| d || has_ring(bits)) {
                         let slice = perm_slice(direct, act_order, (k, bits, group_rows), None);
-                        out.push(mma_entry::<T>(
-                            direct,
-                            bits,
-                            (k, group_rows),
-                            (act_order, slice),
-                        ));
+                        for n in [32, 14336] {
+                            let narrow = mmad_narrow(
+                                direct,
+                                (k, n, 1, bits, group_rows),
+                                (act_order, slice),
+                                None,
+                            );
+                            out.push(mma_entry::<T>(
+                                direct,
+                                bits,
+                                (k, group_rows),
+                                (act_order, slice, narrow),
+                            ));
+                        }
                     }
                     let slice = perm_slice(true, act_order, (k, bits, group_rows), Some(2));
                     out.push(mmad_moe_entry::<T>(
@@ -716,7 +768,7 @@ fn has_ring(bits: u32) -> bool {
 /// that the other layers' kernel stays as it was (with the third path in one entry, their times
 /// grew by 1-2 % on the small shapes, H200).
 fn mmad_tile_groups(k: usize, bits: u32, group_rows: usize) -> bool {
-    bits != 3 && group_rows == 32 && (k / 32).is_multiple_of(mmad_depth(bits, false))
+    bits != 3 && group_rows == 32 && (k / 32).is_multiple_of(mmad_depth(bits, false, false))
 }
 
 /// The fewest warps per block of a fused MoE plan ([`CudaDevice::mma_plan`]), where the shape allows,
@@ -767,28 +819,35 @@ fn mma_direct(group_rows: usize) -> bool {
 }
 
 /// The register-pipelined GEMV's depths in kernels/gptq.cu and their defaults ([`mmad_depth`]).
-const MMAD_DEPTH_DEFAULTS: [(&str, usize); 4] = [
+const MMAD_DEPTH_DEFAULTS: [(&str, usize); 7] = [
     ("MMAD_DEPTH", 2),
     ("MMAD_DEPTH_SLICE", 4),
     ("MMAD_DEPTH8", 2),
     ("MMAD_DEPTH3", 1),
+    ("MMAD_DEPTH_NARROW", 4),
+    ("MMAD_DEPTH8_NARROW", 4),
+    ("MMAD_DEPTH3_NARROW", 2),
 ];
 
 /// 32-row tiles in flight per warp of the register-pipelined GEMV (`mmad_depth` in
 /// kernels/gptq.cu): `MMAD_DEPTH` at 4 bits (`MMAD_DEPTH_SLICE` in the `_gather_slice` entries,
 /// [`perm_slice`]) and `MMAD_DEPTH8` at 8 bits, and at 3 bits `MMAD_DEPTH3` [`MMA3_ROWS`]-row
-/// super-tiles of 4 tiles each (defaults 2, 4, 2 and 1, which `MIXTRAL_GPTQ_NVRTC_DEFINES` may
-/// override).
-fn mmad_depth(bits: u32, slice: bool) -> usize {
-    static D: std::sync::OnceLock<[usize; 4]> = std::sync::OnceLock::new();
-    let [d4, d4_slice, d8, d3] = *D.get_or_init(|| {
+/// super-tiles of 4 tiles each; in the entries for narrow layers ([`mmad_narrow`])
+/// `MMAD_DEPTH_NARROW`, `MMAD_DEPTH8_NARROW` and `MMAD_DEPTH3_NARROW` ([`MMAD_DEPTH_DEFAULTS`], which
+/// `MIXTRAL_GPTQ_NVRTC_DEFINES` may override).
+fn mmad_depth(bits: u32, slice: bool, narrow: bool) -> usize {
+    static D: std::sync::OnceLock<[usize; 7]> = std::sync::OnceLock::new();
+    let [d4, d4_slice, d8, d3, d4_narrow, d8_narrow, d3_narrow] = *D.get_or_init(|| {
         MMAD_DEPTH_DEFAULTS
             .map(|(name, default)| nvrtc_define(name).filter(|&d| d > 0).unwrap_or(default))
     });
-    match (bits, slice) {
-        (3, _) => d3 * MMA3_ROWS / 32,
+    match (bits, narrow) {
+        (3, false) => d3 * MMA3_ROWS / 32,
+        (3, true) => d3_narrow * MMA3_ROWS / 32,
+        (4, true) => d4_narrow,
+        (4, false) if slice => d4_slice,
         (4, false) => d4,
-        (4, true) => d4_slice,
+        (_, true) => d8_narrow,
         _ => d8,
     }
 }
@@ -815,11 +874,11 @@ fn perm_index_bytes() -> usize {
 /// The split sizes (tiles per warp) the register-pipelined GEMV's plan may choose: multiples of
 /// its depth where K's tiles and the groups allow whole blocks of it (`mmad_blocked` in
 /// kernels/gptq.cu: the group and bounds checks then run once per block), else any.
-fn mmad_tile_step(k: usize, bits: u32, group_rows: usize, slice: bool) -> usize {
+fn mmad_tile_step(k: usize, bits: u32, group_rows: usize, (slice, narrow): (bool, bool)) -> usize {
     if bits == 3 {
         return MMA3_ROWS / 32; // whole super-tiles (mma_eligible)
     }
-    let (d, tiles) = (mmad_depth(bits, slice), k / 32);
+    let (d, tiles) = (mmad_depth(bits, slice, narrow), k / 32);
     let tpg = group_rows / 32;
     // (`mmad_tile_groups`: groups of one tile take whole blocks too)
     if tiles.is_multiple_of(d) && (tpg.is_multiple_of(d) || tpg == tiles || tpg == 1) {
@@ -1461,13 +1520,13 @@ impl CudaDevice {
             c.direct,
             w.bits,
             (w.in_features, w.group_rows as usize),
-            (c.gather, c.perm_slice),
+            (c.gather, c.perm_slice, c.narrow),
         );
         let f = self.gptq_function(&entry)?;
         let threads = (c.plan.warps * 32) as u32;
         let resident = self.resident_blocks(&f, &entry, threads, c.plan.smem as usize)?;
         let tiles_in_flight = if c.direct {
-            mmad_depth(w.bits, c.perm_slice)
+            mmad_depth(w.bits, c.perm_slice, c.narrow)
         } else {
             mma_tuning().2 - 1
         };
@@ -1501,7 +1560,7 @@ impl CudaDevice {
         f: &cudarc::driver::CudaFunction,
         entry: &str,
         (k, n, m, bits, moe_pairs): (usize, usize, usize, u32, Option<usize>),
-        (xblock_bytes, group_rows, direct, slice): (usize, usize, bool, bool),
+        (xblock_bytes, group_rows, direct, slice, narrow): (usize, usize, bool, bool, bool),
     ) -> Result<Option<MmaPlan>> {
         let (ring_warps, run_cost, _) = mma_tuning();
         let (tiles, strips, sms) = (k / 32, n / 32, self.sm_count());
@@ -1509,7 +1568,7 @@ impl CudaDevice {
         // variant runs one block per strip with one warp per split; the ring variant packs
         // `MMA_WARPS` independent warps per block.
         let candidates: Vec<(usize, usize, usize, usize)> = if direct {
-            let step = mmad_tile_step(k, bits, group_rows, slice);
+            let step = mmad_tile_step(k, bits, group_rows, (slice, narrow));
             // One warp per split, up to the entry's launch bound (`MMAD_MAX_WARPS*` in
             // kernels/gptq.cu, per bit width).
             let max_warps = drv(
@@ -1597,11 +1656,17 @@ impl CudaDevice {
         let group_rows = w.group_rows as usize;
         let planned = |direct: bool| -> Result<Option<MmaChoice>> {
             let slice = perm_slice(direct, act_order, (k, bits, group_rows), moe_pairs);
+            let narrow = mmad_narrow(
+                direct,
+                (k, n, m, bits, group_rows),
+                (act_order, slice),
+                moe_pairs,
+            );
             // The plan reads the launch bound and residency of the entry that will run: the fused
             // MoE's own (its bound and registers can differ from the GEMV's at the same bits).
             let entry = match moe_pairs {
                 Some(_) if direct => mmad_moe_entry::<T>(bits, (k, group_rows), (act_order, slice)),
-                _ => mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice)),
+                _ => mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice, narrow)),
             };
             let f = self.gptq_function(&entry)?;
             // Act-order with X small enough: each block copies X to shared memory for its gathers
@@ -1612,7 +1677,7 @@ impl CudaDevice {
                     &f,
                     &entry,
                     (k, n, m, bits, moe_pairs),
-                    (xblock_bytes, group_rows, direct, slice),
+                    (xblock_bytes, group_rows, direct, slice, narrow),
                 )
             };
             let (plan, xblock) = if !act_order {
@@ -1642,6 +1707,7 @@ impl CudaDevice {
                 gather: act_order,
                 xblock,
                 perm_slice: slice,
+                narrow,
                 plan,
             }))
         };
@@ -1693,6 +1759,7 @@ impl CudaDevice {
             gather,
             xblock,
             perm_slice,
+            narrow,
             plan:
                 MmaPlan {
                     nsplit,
@@ -1707,7 +1774,7 @@ impl CudaDevice {
             direct,
             bits,
             (k, w.group_rows as usize),
-            (gather, perm_slice),
+            (gather, perm_slice, narrow),
         );
         let f = self.gptq_function(&entry)?;
         Self::allow_smem(&f, smem, &entry)?;
@@ -2180,6 +2247,68 @@ mod tests {
             let value: usize = line.split_whitespace().next().unwrap().parse().unwrap();
             assert_eq!(value, host, "{name}");
         }
+    }
+
+    /// The entries for narrow layers run where they were measured faster: plain GEMVs of one row
+    /// (3 bits: up to 4) on at most 64 strips with K at most 4096, and act-order slices at 3 and 8
+    /// bits; never the fused MoE, groups of one tile, 4-bit act-order or the ring variant.
+    #[test]
+    fn narrow_entries_where_measured_faster() {
+        let narrow = |bits: u32, (k, n, m): (usize, usize, usize), group_rows: usize, act: bool| {
+            let slice = perm_slice(true, act, (k, bits, group_rows), None);
+            mmad_narrow(true, (k, n, m, bits, group_rows), (act, slice), None)
+        };
+        for bits in [3, 4, 8] {
+            assert!(
+                narrow(bits, (4096, 1024, 1), 128, false),
+                "{bits}-bit 4096 x 1024"
+            );
+            assert!(
+                narrow(bits, (4096, 2048, 1), 128, false),
+                "{bits}-bit 4096 x 2048"
+            );
+            assert!(
+                narrow(bits, (4096, 1024, 1), 4096, false),
+                "{bits}-bit per channel"
+            );
+            assert!(
+                !narrow(bits, (4096, 3072, 1), 128, false),
+                "{bits}-bit 4096 x 3072"
+            );
+            assert!(
+                !narrow(bits, (4096, 4096, 1), 128, false),
+                "{bits}-bit 4096 x 4096"
+            );
+            assert!(
+                !narrow(bits, (14336, 1024, 1), 128, false),
+                "{bits}-bit 14336 x 1024"
+            );
+            assert_eq!(
+                narrow(bits, (4096, 1024, 4), 128, false),
+                bits == 3,
+                "{bits}-bit M = 4"
+            );
+            assert!(
+                !narrow(bits, (4096, 1024, 8), 128, false),
+                "{bits}-bit M = 8"
+            );
+            assert_eq!(
+                narrow(bits, (4096, 1024, 1), 128, true),
+                bits != 4,
+                "{bits}-bit act-order"
+            );
+            let (k, n, m, g) = (4096, 1024, 1, 128);
+            let moe = mmad_narrow(true, (k, n, m, bits, g), (false, false), Some(2));
+            assert!(!moe, "{bits}-bit fused MoE");
+            let ring = mmad_narrow(false, (k, n, m, bits, g), (false, false), None);
+            assert!(!ring, "{bits}-bit ring variant");
+        }
+        for bits in [4, 8] {
+            assert!(!narrow(bits, (4096, 1024, 1), 32, false), "{bits}-bit g32");
+        }
+        let entry = |bits, narrow| mma_entry::<f16>(true, bits, (4096, 128), (true, true, narrow));
+        assert_eq!(entry(3, true), "gptq_mmad_gemv_3b_f16_gather_slice_narrow");
+        assert_eq!(entry(8, false), "gptq_mmad_gemv_8b_f16_gather_slice");
     }
 
     /// The permutation's device words: the i32 indices, then on the tensor cores the same indices

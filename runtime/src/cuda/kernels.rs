@@ -24,25 +24,40 @@ pub const GPTQ: KernelSource = KernelSource {
     src: include_str!("../../kernels/gptq.cu"),
 };
 
+/// kernels/gptq.cu compiled with `GPTQ_MODULE` set to `$id`, under the name `$name`.
+macro_rules! gptq_module {
+    ($name:literal, $id:literal) => {
+        KernelSource {
+            name: $name,
+            src: concat!(
+                "#define GPTQ_MODULE ",
+                $id,
+                "\n#line 1 \"gptq.cu\"\n",
+                include_str!("../../kernels/gptq.cu")
+            ),
+        }
+    };
+}
+
 /// The 4-bit act-order GEMV entries that copy the permutation's slice first (`_gather_slice`):
-/// kernels/gptq.cu compiled a second time with `GPTQ_SLICE4_MODULE`, holding only them, so that their
-/// depth and launch bound do not change how ptxas schedules the other entries (kernels/gptq.cu,
+/// kernels/gptq.cu compiled with `GPTQ_MODULE 1`, holding only them, so that their depth and launch
+/// bound do not change how ptxas schedules the other entries (kernels/gptq.cu,
 /// `MMAD_MAX_WARPS_SLICE`). [`gptq_source`] says which module holds an entry.
-pub const GPTQ_SLICE4: KernelSource = KernelSource {
-    name: "gptq_slice4",
-    src: concat!(
-        "#define GPTQ_SLICE4_MODULE 1\n#line 1 \"gptq.cu\"\n",
-        include_str!("../../kernels/gptq.cu")
-    ),
-};
+pub const GPTQ_SLICE4: KernelSource = gptq_module!("gptq_slice4", "1");
+
+/// The GEMV's entries for narrow layers (`_narrow`, kernels/gptq.cu `MMAD_DEPTH_NARROW`):
+/// kernels/gptq.cu compiled with `GPTQ_MODULE 2`, for the same reason.
+pub const GPTQ_NARROW: KernelSource = gptq_module!("gptq_narrow", "2");
 
 /// The modules compiled from kernels/gptq.cu.
-pub const GPTQ_MODULES: [KernelSource; 2] = [GPTQ, GPTQ_SLICE4];
+pub const GPTQ_MODULES: [KernelSource; 3] = [GPTQ, GPTQ_SLICE4, GPTQ_NARROW];
 
-/// The module that holds entry `entry` of kernels/gptq.cu: [`GPTQ_SLICE4`] for the 4-bit
-/// `_gather_slice` entries, [`GPTQ`] for every other one.
+/// The module that holds entry `entry` of kernels/gptq.cu: [`GPTQ_NARROW`] for the `_narrow`
+/// entries, [`GPTQ_SLICE4`] for the 4-bit `_gather_slice` ones, [`GPTQ`] for every other one.
 pub fn gptq_source(entry: &str) -> &'static KernelSource {
-    if entry.starts_with("gptq_mmad_gemv_4b_") && entry.ends_with("_gather_slice") {
+    if entry.ends_with("_narrow") {
+        &GPTQ_NARROW
+    } else if entry.starts_with("gptq_mmad_gemv_4b_") && entry.ends_with("_gather_slice") {
         &GPTQ_SLICE4
     } else {
         &GPTQ
@@ -61,7 +76,7 @@ pub const FORWARD: KernelSource = KernelSource {
 };
 
 /// Every kernel file, for the compile-everything test.
-pub const ALL: &[KernelSource] = &[GPTQ, GPTQ_SLICE4, FORWARD, super::eval::EVAL];
+pub const ALL: &[KernelSource] = &[GPTQ, GPTQ_SLICE4, GPTQ_NARROW, FORWARD, super::eval::EVAL];
 
 /// Options passed to NVRTC besides the architecture and include folders.
 const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true", "-default-device"];
