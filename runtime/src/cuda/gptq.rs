@@ -2258,53 +2258,35 @@ mod tests {
             let slice = perm_slice(true, act, (k, bits, group_rows), None);
             mmad_narrow(true, (k, n, m, bits, group_rows), (act, slice), None)
         };
-        for bits in [3, 4, 8] {
-            assert!(
-                narrow(bits, (4096, 1024, 1), 128, false),
-                "{bits}-bit 4096 x 1024"
-            );
-            assert!(
-                narrow(bits, (4096, 2048, 1), 128, false),
-                "{bits}-bit 4096 x 2048"
-            );
-            assert!(
-                narrow(bits, (4096, 1024, 1), 4096, false),
-                "{bits}-bit per channel"
-            );
-            assert!(
-                !narrow(bits, (4096, 3072, 1), 128, false),
-                "{bits}-bit 4096 x 3072"
-            );
-            assert!(
-                !narrow(bits, (4096, 4096, 1), 128, false),
-                "{bits}-bit 4096 x 4096"
-            );
-            assert!(
-                !narrow(bits, (14336, 1024, 1), 128, false),
-                "{bits}-bit 14336 x 1024"
-            );
-            assert_eq!(
-                narrow(bits, (4096, 1024, 4), 128, false),
-                bits == 3,
-                "{bits}-bit M = 4"
-            );
-            assert!(
-                !narrow(bits, (4096, 1024, 8), 128, false),
-                "{bits}-bit M = 8"
-            );
-            assert_eq!(
-                narrow(bits, (4096, 1024, 1), 128, true),
-                bits != 4,
-                "{bits}-bit act-order"
-            );
-            let (k, n, m, g) = (4096, 1024, 1, 128);
-            let moe = mmad_narrow(true, (k, n, m, bits, g), (false, false), Some(2));
-            assert!(!moe, "{bits}-bit fused MoE");
-            let ring = mmad_narrow(false, (k, n, m, bits, g), (false, false), None);
-            assert!(!ring, "{bits}-bit ring variant");
+        // (K, N, M), group rows, act-order, and whether narrow at 3, 4 and 8 bits.
+        let cases = [
+            ((4096, 1024, 1), 128, false, [true; 3]),
+            ((4096, 2048, 1), 128, false, [true; 3]),
+            ((4096, 1024, 1), 4096, false, [true; 3]),
+            ((4096, 3072, 1), 128, false, [false; 3]),
+            ((4096, 4096, 1), 128, false, [false; 3]),
+            ((14336, 1024, 1), 128, false, [false; 3]),
+            ((4096, 1024, 4), 128, false, [true, false, false]),
+            ((4096, 1024, 8), 128, false, [false; 3]),
+            ((4096, 1024, 1), 128, true, [true, false, true]),
+            ((4096, 1024, 1), 32, false, [true, false, false]),
+        ];
+        for (shape, group_rows, act, want) in cases {
+            for (bits, want) in [3, 4, 8].into_iter().zip(want) {
+                let got = narrow(bits, shape, group_rows, act);
+                assert_eq!(got, want, "{bits}-bit {shape:?} g{group_rows} act {act}");
+            }
         }
-        for bits in [4, 8] {
-            assert!(!narrow(bits, (4096, 1024, 1), 32, false), "{bits}-bit g32");
+        for bits in [3, 4, 8] {
+            let layer = (4096, 1024, 1, bits, 128);
+            assert!(
+                !mmad_narrow(true, layer, (false, false), Some(2)),
+                "{bits}-bit MoE"
+            );
+            assert!(
+                !mmad_narrow(false, layer, (false, false), None),
+                "{bits}-bit ring"
+            );
         }
         let entry = |bits, narrow| mma_entry::<f16>(true, bits, (4096, 128), (true, true, narrow));
         assert_eq!(entry(3, true), "gptq_mmad_gemv_3b_f16_gather_slice_narrow");
