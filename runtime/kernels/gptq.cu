@@ -691,6 +691,12 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MOE_L2_AHEAD // fused MoE at 4 bits: each lane also asks L2 for its words this many tiles
 #define MMAD_MOE_L2_AHEAD 2 // past the reload (0: off). Faster there, slower in the plain GEMV (BENCHMARKS.md)
 #endif
+// The same at 3 bits, in 128-row super-tiles: on an H100 (BENCHMARKS.md, "the 3-bit fused MoE asks L2"),
+// 8 experts act-order g128, 1 token, w1/w3 25.13 -> 23.56 us and w2 25.71 -> 23.81 at 1 ahead (2: 24.84
+// and 24.96; 3: 25.02 and 26.05), 4 tokens within 0.7 %. The GEMV's 3-bit entries do not prefetch.
+#ifndef MMAD_MOE_L2_AHEAD3
+#define MMAD_MOE_L2_AHEAD3 1
+#endif
 #ifndef MMAD_X_CHUNKS // its MMA_X_CHUNKS (the first tiles' registers are live while X is staged)
 #define MMAD_X_CHUNKS 1
 #endif
@@ -1521,13 +1527,22 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                     const bool more = i0 + 4 * (d + D) < nt;
                     const uint4* wn = wq + d * SST;
                     const T* xd = xq + d * 128;
+                    // (L2_AHEAD: the lane's words of the super-tile L2_AHEAD past the reloaded one)
+                    const bool ahead = L2_AHEAD > 0 && i0 + 4 * (d + D + L2_AHEAD) < nt;
+                    const uint4* wa = wn + L2_AHEAD * SST;
                     mma_tile3<BF, 0>(b, *(const uint4*)xd, a.zc, a.gacc);
                     mma_tile3<BF, 1>(b, *(const uint4*)(xd + 32), a.zc, a.gacc);
                     if (more) b[0] = ld_stream((const u32*)wn);
+                    if constexpr (L2_AHEAD > 0)
+                        if (ahead) prefetch_l2(wa);
                     mma_tile3<BF, 2>(b, *(const uint4*)(xd + 64), a.zc, a.gacc);
                     if (more) b[1] = ld_stream((const u32*)(wn + 8));
+                    if constexpr (L2_AHEAD > 0)
+                        if (ahead) prefetch_l2(wa + 8);
                     mma_tile3<BF, 3>(b, *(const uint4*)(xd + 96), a.zc, a.gacc);
                     if (more) b[2] = ld_stream((const u32*)(wn + 16));
+                    if constexpr (L2_AHEAD > 0)
+                        if (ahead) prefetch_l2(wa + 16);
                 }
             }
             wq += D * SST;
@@ -1743,7 +1758,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
         MMAD_MOE_PARAMS(T)) {                                                                                \
         MMAD_MOE_PAIR(T)                                                                                     \
         if constexpr (B == 3) {                                                                              \
-            mmad_gemv<B, T, MMAD_DEPTH3, true, false, 0, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
+            mmad_gemv<B, T, MMAD_DEPTH3, true, false, MMAD_MOE_L2_AHEAD3, G>(q, x, 1, K, N, group_rows, nsplit, tiles_per_warp, xblock, y, s); \
         } else {                                                                                             \
             constexpr int D = mmad_depth(B), L2A = B == 4 ? MMAD_MOE_L2_AHEAD : 0;                          \
             if (mmad_blocked(D, K, group_rows, tiles_per_warp))                                               \
