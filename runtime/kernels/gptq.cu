@@ -635,6 +635,12 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #define MMAD_MAX_WARPS8_GATHER MMAD_MAX_WARPS8
 #endif
 // The 3-bit act-order entries keep the 3-bit bound: 24, 20 and 16 lost or tied on an H100 (same section).
+#ifndef MMAD_MAX_WARPS3_SLICE // the `_gather_slice` entry at 3 bits (sweeps)
+#define MMAD_MAX_WARPS3_SLICE MMAD_MAX_WARPS3
+#endif
+#ifndef MMAD_MAX_WARPS3_GATHER // the `_gather` entry at 3 bits (sweeps)
+#define MMAD_MAX_WARPS3_GATHER MMAD_MAX_WARPS3
+#endif
 // Narrow layers (few strips: runtime/src/cuda/gptq.rs, `mmad_narrow`, says where) run the plain entries,
 // and at 3 and 8 bits the `_gather_slice` ones, as `_narrow` entries in a module of their own
 // (GPTQ_MODULE 2 below): deeper pipelines in fewer warps. One block runs per strip, so only a few SMs
@@ -663,12 +669,6 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #endif
 #define MMAD_NARROW_WARPS(B) ((B) == 3 ? MMAD_MAX_WARPS3_NARROW : (B) == 8 ? MMAD_MAX_WARPS8_NARROW : MMAD_MAX_WARPS_NARROW)
 #define MMAD_NARROW_DEPTH(B) ((B) == 3 ? MMAD_DEPTH3_NARROW : (B) == 8 ? MMAD_DEPTH8_NARROW : MMAD_DEPTH_NARROW)
-#ifndef MMAD_MAX_WARPS3_SLICE // the `_gather_slice` entry at 3 bits (sweeps)
-#define MMAD_MAX_WARPS3_SLICE MMAD_MAX_WARPS3
-#endif
-#ifndef MMAD_MAX_WARPS3_GATHER // the `_gather` entry at 3 bits (sweeps)
-#define MMAD_MAX_WARPS3_GATHER MMAD_MAX_WARPS3
-#endif
 // The launch bound of the GEMV's entry G (MMAD_PLAIN, MMAD_GATHER, MMAD_GATHER_SLICE) at B bits.
 #define MMAD_GEMV_WARPS(B, G)                                                                                  \
     ((B) == 4 && (G) == MMAD_GATHER         ? MMAD_MAX_WARPS_GATHER                                            \
