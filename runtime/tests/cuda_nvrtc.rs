@@ -111,8 +111,8 @@ fn precompile_cache_for_sm_90() {
 type GemvSass = (String, Vec<String>);
 
 /// The `gptq_mmad_gemv_*` and `gptq_mmadg_gemv_*` functions of the GPTQ modules
-/// (`kernels::GPTQ_MODULES`) compiled for sm_90 (`cuobjdump -sass`), made once for all the tests that read
-/// them, or `None` after printing why `test` is skipped. Needs NVRTC and CUDA's `cuobjdump` and
+/// (`kernels::GPTQ_MODULES`) compiled for sm_90 (`cuobjdump -sass`), made once for all the tests
+/// that read them, or `None` after printing why `test` is skipped. Needs NVRTC and CUDA's `cuobjdump` and
 /// `nvdisasm` (`.ci/run` installs them from PyPI; MIXTRAL_GPTQ_CUDA_BIN_DIR names their folder).
 fn gemv_sass_or_skip(test: &str) -> Option<&'static [GemvSass]> {
     static SASS: std::sync::OnceLock<Result<Vec<GemvSass>, String>> = std::sync::OnceLock::new();
