@@ -567,6 +567,18 @@ pub(crate) struct MmaChoice {
     plan: MmaPlan,
 }
 
+impl MmaChoice {
+    /// The GEMV entry point this choice runs on `w` ([`mma_entry`]).
+    fn gemv_entry<T: ActDtype>(&self, w: &DeviceGptq) -> String {
+        mma_entry::<T>(
+            self.direct,
+            w.bits,
+            (w.in_features, w.group_rows as usize),
+            (self.gather, self.perm_slice, self.narrow),
+        )
+    }
+}
+
 /// Whether the register-pipelined GEMV's warps copy their run's act-order indices to shared memory
 /// before the dependent-launch wait (with cp.async, the `_gather_slice` entries of kernels/gptq.cu)
 /// instead of reading them from global memory while they stage X after it (`_gather`): on a plain
@@ -1516,12 +1528,7 @@ impl CudaDevice {
             return Ok(None);
         }
         let c = self.mma_choice::<T>(w, m, false, None)?;
-        let entry = mma_entry::<T>(
-            c.direct,
-            w.bits,
-            (w.in_features, w.group_rows as usize),
-            (c.gather, c.perm_slice, c.narrow),
-        );
+        let entry = c.gemv_entry::<T>(w);
         let f = self.gptq_function(&entry)?;
         let threads = (c.plan.warps * 32) as u32;
         let resident = self.resident_blocks(&f, &entry, threads, c.plan.smem as usize)?;
@@ -1752,14 +1759,13 @@ impl CudaDevice {
         y: &mut CudaViewMut<f32>,
         x_sorted: bool,
     ) -> Result<()> {
-        let (k, n, bits) = (w.in_features, w.out_features, w.bits);
+        let n = w.out_features;
         let strips = n / 32;
+        let choice = self.mma_choice::<T>(w, m, x_sorted, None)?;
+        let entry = choice.gemv_entry::<T>(w);
         let MmaChoice {
             direct,
-            gather,
             xblock,
-            perm_slice,
-            narrow,
             plan:
                 MmaPlan {
                     nsplit,
@@ -1769,13 +1775,8 @@ impl CudaDevice {
                     smem,
                     ..
                 },
-        } = self.mma_choice::<T>(w, m, x_sorted, None)?;
-        let entry = mma_entry::<T>(
-            direct,
-            bits,
-            (k, w.group_rows as usize),
-            (gather, perm_slice, narrow),
-        );
+            ..
+        } = choice;
         let f = self.gptq_function(&entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
