@@ -667,6 +667,23 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MAX_WARPS3_NARROW
 #define MMAD_MAX_WARPS3_NARROW 20
 #endif
+// Tall layers (K above 8192 and a strip per SM at most: runtime/src/cuda/gptq.rs, `mmad_tall`, says
+// where) run the plain 4-bit entry as `_tall` entries in a module of their own (GPTQ_MODULE 3 below):
+// 28 warps (72 registers, no spill, against 64 registers and a spill at the plain entry's 32), each
+// block of D tiles reloaded before it is computed (mmad_gemv's RELOAD_FIRST). One block of many warps
+// runs per SM, so the plain entry's bound buys nothing there. On an H100 (BENCHMARKS.md, "entries for
+// tall layers"), 14336 x 4096 g128, us: M = 1 13.57 against 13.90, M = 4 15.50 against 15.76 (in an
+// earlier run, 28 warps without the reload first took 13.59 and with it 13.48); but 8192 x 4096 9.34
+// against 9.02, and 4096 x 14336 (448 strips, 4 blocks per SM) 14.32 against 14.07.
+#ifndef MMAD_MAX_WARPS_TALL
+#define MMAD_MAX_WARPS_TALL 28
+#endif
+#ifndef MMAD_DEPTH_TALL // tiles in flight per warp of those entries (mmad_depth)
+#define MMAD_DEPTH_TALL 2
+#endif
+#ifndef MMAD_TALL_RELOAD_FIRST // (sweeps: 0 turns the reload first off in the `_tall` entries)
+#define MMAD_TALL_RELOAD_FIRST 1
+#endif
 #define MMAD_NARROW_WARPS(B) ((B) == 3 ? MMAD_MAX_WARPS3_NARROW : (B) == 8 ? MMAD_MAX_WARPS8_NARROW : MMAD_MAX_WARPS_NARROW)
 #define MMAD_NARROW_DEPTH(B) ((B) == 3 ? MMAD_DEPTH3_NARROW : (B) == 8 ? MMAD_DEPTH8_NARROW : MMAD_DEPTH_NARROW)
 // The launch bound of the GEMV's entry G (MMAD_PLAIN, MMAD_GATHER, MMAD_GATHER_SLICE) at B bits.
@@ -1364,6 +1381,9 @@ template <int D> struct MmadGroupPipe<D, false> {};
 // MMAD_GATHER_SLICE each warp copies its run's indices to its area before the dependent-launch wait;
 // the others read them from global memory while they stage X (runtime/src/cuda/gptq.rs,
 // `perm_slice`, says where each runs, with the measurements).
+// RELOAD_FIRST (4 and 8 bits, the `_tall` entries): each block of D tiles is copied and its slots
+// reloaded before the block is computed. Otherwise ptxas issues a block's reloads after its last
+// tile's products (SASS), so that every round trip of a warp's chain waits for D tiles of arithmetic.
 #define MMAD_PLAIN 0
 #define MMAD_GATHER 1
 #define MMAD_GATHER_SLICE 2
@@ -1371,7 +1391,8 @@ template <int D> struct MmadGroupPipe<D, false> {};
 // MMAD_PERM16's bits: the entries of kind G read the u16 copy of the permutation.
 #define MMAD_PERM16_BIT(G) ((G) == MMAD_GATHER ? 1 : (G) == MMAD_GATHER_SLICE ? 2 : (G) == MMAD_GATHER_SYNC ? 4 : 0)
 #define MMAD_PERM16_ON(G) ((MMAD_PERM16 & MMAD_PERM16_BIT(G)) != 0)
-template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS, int L2_AHEAD, int GATHER>
+template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS, int L2_AHEAD, int GATHER,
+          bool RELOAD_FIRST = false>
 __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N, int group_rows,
                                           int nsplit, int tiles_per_warp, int xblock, float* __restrict__ Y,
                                           float yscale = 1.0f) {
@@ -1383,6 +1404,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     constexpr int TS = 32 * LPT;
     static_assert(BITS != 3 || BLOCKED, "3 bits: whole super-tiles");
     static_assert(!TILE_GROUPS || (BLOCKED && BITS != 3), "groups of one tile: whole blocks, 4 or 8 bits");
+    static_assert(!RELOAD_FIRST || (BITS != 3 && L2_AHEAD == 0 && !TILE_GROUPS), "reload first: the GEMV's 4/8-bit tiles");
     extern __shared__ float smem[];
 
     pdl_launch_dependents();
@@ -1553,6 +1575,25 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     for (int i0 = 0; i0 < nt; i0 += D) {
         if (BLOCKED && !TILE_GROUPS) group_check(D);
         const bool more = i0 + D < nt;
+        if constexpr (RELOAD_FIRST && BLOCKED && !TILE_GROUPS) {
+            // The block's words copied, its D slots reloaded at once, then its tiles computed from
+            // the copies: ptxas otherwise issues the reloads only after the block's last tile.
+            uint4 w[D][LPT];
+#pragma unroll
+            for (int d = 0; d < D; ++d)
+#pragma unroll
+                for (int h = 0; h < LPT; ++h) w[d][h] = buf[d][h];
+            if (more)
+#pragma unroll
+                for (int d = 0; d < D; ++d)
+#pragma unroll
+                    for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wq + d * SST + h * 8));
+#pragma unroll
+            for (int d = 0; d < D; ++d) mma_tile<BITS, BF>(w[d], *(const uint4*)(xq + d * 32), a.zc, a.gacc);
+            wq += D * SST;
+            xq += D * 32;
+            continue;
+        }
 #pragma unroll
         for (int d = 0; d < D; ++d) {
             const int i = i0 + d;
@@ -1568,10 +1609,21 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                     group_check(1);
                 }
                 const uint4 x = *(const uint4*)(xq + d * 32);
-                mma_tile<BITS, BF>(buf[d], x, a.zc, a.gacc);
-                if (BLOCKED ? more : i + D < nt)
+                if constexpr (RELOAD_FIRST) {
+                    // The tile's words copied, its slot reloaded, then the tile computed from the copy.
+                    uint4 w[LPT];
 #pragma unroll
-                    for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wq + d * SST + h * 8));
+                    for (int h = 0; h < LPT; ++h) w[h] = buf[d][h];
+                    if (BLOCKED ? more : i + D < nt)
+#pragma unroll
+                        for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wq + d * SST + h * 8));
+                    mma_tile<BITS, BF>(w, x, a.zc, a.gacc);
+                } else {
+                    mma_tile<BITS, BF>(buf[d], x, a.zc, a.gacc);
+                    if (BLOCKED ? more : i + D < nt)
+#pragma unroll
+                        for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wq + d * SST + h * 8));
+                }
                 if constexpr (L2_AHEAD > 0)
                     if (i + D + L2_AHEAD < nt) prefetch_l2(wq + (d + L2_AHEAD) * SST);
             }
@@ -1698,7 +1750,7 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 
 // The register-pipelined GEMV's entry of kind G at B bits, under launch bound WARPS, D tiles in flight
 // (at 3 bits D whole 128-row super-tiles: K and the groups multiples of 128 rows).
-#define MMAD_ENTRY_AT(B, TN, T, G, SFX, WARPS, D)                                                              \
+#define MMAD_ENTRY_AT(B, TN, T, G, SFX, WARPS, D, RF)                                                          \
     extern "C" __global__ void __launch_bounds__((WARPS) * 32) gptq_mmad_gemv_##B##b_##TN##SFX(                \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,        \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,      \
@@ -1708,14 +1760,16 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
             mmad_gemv<B, T, (D), true, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
         } else {                                                                                               \
             if (mmad_blocked((D), K, group_rows, tiles_per_warp))                                              \
-                mmad_gemv<B, T, (D), true, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
+                mmad_gemv<B, T, (D), true, false, 0, G, RF>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
             else                                                                                               \
-                mmad_gemv<B, T, (D), false, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
+                mmad_gemv<B, T, (D), false, false, 0, G, RF>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
         }                                                                                                      \
     }
-#define MMAD_ENTRY(B, TN, T, G, SFX) MMAD_ENTRY_AT(B, TN, T, G, SFX, MMAD_GEMV_WARPS(B, G), (B) == 3 ? MMAD_DEPTH3 : mmad_depth(B, G))
+#define MMAD_ENTRY(B, TN, T, G, SFX) MMAD_ENTRY_AT(B, TN, T, G, SFX, MMAD_GEMV_WARPS(B, G), (B) == 3 ? MMAD_DEPTH3 : mmad_depth(B, G), false)
 // The same for narrow layers (`_narrow`: runtime/src/cuda/gptq.rs, `mmad_narrow`), deeper in fewer warps.
-#define MMAD_NARROW_ENTRY(B, TN, T, G, SFX) MMAD_ENTRY_AT(B, TN, T, G, SFX##_narrow, MMAD_NARROW_WARPS(B), MMAD_NARROW_DEPTH(B))
+#define MMAD_NARROW_ENTRY(B, TN, T, G, SFX) MMAD_ENTRY_AT(B, TN, T, G, SFX##_narrow, MMAD_NARROW_WARPS(B), MMAD_NARROW_DEPTH(B), false)
+// The same for tall layers at 4 bits (`_tall`: runtime/src/cuda/gptq.rs, `mmad_tall`), plain only.
+#define MMAD_TALL_ENTRY(TN, T) MMAD_ENTRY_AT(4, TN, T, MMAD_PLAIN, _tall, MMAD_MAX_WARPS_TALL, MMAD_DEPTH_TALL, MMAD_TALL_RELOAD_FIRST != 0)
 
 // Groups of one tile (g32, runtime/src/cuda/gptq.rs `mmad_tile_groups`), as its own entry so that the
 // other layers' kernel keeps its code.
@@ -1793,9 +1847,10 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
     KIND(B, TN, T, MMAD_PLAIN, )          \
     KIND(B, TN, T, MMAD_GATHER_SYNC, _gather)
 
-// This file is compiled into three modules (runtime/src/cuda/kernels.rs): GPTQ_MODULE 0 (`gptq`, every
+// This file is compiled into four modules (runtime/src/cuda/kernels.rs): GPTQ_MODULE 0 (`gptq`, every
 // entry but those below), 1 (`gptq_slice4`: the 4-bit `_gather_slice` entries, MMAD_MAX_WARPS_SLICE above
-// says why) and 2 (`gptq_narrow`: the `_narrow` entries, MMAD_DEPTH_NARROW above).
+// says why), 2 (`gptq_narrow`: the `_narrow` entries, MMAD_DEPTH_NARROW above) and 3 (`gptq_tall`: the
+// `_tall` entries, MMAD_MAX_WARPS_TALL above).
 #ifndef GPTQ_MODULE
 #define GPTQ_MODULE 0
 #endif
@@ -1897,6 +1952,10 @@ extern "C" __global__ void moe_combine_f32(const float* yp, int topk, int tokens
 // Reference kernels for `mixtral-gptq bench kernels`: what one launch costs with nothing to do, and
 // what it takes to stream n16 16-byte words once (4 loads in flight per thread, grid-stride), the
 // same bytes a GEMV reads, so that the GEMV's time can be read against a practical floor.
+// `bench_stream_read_dep` is that floor under the GEMV's launch rules (a programmatic dependent
+// launch): the next launch may start as this one's blocks leave, and each thread issues only its
+// first 4 loads before `griddepcontrol.wait`, as the GEMV issues only its first tiles before it
+// waits for X. (The `_dep` read-only runs below do the same with their first D pieces.)
 extern "C" __global__ void bench_noop() {}
 
 extern "C" __global__ void __launch_bounds__(256) bench_stream_read(const uint4* p, size_t n16, u32* out) {
@@ -1918,6 +1977,34 @@ extern "C" __global__ void __launch_bounds__(256) bench_stream_read(const uint4*
     for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
     if ((threadIdx.x & 31) == 0 && acc == 0x9E3779B9u) atomicXor(out, acc); // keeps the loads alive
 }
+extern "C" __global__ void __launch_bounds__(256) bench_stream_read_dep(const uint4* p, size_t n16, u32* out) {
+    pdl_launch_dependents();
+    u32 acc = 0;
+    const size_t step = (size_t)gridDim.x * blockDim.x;
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    uint4 v[4];
+    bool full = i + 3 * step < n16;
+    if (full)
+#pragma unroll
+        for (int u = 0; u < 4; ++u) v[u] = ld_stream((const u32*)(p + i + u * step));
+    pdl_wait_after_loads((int)(n16 != 0));
+    while (full) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+        i += 4 * step;
+        full = i + 3 * step < n16;
+        if (full)
+#pragma unroll
+            for (int u = 0; u < 4; ++u) v[u] = ld_stream((const u32*)(p + i + u * step));
+    }
+    for (; i < n16; i += step) {
+        const uint4 w = ld_stream((const u32*)(p + i));
+        acc ^= w.x ^ w.y ^ w.z ^ w.w;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+    if ((threadIdx.x & 31) == 0 && acc == 0x9E3779B9u) atomicXor(out, acc); // keeps the loads alive
+}
 
 // Reference kernels for `mixtral-gptq bench reads`: read-only launches with the register-pipelined
 // GEMV's access pattern, to tell its weight stream from the rest of its work. Block b (a strip) has
@@ -1928,8 +2015,9 @@ extern "C" __global__ void __launch_bounds__(256) bench_stream_read(const uint4*
 // lies at b P + w L + t (strip-major: where the GEMV's words are) or, with `time_major`,
 // at t (blocks x warps) + b warps + w: every warp's piece t side by side, so that the grid reads one
 // contiguous region at a time.
-template <int D>
+template <int D, bool DEP>
 __device__ __forceinline__ void read_runs(const uint4* p, int P, int L, int time_major, u32 zero, u32* out) {
+    if constexpr (DEP) pdl_launch_dependents();
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int n = min(L, P - w * L); // pieces of this warp's run
     if (n <= 0) return;
@@ -1942,6 +2030,7 @@ __device__ __forceinline__ void read_runs(const uint4* p, int P, int L, int time
 #pragma unroll
     for (int d = 0; d < D; ++d)
         if (d < n) v[d] = ld_stream((const u32*)(q + (size_t)(base + d * step) * 32));
+    if constexpr (DEP) pdl_wait_after_loads(P); // (P, a launch argument, is never 0)
     for (int t0 = 0; t0 < n; t0 += D) {
 #pragma unroll
         for (int d = 0; d < D; ++d) {
@@ -1959,7 +2048,11 @@ __device__ __forceinline__ void read_runs(const uint4* p, int P, int L, int time
 #define READ_RUNS_ENTRY(D)                                                                                   \
     extern "C" __global__ void __launch_bounds__(1024) bench_read_runs_d##D(const uint4* p, int P, int L,    \
                                                                             int time_major, u32 zero, u32* out) { \
-        read_runs<D>(p, P, L, time_major, zero, out);                                                        \
+        read_runs<D, false>(p, P, L, time_major, zero, out);                                                 \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(1024) bench_read_runs_d##D##_dep(                           \
+        const uint4* p, int P, int L, int time_major, u32 zero, u32* out) {                                  \
+        read_runs<D, true>(p, P, L, time_major, zero, out);                                                  \
     }
 READ_RUNS_ENTRY(1)
 READ_RUNS_ENTRY(2)
@@ -1980,6 +2073,9 @@ MMAD_ENTRY(4, bf16, __nv_bfloat16, MMAD_GATHER_SLICE, _gather_slice)
     MMAD_NARROW_ENTRY(8, TN, T, MMAD_GATHER_SLICE, _gather_slice)
 MMAD_NARROW_ENTRIES(f16, __half)
 MMAD_NARROW_ENTRIES(bf16, __nv_bfloat16)
+#elif GPTQ_MODULE == 3
+MMAD_TALL_ENTRY(f16, __half)
+MMAD_TALL_ENTRY(bf16, __nv_bfloat16)
 #else
-#error "GPTQ_MODULE: 0, 1 or 2"
+#error "GPTQ_MODULE: 0, 1, 2 or 3"
 #endif

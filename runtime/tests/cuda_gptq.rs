@@ -222,8 +222,8 @@ fn odd_shapes_match_reference() {
 /// 128): every row count of one launch (M = 1..8), both dtypes, groups of 32, 64, 128, 256 and
 /// per-channel, with and without act-order, split-K with idle warps (K = 96: 3 tiles for 8 warps)
 /// and with many splits; M = 8 at 14336 x 4096, where X takes more than 48 KiB of shared memory
-/// (M = 4 at 3 bits, its largest launch there, and M = 8 and 13 in launches of 4 rows). The scalar
-/// GEMV is checked on the same layers too.
+/// (M = 4 at 3 bits, its largest launch there, and M = 8 and 13 in launches of 4 rows); the entries
+/// for narrow and for tall layers. The scalar GEMV is checked on the same layers too.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn mma_gemv_matches_reference() {
@@ -245,6 +245,11 @@ fn mma_gemv_matches_reference() {
         (3, -1, 640, 96, false),
         (3, 256, 2048, 64, false),
         (3, 128, 4096, 1024, true),
+        // K above 8192 on at most a strip per SM: the 4-bit `_tall` entries (`mmad_tall`) at M <= 4
+        // (act-order: put in order first, M >= 2), whole blocks of tiles (g128) and single tiles
+        // (257 tiles, per channel)
+        (4, 128, 12288, 1024, true),
+        (4, -1, 8224, 1024, false),
     ];
     let mut seed = 5000;
     for &(bits, gs, k, n, act) in cases {
@@ -254,6 +259,10 @@ fn mma_gemv_matches_reference() {
             .upload_prepared_as(&p, GemvKernel::TensorCore)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(dev.uses_mma_gemv(&dw), "{bits}-bit g{gs} {k}x{n}");
+        if bits == 4 && k > 8192 && !act {
+            let shape = dev.gemv_launch_shape::<f16>(&dw, 1).unwrap().unwrap();
+            assert!(shape.entry.ends_with("_tall"), "{k}x{n}: {shape:?}");
+        }
         for m in 1..=8usize {
             seed += 1;
             run_case(
@@ -540,7 +549,8 @@ fn dependent_launches_keep_stream_order() {
 }
 
 /// `bench reads`' pieces: the GEMV's launch as the plan makes it, and the read-only launches that
-/// imitate it (residency held to the GEMV's, buffers and depths checked before launching).
+/// imitate it (residency held to the GEMV's, buffers and depths checked before launching), as
+/// ordinary and as dependent launches, and the streaming read of the same bytes.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn read_only_runs_imitate_the_gemv_launch() {
@@ -575,16 +585,36 @@ fn read_only_runs_imitate_the_gemv_launch() {
             depth: 2,
             time_major: false,
             blocks_per_sm: plan.resident_blocks_per_sm,
+            dependent: false,
         };
         // every piece of the layer's packed words once
         assert_eq!(runs.buffer_bytes(), k * n * b / 8);
         let tm = Timing::one_by_one(1, 3);
-        for time_major in [false, true] {
-            let r = ReadRuns { time_major, ..runs };
+        for (time_major, dependent) in [(false, false), (true, false), (false, true), (true, true)]
+        {
+            let r = ReadRuns {
+                time_major,
+                dependent,
+                ..runs
+            };
             let bufs = vec![dev.zeros::<u8>(r.buffer_bytes()).unwrap()];
             let (ms, resident) = dev.read_runs_ms(&bufs, r, tm).unwrap();
             assert!(ms > 0.0 && ms.is_finite());
             assert_eq!(resident, plan.resident_blocks_per_sm, "{r:?}");
+        }
+        // The streaming read of the same bytes, as an ordinary and as a dependent launch (the
+        // latter back to back, where it overlaps the previous launch).
+        let words: Vec<_> = (0..2)
+            .map(|_| dev.zeros::<u8>(runs.buffer_bytes()).unwrap())
+            .collect();
+        let queued = Timing {
+            warmup: 1,
+            iters: 3,
+            back_to_back: 4,
+        };
+        for (dependent, t) in [(false, tm), (true, queued)] {
+            let ms = dev.stream_read_ms(&words, dependent, t).unwrap();
+            assert!(ms > 0.0 && ms.is_finite(), "{dependent}: {ms}");
         }
         let short = vec![dev.zeros::<u8>(runs.buffer_bytes() - 512).unwrap()];
         let e = dev.read_runs_ms(&short, runs, tm).unwrap_err().to_string();

@@ -92,6 +92,11 @@ fn every_tensor_core_entry_the_launches_ask_for_exists() {
         10,
         "the `_narrow` entries: plain at 3, 4 and 8 bits, `_gather_slice` at 3 and 8; f16 and bf16"
     );
+    assert_eq!(
+        held(kernels::GPTQ_TALL.name),
+        2,
+        "the `_tall` entries: plain at 4 bits, f16 and bf16"
+    );
     eprintln!("{} tensor-core entries present", names.len());
 }
 
@@ -216,9 +221,9 @@ fn gemv_entries_load_weights_before_the_dependent_launch_wait() {
     }
     assert_eq!(
         functions.len(),
-        36,
-        "expected 18 gptq_mmad_gemv entries (plain, _gather, _gather_slice), 10 `_narrow` ones and 8 \
-         gptq_mmadg_gemv (plain, _gather)"
+        38,
+        "expected 18 gptq_mmad_gemv entries (plain, _gather, _gather_slice), 10 `_narrow` ones, 2 \
+         `_tall` ones and 8 gptq_mmadg_gemv (plain, _gather)"
     );
 }
 

@@ -228,15 +228,15 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
     let tm30 = a.timing.timing(a.timing.iters.min(30));
     println!("{}", a.timing.describe());
     let empty = dev.empty_kernel(tm)?;
-    println!("an empty kernel takes {:.2} us, timed the same way, and {:.1} us of host time to queue; \"read-only\" is one kernel that only streams the layer's bytes (same rotation); \"host\" is the host's time to queue one call", empty.device_ms * 1e3, empty.host_ms * 1e3);
+    println!("an empty kernel takes {:.2} us, timed the same way, and {:.1} us of host time to queue; \"read-only\" is one kernel that only streams the layer's bytes (same rotation), as an ordinary launch and, in the last column, as a dependent launch under the GEMV's rules (it issues its first loads, then waits for the previous launch); \"host\" is the host's time to queue one call", empty.device_ms * 1e3, empty.host_ms * 1e3);
     if dev.dependent_launch() {
         println!("the tensor-core GEMV and fused MoE run as programmatic dependent launches (each starts while the previous kernel finishes); \"no PDL\" times ours again with it off (ordinary launches; act-order X then gathered inside the kernel at small M)");
     } else {
         println!("programmatic dependent launch is off (before sm_90, or MIXTRAL_GPTQ_DEPENDENT_LAUNCH=0)");
     }
     println!();
-    println!("| K x N | bits | group | act-order | M | X | path | time (us) | host (us) | GB/s | % of copy | cuBLAS (us) | cuBLAS / ours | other GEMV kernel (us) | other / ours | read-only (us) | read-only / ours | no PDL (us) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| K x N | bits | group | act-order | M | X | path | time (us) | host (us) | GB/s | % of copy | cuBLAS (us) | cuBLAS / ours | other GEMV kernel (us) | other / ours | read-only (us) | read-only / ours | no PDL (us) | read-only as a dependent launch (us) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rng_seed = 1u64;
     for &(k, n) in &shapes {
         // cuBLAS baselines for this shape: f16 at each GEMV M, bf16 at the GEMM M.
@@ -293,12 +293,18 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         .collect::<Result<_, _>>()?,
                     None => Vec::new(),
                 };
-                // The floor for this layer's bytes: one kernel that only reads as many bytes.
-                let read_only = {
+                // The floor for this layer's bytes: one kernel that only reads as many bytes, as
+                // an ordinary launch and under the GEMV's dependent-launch rules.
+                let (read_only, read_only_dep) = {
                     let bufs: Vec<_> = (0..copies)
                         .map(|_| dev.zeros::<u8>(wbytes.next_multiple_of(16)))
                         .collect::<Result<_, _>>()?;
-                    dev.stream_read_ms(&bufs, tm)?
+                    let dep = if dev.dependent_launch() {
+                        Some(dev.stream_read_ms(&bufs, true, tm)?)
+                    } else {
+                        None
+                    };
+                    (dev.stream_read_ms(&bufs, false, tm)?, dep)
                 };
                 let group = if gs < 0 {
                     "-1".to_string()
@@ -336,7 +342,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         " | ".to_string()
                     };
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | {path} | {:.2} | {:.1} | {gbs:.0} | {:.0} % | {:.2} | {:.2}x | {other_time} | {:.2} | {:.2} | {} |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | {path} | {:.2} | {:.1} | {gbs:.0} | {:.0} % | {:.2} | {:.2}x | {other_time} | {:.2} | {:.2} | {} | {} |",
                         if act { "yes" } else { "no" },
                         t * 1e3,
                         timed.host_ms * 1e3,
@@ -345,7 +351,8 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         base_f16[mi] / t,
                         read_only * 1e3,
                         read_only / t,
-                        us_or_blank(no_pdl)
+                        us_or_blank(no_pdl),
+                        us_or_blank(read_only_dep)
                     );
                 }
                 if let (Some(tb), true) = (base_bf16, gs == 128) {
@@ -356,7 +363,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     let t =
                         dev.median_ms(tm30, |i| dev.qmatmul(&xd, m, &ws[i % copies], &mut y))?;
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | dequant+cuBLAS | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | dequant+cuBLAS | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | | |",
                         if act { "yes" } else { "no" },
                         t * 1e3,
                         tb * 1e3,
@@ -370,7 +377,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     })?;
                     let tp = dev.median_ms(tm30, |_| dev.dense_matmul(&xd, m, &dense, &mut y))?;
                     println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | prepared dense (dequant once: {:.1} us) | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | |",
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | prepared dense (dequant once: {:.1} us) | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | | |",
                         if act { "yes" } else { "no" },
                         td * 1e3,
                         tp * 1e3,

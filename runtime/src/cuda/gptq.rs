@@ -562,8 +562,8 @@ pub(crate) struct MmaChoice {
     /// The register-pipelined variant's warps copy their run's act-order indices to shared memory
     /// before the dependent-launch wait ([`perm_slice`]).
     perm_slice: bool,
-    /// The register-pipelined variant runs its entry for narrow layers ([`mmad_narrow`]).
-    narrow: bool,
+    /// The layers the register-pipelined entry it runs is built for ([`LayerClass`]).
+    class: LayerClass,
     plan: MmaPlan,
 }
 
@@ -574,7 +574,8 @@ impl MmaChoice {
             self.direct,
             w.bits,
             (w.in_features, w.group_rows as usize),
-            (self.gather, self.perm_slice, self.narrow),
+            (self.gather, self.perm_slice),
+            self.class,
         )
     }
 }
@@ -640,6 +641,82 @@ fn mmad_narrow(
         && k <= NARROW_MAX_K
 }
 
+/// Whether the register-pipelined GEMV of `m` rows on a `k` x `n` layer runs its 4-bit entries for
+/// tall layers (`_tall` in kernels/gptq.cu, `MMAD_MAX_WARPS_TALL` there: 28 warps of 72 registers
+/// instead of 32 of 64, and each block of tiles reloaded before it is computed): on a plain GEMV
+/// (not the fused MoE, nor act-order gathered inside, nor the entry for groups of one tile,
+/// [`mmad_tile_groups`]) of at most 4 rows with K above [`TALL_K_ABOVE`] and at most one strip per
+/// SM (`sms`), where one block of many warps runs per SM. Measured on an H100 (BENCHMARKS.md,
+/// "entries for tall layers"), g128, us, tall against not: 14336 x 4096 M = 1 13.57 / 13.90, M = 4
+/// 15.50 / 15.76, per channel 12.96 / 13.23, act-order put in order first (M = 4) 16.96 / 17.35;
+/// 14336 x 1024 0.3-0.5 % faster; but 8192 x 4096 9.34 / 9.02 (M = 4 10.39 / 10.02), and with
+/// 448 strips (4096 x 14336, 4 blocks per SM) 14.32 / 14.07.
+fn mmad_tall(
+    direct: bool,
+    (k, n, m, bits, group_rows): (usize, usize, usize, u32, usize),
+    gather: bool,
+    moe_pairs: Option<usize>,
+    sms: usize,
+) -> bool {
+    direct
+        && moe_pairs.is_none()
+        && bits == 4
+        && !gather
+        && !mmad_tile_groups(k, bits, group_rows)
+        && m <= 4
+        && k > TALL_K_ABOVE
+        && n / 32 <= sms
+        && tall_entries_on()
+}
+
+/// See [`mmad_tall`].
+const TALL_K_ABOVE: usize = 8192;
+
+/// Whether the entries for tall layers run ([`mmad_tall`]): `MIXTRAL_GPTQ_TALL=0` turns them off
+/// (benchmark sweeps).
+fn tall_entries_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_usize("MIXTRAL_GPTQ_TALL") != Some(0))
+}
+
+/// The layers a register-pipelined GEMV entry is built for: any, narrow ones ([`mmad_narrow`],
+/// `_narrow`) or tall ones ([`mmad_tall`], `_tall`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LayerClass {
+    Any,
+    Narrow,
+    Tall,
+}
+
+impl LayerClass {
+    /// The class of the register-pipelined GEMV's entry on a layer (the arguments of
+    /// [`mmad_narrow`] and [`mmad_tall`]); the ring variant's entries are of [`LayerClass::Any`].
+    fn of(
+        direct: bool,
+        layer: (usize, usize, usize, u32, usize),
+        (gather, slice): (bool, bool),
+        moe_pairs: Option<usize>,
+        sms: usize,
+    ) -> Self {
+        if mmad_narrow(direct, layer, (gather, slice), moe_pairs) {
+            LayerClass::Narrow
+        } else if mmad_tall(direct, layer, gather, moe_pairs, sms) {
+            LayerClass::Tall
+        } else {
+            LayerClass::Any
+        }
+    }
+
+    /// The entry name's suffix.
+    fn suffix(self) -> &'static str {
+        match self {
+            LayerClass::Any => "",
+            LayerClass::Narrow => "_narrow",
+            LayerClass::Tall => "_tall",
+        }
+    }
+}
+
 /// See [`mmad_narrow`].
 const NARROW_MAX_STRIPS: usize = 64;
 
@@ -669,12 +746,13 @@ pub(crate) type MmaKey = (
 /// The entry point of a tensor-core GEMV variant in kernels/gptq.cu for a layer of `k` rows and
 /// `group_rows` ([`uniform_group_rows`]): the ring (`mma`), the register pipeline (`mmad`), or the
 /// register pipeline for groups of one 32-row tile (`mmadg`, [`mmad_tile_groups`]); of the kind
-/// [`mmad_suffix`] names, for narrow layers or not ([`mmad_narrow`]).
+/// [`mmad_suffix`] names, for the layers of `class`.
 fn mma_entry<T: ActDtype>(
     direct: bool,
     bits: u32,
     (k, group_rows): (usize, usize),
-    (gather, slice, narrow): (bool, bool, bool),
+    (gather, slice): (bool, bool),
+    class: LayerClass,
 ) -> String {
     let variant = match direct {
         false => "mma",
@@ -685,7 +763,7 @@ fn mma_entry<T: ActDtype>(
         "gptq_{variant}_gemv_{bits}b_{}{}{}",
         T::NAME,
         mmad_suffix(direct, gather, slice),
-        if narrow { "_narrow" } else { "" }
+        class.suffix()
     )
 }
 
@@ -693,7 +771,7 @@ fn mma_entry<T: ActDtype>(
 /// `gptq_mmad_gemv_*`, `gptq_mmadg_gemv_*`, the fused MoE's `gptq_mmad_moe_*`): both X dtypes, bits
 /// 3, 4 and 8, with and without act-order gathered inside, over the K, N and grouping cases that pick
 /// a different entry (K at most and above 4096, where the act-order indices are copied first or
-/// not; narrow layers or not; groups of one tile). The NVRTC test checks that the compiled modules
+/// not; narrow, tall or other layers; groups of one tile). The NVRTC test checks that the compiled modules
 /// have each one, so that a name the host builds without a kernel behind it fails without a GPU.
 pub fn tensor_core_entries() -> Vec<String> {
     fn for_dtype<T: ActDtype>(out: &mut Vec<String>) {
@@ -703,17 +781,20 @@ pub fn tensor_core_entries() -> Vec<String> {
                     for direct in [true, false].into_iter().filter(|&d| d || has_ring(bits)) {
                         let slice = perm_slice(direct, act_order, (k, bits, group_rows), None);
                         for n in [32, 14336] {
-                            let narrow = mmad_narrow(
+                            // (an H100's 132 SMs)
+                            let class = LayerClass::of(
                                 direct,
                                 (k, n, 1, bits, group_rows),
                                 (act_order, slice),
                                 None,
+                                132,
                             );
                             out.push(mma_entry::<T>(
                                 direct,
                                 bits,
                                 (k, group_rows),
-                                (act_order, slice, narrow),
+                                (act_order, slice),
+                                class,
                             ));
                         }
                     }
@@ -780,7 +861,9 @@ fn has_ring(bits: u32) -> bool {
 /// that the other layers' kernel stays as it was (with the third path in one entry, their times
 /// grew by 1-2 % on the small shapes, H200).
 fn mmad_tile_groups(k: usize, bits: u32, group_rows: usize) -> bool {
-    bits != 3 && group_rows == 32 && (k / 32).is_multiple_of(mmad_depth(bits, false, false))
+    bits != 3
+        && group_rows == 32
+        && (k / 32).is_multiple_of(mmad_depth(bits, false, LayerClass::Any))
 }
 
 /// The fewest warps per block of a fused MoE plan ([`CudaDevice::mma_plan`]), where the shape allows,
@@ -831,7 +914,7 @@ fn mma_direct(group_rows: usize) -> bool {
 }
 
 /// The register-pipelined GEMV's depths in kernels/gptq.cu and their defaults ([`mmad_depth`]).
-const MMAD_DEPTH_DEFAULTS: [(&str, usize); 7] = [
+const MMAD_DEPTH_DEFAULTS: [(&str, usize); 8] = [
     ("MMAD_DEPTH", 2),
     ("MMAD_DEPTH_SLICE", 4),
     ("MMAD_DEPTH8", 2),
@@ -839,24 +922,28 @@ const MMAD_DEPTH_DEFAULTS: [(&str, usize); 7] = [
     ("MMAD_DEPTH_NARROW", 4),
     ("MMAD_DEPTH8_NARROW", 4),
     ("MMAD_DEPTH3_NARROW", 2),
+    ("MMAD_DEPTH_TALL", 2),
 ];
 
 /// 32-row tiles in flight per warp of the register-pipelined GEMV (`mmad_depth` in
 /// kernels/gptq.cu): `MMAD_DEPTH` at 4 bits (`MMAD_DEPTH_SLICE` in the `_gather_slice` entries,
 /// [`perm_slice`]) and `MMAD_DEPTH8` at 8 bits, and at 3 bits `MMAD_DEPTH3` [`MMA3_ROWS`]-row
 /// super-tiles of 4 tiles each; in the entries for narrow layers ([`mmad_narrow`])
-/// `MMAD_DEPTH_NARROW`, `MMAD_DEPTH8_NARROW` and `MMAD_DEPTH3_NARROW` ([`MMAD_DEPTH_DEFAULTS`], which
+/// `MMAD_DEPTH_NARROW`, `MMAD_DEPTH8_NARROW` and `MMAD_DEPTH3_NARROW`, and in those for tall layers
+/// ([`mmad_tall`], 4 bits) `MMAD_DEPTH_TALL` ([`MMAD_DEPTH_DEFAULTS`], which
 /// `MIXTRAL_GPTQ_NVRTC_DEFINES` may override).
-fn mmad_depth(bits: u32, slice: bool, narrow: bool) -> usize {
-    static D: std::sync::OnceLock<[usize; 7]> = std::sync::OnceLock::new();
-    let [d4, d4_slice, d8, d3, d4_narrow, d8_narrow, d3_narrow] = *D.get_or_init(|| {
+fn mmad_depth(bits: u32, slice: bool, class: LayerClass) -> usize {
+    static D: std::sync::OnceLock<[usize; 8]> = std::sync::OnceLock::new();
+    let [d4, d4_slice, d8, d3, d4_narrow, d8_narrow, d3_narrow, d4_tall] = *D.get_or_init(|| {
         MMAD_DEPTH_DEFAULTS
             .map(|(name, default)| nvrtc_define(name).filter(|&d| d > 0).unwrap_or(default))
     });
+    let narrow = class == LayerClass::Narrow;
     match (bits, narrow) {
         (3, false) => d3 * MMA3_ROWS / 32,
         (3, true) => d3_narrow * MMA3_ROWS / 32,
         (4, true) => d4_narrow,
+        (4, false) if class == LayerClass::Tall => d4_tall,
         (4, false) if slice => d4_slice,
         (4, false) => d4,
         (_, true) => d8_narrow,
@@ -886,11 +973,16 @@ fn perm_index_bytes() -> usize {
 /// The split sizes (tiles per warp) the register-pipelined GEMV's plan may choose: multiples of
 /// its depth where K's tiles and the groups allow whole blocks of it (`mmad_blocked` in
 /// kernels/gptq.cu: the group and bounds checks then run once per block), else any.
-fn mmad_tile_step(k: usize, bits: u32, group_rows: usize, (slice, narrow): (bool, bool)) -> usize {
+fn mmad_tile_step(
+    k: usize,
+    bits: u32,
+    group_rows: usize,
+    (slice, class): (bool, LayerClass),
+) -> usize {
     if bits == 3 {
         return MMA3_ROWS / 32; // whole super-tiles (mma_eligible)
     }
-    let (d, tiles) = (mmad_depth(bits, slice, narrow), k / 32);
+    let (d, tiles) = (mmad_depth(bits, slice, class), k / 32);
     let tpg = group_rows / 32;
     // (`mmad_tile_groups`: groups of one tile take whole blocks too)
     if tiles.is_multiple_of(d) && (tpg.is_multiple_of(d) || tpg == tiles || tpg == 1) {
@@ -1533,7 +1625,7 @@ impl CudaDevice {
         let threads = (c.plan.warps * 32) as u32;
         let resident = self.resident_blocks(&f, &entry, threads, c.plan.smem as usize)?;
         let tiles_in_flight = if c.direct {
-            mmad_depth(w.bits, c.perm_slice, c.narrow)
+            mmad_depth(w.bits, c.perm_slice, c.class)
         } else {
             mma_tuning().2 - 1
         };
@@ -1567,7 +1659,7 @@ impl CudaDevice {
         f: &cudarc::driver::CudaFunction,
         entry: &str,
         (k, n, m, bits, moe_pairs): (usize, usize, usize, u32, Option<usize>),
-        (xblock_bytes, group_rows, direct, slice, narrow): (usize, usize, bool, bool, bool),
+        (xblock_bytes, group_rows, direct, slice, class): (usize, usize, bool, bool, LayerClass),
     ) -> Result<Option<MmaPlan>> {
         let (ring_warps, run_cost, _) = mma_tuning();
         let (tiles, strips, sms) = (k / 32, n / 32, self.sm_count());
@@ -1575,7 +1667,7 @@ impl CudaDevice {
         // variant runs one block per strip with one warp per split; the ring variant packs
         // `MMA_WARPS` independent warps per block.
         let candidates: Vec<(usize, usize, usize, usize)> = if direct {
-            let step = mmad_tile_step(k, bits, group_rows, (slice, narrow));
+            let step = mmad_tile_step(k, bits, group_rows, (slice, class));
             // One warp per split, up to the entry's launch bound (`MMAD_MAX_WARPS*` in
             // kernels/gptq.cu, per bit width).
             let max_warps = drv(
@@ -1663,17 +1755,18 @@ impl CudaDevice {
         let group_rows = w.group_rows as usize;
         let planned = |direct: bool| -> Result<Option<MmaChoice>> {
             let slice = perm_slice(direct, act_order, (k, bits, group_rows), moe_pairs);
-            let narrow = mmad_narrow(
+            let class = LayerClass::of(
                 direct,
                 (k, n, m, bits, group_rows),
                 (act_order, slice),
                 moe_pairs,
+                self.sm_count(),
             );
             // The plan reads the launch bound and residency of the entry that will run: the fused
             // MoE's own (its bound and registers can differ from the GEMV's at the same bits).
             let entry = match moe_pairs {
                 Some(_) if direct => mmad_moe_entry::<T>(bits, (k, group_rows), (act_order, slice)),
-                _ => mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice, narrow)),
+                _ => mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice), class),
             };
             let f = self.gptq_function(&entry)?;
             // Act-order with X small enough: each block copies X to shared memory for its gathers
@@ -1684,7 +1777,7 @@ impl CudaDevice {
                     &f,
                     &entry,
                     (k, n, m, bits, moe_pairs),
-                    (xblock_bytes, group_rows, direct, slice, narrow),
+                    (xblock_bytes, group_rows, direct, slice, class),
                 )
             };
             let (plan, xblock) = if !act_order {
@@ -1714,7 +1807,7 @@ impl CudaDevice {
                 gather: act_order,
                 xblock,
                 perm_slice: slice,
-                narrow,
+                class,
                 plan,
             }))
         };
@@ -2289,9 +2382,56 @@ mod tests {
                 "{bits}-bit ring"
             );
         }
-        let entry = |bits, narrow| mma_entry::<f16>(true, bits, (4096, 128), (true, true, narrow));
-        assert_eq!(entry(3, true), "gptq_mmad_gemv_3b_f16_gather_slice_narrow");
-        assert_eq!(entry(8, false), "gptq_mmad_gemv_8b_f16_gather_slice");
+        let entry = |bits, class| mma_entry::<f16>(true, bits, (4096, 128), (true, true), class);
+        assert_eq!(
+            entry(3, LayerClass::Narrow),
+            "gptq_mmad_gemv_3b_f16_gather_slice_narrow"
+        );
+        assert_eq!(
+            entry(8, LayerClass::Any),
+            "gptq_mmad_gemv_8b_f16_gather_slice"
+        );
+    }
+
+    /// The entries for tall layers run where they were measured faster: plain 4-bit GEMVs of up to 4
+    /// rows with K above 8192 and at most one strip per SM; never 3 or 8 bits, act-order gathered
+    /// inside, groups of one tile, the fused MoE or the ring variant, and never where a narrow entry
+    /// runs.
+    #[test]
+    fn tall_entries_where_measured_faster() {
+        let sms = 132;
+        let class = |bits: u32, (k, n, m): (usize, usize, usize), group_rows: usize, act: bool| {
+            let slice = perm_slice(true, act, (k, bits, group_rows), None);
+            LayerClass::of(true, (k, n, m, bits, group_rows), (act, slice), None, sms)
+        };
+        // (K, N, M), group rows, act-order, and whether tall at 3, 4 and 8 bits.
+        let cases = [
+            ((14336, 4096, 1), 128, false, [false, true, false]),
+            ((14336, 4096, 4), 128, false, [false, true, false]),
+            ((14336, 4096, 1), 14336, false, [false, true, false]),
+            ((14336, 1024, 1), 128, false, [false, true, false]),
+            ((16384, 4224, 1), 128, false, [false, true, false]),
+            ((8192, 4096, 1), 128, false, [false; 3]),
+            ((14336, 4096, 8), 128, false, [false; 3]),
+            ((14336, 4096, 1), 128, true, [false; 3]),
+            ((14336, 4096, 1), 32, false, [false; 3]),
+            ((14336, 4256, 1), 128, false, [false; 3]),
+            ((4096, 14336, 1), 128, false, [false; 3]),
+            ((4096, 4096, 1), 128, false, [false; 3]),
+        ];
+        for (shape, group_rows, act, want) in cases {
+            for (bits, want) in [3, 4, 8].into_iter().zip(want) {
+                let got = class(bits, shape, group_rows, act) == LayerClass::Tall;
+                assert_eq!(got, want, "{bits}-bit {shape:?} g{group_rows} act {act}");
+            }
+        }
+        let layer = (14336, 4096, 1, 4, 128);
+        assert!(!mmad_tall(true, layer, false, Some(2), sms), "MoE");
+        assert!(!mmad_tall(false, layer, false, None, sms), "ring");
+        assert_eq!(
+            mma_entry::<bf16>(true, 4, (14336, 128), (false, false), LayerClass::Tall),
+            "gptq_mmad_gemv_4b_bf16_tall"
+        );
     }
 
     /// The permutation's device words: the i32 indices, then on the tensor cores the same indices

@@ -49,14 +49,21 @@ pub const GPTQ_SLICE4: KernelSource = gptq_module!("gptq_slice4", "1");
 /// kernels/gptq.cu compiled with `GPTQ_MODULE 2`, for the same reason.
 pub const GPTQ_NARROW: KernelSource = gptq_module!("gptq_narrow", "2");
 
+/// The 4-bit GEMV's entries for tall layers (`_tall`, kernels/gptq.cu `MMAD_MAX_WARPS_TALL`):
+/// kernels/gptq.cu compiled with `GPTQ_MODULE 3`, for the same reason.
+pub const GPTQ_TALL: KernelSource = gptq_module!("gptq_tall", "3");
+
 /// The modules compiled from kernels/gptq.cu.
-pub const GPTQ_MODULES: [KernelSource; 3] = [GPTQ, GPTQ_SLICE4, GPTQ_NARROW];
+pub const GPTQ_MODULES: [KernelSource; 4] = [GPTQ, GPTQ_SLICE4, GPTQ_NARROW, GPTQ_TALL];
 
 /// The module that holds entry `entry` of kernels/gptq.cu: [`GPTQ_NARROW`] for the `_narrow`
-/// entries, [`GPTQ_SLICE4`] for the 4-bit `_gather_slice` ones, [`GPTQ`] for every other one.
+/// entries, [`GPTQ_TALL`] for the `_tall` ones, [`GPTQ_SLICE4`] for the 4-bit `_gather_slice`
+/// ones, [`GPTQ`] for every other one.
 pub fn gptq_source(entry: &str) -> &'static KernelSource {
     if entry.ends_with("_narrow") {
         &GPTQ_NARROW
+    } else if entry.ends_with("_tall") {
+        &GPTQ_TALL
     } else if entry.starts_with("gptq_mmad_gemv_4b_") && entry.ends_with("_gather_slice") {
         &GPTQ_SLICE4
     } else {
@@ -76,7 +83,14 @@ pub const FORWARD: KernelSource = KernelSource {
 };
 
 /// Every kernel file, for the compile-everything test.
-pub const ALL: &[KernelSource] = &[GPTQ, GPTQ_SLICE4, GPTQ_NARROW, FORWARD, super::eval::EVAL];
+pub const ALL: &[KernelSource] = &[
+    GPTQ,
+    GPTQ_SLICE4,
+    GPTQ_NARROW,
+    GPTQ_TALL,
+    FORWARD,
+    super::eval::EVAL,
+];
 
 /// Options passed to NVRTC besides the architecture and include folders.
 const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true", "-default-device"];

@@ -42,6 +42,12 @@ impl<'s> ExLaunch<'s> {
         self
     }
 
+    /// A `size_t` parameter.
+    pub(crate) fn size_t(&mut self, v: usize) -> &mut Self {
+        self.vals.push(v as u64);
+        self
+    }
+
     /// An `int` parameter.
     pub(crate) fn int(&mut self, v: i32) -> &mut Self {
         self.vals.push(u64::from(v as u32));
@@ -53,7 +59,7 @@ impl<'s> ExLaunch<'s> {
     ///
     /// # Safety
     /// The arguments pushed match `f`'s parameters in number, order and type (`int` as 4 bytes,
-    /// pointers as 8); the buffers hold everything the kernel reads and writes at this
+    /// pointers and `size_t` as 8); the buffers hold everything the kernel reads and writes at this
     /// configuration; with `dependent`, the kernel executes `griddepcontrol.wait` before it reads
     /// anything an earlier kernel may write and before it writes anything an earlier kernel may
     /// access.

@@ -4,7 +4,9 @@
 
 use std::time::Instant;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+use super::launch::ExLaunch;
 
 use super::device::CudaDevice;
 use super::error::{drv, CudaError, Result};
@@ -52,7 +54,9 @@ pub const READ_RUNS_DEPTHS: [usize; 6] = [1, 2, 3, 4, 6, 8];
 /// GEMV's 32-column strips) of `warps` warps (its k-splits); warp w of a block reads pieces
 /// w·L .. w·L + L - 1 (L = `pieces_per_warp`) of the block's `pieces_per_strip` 512-byte pieces
 /// (each lane 16 bytes of each), `depth` in flight, each next load issued once an earlier piece's
-/// words are used.
+/// words are used. With `dependent`, a programmatic dependent launch under the GEMV's rules
+/// (`bench_read_runs_d*_dep`: the next launch may start as this one's blocks leave, and each warp
+/// issues only its first `depth` pieces before it waits for the previous launch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadRuns {
     /// Blocks of the grid.
@@ -71,6 +75,8 @@ pub struct ReadRuns {
     /// Blocks per SM to allow (unused shared memory holds the others off), or 0 for as many as
     /// the SM takes.
     pub blocks_per_sm: usize,
+    /// A programmatic dependent launch (as the GEMV's), or an ordinary one.
+    pub dependent: bool,
 }
 
 impl ReadRuns {
@@ -216,8 +222,23 @@ impl CudaDevice {
     /// Median milliseconds of one kernel that only reads a whole buffer (`bench_stream_read`,
     /// 16-byte loads, a grid of the blocks the device keeps resident), the buffers taken in turn so
     /// that the cache does not serve them: the practical floor of a kernel streaming those bytes.
-    pub fn stream_read_ms(&self, bufs: &[CudaSlice<u8>], t: Timing) -> Result<f64> {
-        let f = self.gptq_function("bench_stream_read")?;
+    /// With `dependent`, under the GEMV's launch rules (`bench_stream_read_dep`, a programmatic
+    /// dependent launch: the next launch may start as this one's blocks leave, and each thread issues
+    /// only its first loads before it waits for the previous launch); it is then an ordinary launch
+    /// where the device has no dependent launch ([`CudaDevice::dependent_launch`]).
+    pub fn stream_read_ms(
+        &self,
+        bufs: &[CudaSlice<u8>],
+        dependent: bool,
+        t: Timing,
+    ) -> Result<f64> {
+        let dependent = dependent && self.dependent_launch();
+        let entry = if dependent {
+            "bench_stream_read_dep"
+        } else {
+            "bench_stream_read"
+        };
+        let f = self.gptq_function(entry)?;
         let sink = self.zeros::<u32>(1)?;
         let cfg = LaunchConfig {
             grid_dim: ((self.sm_count() * 8) as u32, 1, 1),
@@ -227,14 +248,14 @@ impl CudaDevice {
         self.median_ms(t, |i| {
             let b = &bufs[i % bufs.len()];
             let n16 = b.len() / 16;
-            let mut l = self.stream().launch_builder(&f);
-            l.arg(b).arg(&n16).arg(&sink);
-            // SAFETY: (const uint4*, size_t, u32*) as `bench_stream_read` takes them; b holds at
-            // least n16 16-byte words (device allocations are 256-byte aligned); sink one u32.
-            drv(
-                "launching bench_stream_read",
-                unsafe { l.launch(cfg) }.map(|_| ()),
-            )
+            let mut l = ExLaunch::new(self.stream());
+            l.buf(b).size_t(n16).buf(&sink);
+            // SAFETY: (const uint4*, size_t, u32*) as `bench_stream_read*` takes them; b holds at least n16 16-byte words (device allocations are
+            // 256-byte aligned), sink one u32. The `_dep` entry waits before anything but its first
+            // loads of b, which no kernel writes.
+            drv(format!("launching {entry}"), unsafe {
+                l.launch(&f, cfg, dependent)
+            })
         })
     }
 
@@ -277,7 +298,12 @@ impl CudaDevice {
                 got: b.len(),
             });
         }
-        let entry = format!("bench_read_runs_d{}", r.depth);
+        let dependent = r.dependent && self.dependent_launch();
+        let entry = format!(
+            "bench_read_runs_d{}{}",
+            r.depth,
+            if dependent { "_dep" } else { "" }
+        );
         let f = self.gptq_function(&entry)?;
         let threads = (r.warps * 32) as u32;
         // Dynamic shared memory (unused) keeps the SM to `blocks_per_sm` blocks, as the GEMV's
@@ -307,18 +333,18 @@ impl CudaDevice {
             r.pieces_per_strip as i32,
             r.pieces_per_warp as i32,
             r.time_major as i32,
-            0u32,
+            0i32,
         );
         let ms = self.median_ms(t, |i| {
             let b = &bufs[i % bufs.len()];
-            let mut lb = self.stream().launch_builder(&f);
-            lb.arg(b).arg(&p).arg(&l).arg(&tm).arg(&zero).arg(&sink);
+            let mut lb = ExLaunch::new(self.stream());
+            lb.buf(b).int(p).int(l).int(tm).int(zero).buf(&sink);
             // SAFETY: (const uint4*, int, int, int, u32, u32*) as `bench_read_runs_d*` takes
-            // them; b holds every piece the grid reads (checked above), sink one u32.
-            drv(
-                format!("launching {entry}"),
-                unsafe { lb.launch(cfg) }.map(|_| ()),
-            )
+            // them; b holds every piece the grid reads (checked above), sink one u32. The `_dep`
+            // entries wait before anything but their first pieces of b, which no kernel writes.
+            drv(format!("launching {entry}"), unsafe {
+                lb.launch(&f, cfg, dependent)
+            })
         })?;
         Ok((ms, resident))
     }

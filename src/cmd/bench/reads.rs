@@ -84,6 +84,7 @@ fn shape_rows(
         depth,
         time_major,
         blocks_per_sm,
+        dependent: false,
     };
     let own = plan.tiles_in_flight * b / 4;
     let row = |launch: &str,
@@ -139,17 +140,27 @@ fn shape_rows(
             .map(|_| dev.zeros::<u8>(bytes))
             .collect::<Result<_, _>>()?)
     };
-    let stream = dev.stream_read_ms(&rotated(words)?, tm)?;
+    let stream_bufs = rotated(words)?;
     let (sblocks, swarps) = (dev.sm_count() * 8, 8);
-    row(
-        "streaming read (`bench_stream_read`)",
-        "linear",
-        "4 x 16 bytes per thread".into(),
-        swarps.to_string(),
-        format!("up to {}", sblocks / dev.sm_count()),
-        stream,
-        base,
-    );
+    let mut launches = vec![(false, "streaming read (`bench_stream_read`)")];
+    if dev.dependent_launch() {
+        launches.push((
+            true,
+            "streaming read as a dependent launch (`bench_stream_read_dep`)",
+        ));
+    }
+    for (dependent, label) in launches {
+        let t = dev.stream_read_ms(&stream_bufs, dependent, tm)?;
+        row(
+            label,
+            "linear",
+            "4 x 16 bytes per thread".into(),
+            swarps.to_string(),
+            format!("up to {}", sblocks / dev.sm_count()),
+            t,
+            base,
+        );
+    }
     let bufs = rotated(
         runs(1, true, 0)
             .buffer_bytes()
@@ -179,6 +190,28 @@ fn shape_rows(
                 label,
                 layout,
                 d.to_string(),
+                warps.clone(),
+                resident.to_string(),
+                t,
+                base,
+            );
+        }
+    }
+    if READ_RUNS_DEPTHS.contains(&own) && dev.dependent_launch() {
+        for time_major in [false, true] {
+            let r = ReadRuns {
+                dependent: true,
+                ..runs(own, time_major, plan.resident_blocks_per_sm)
+            };
+            let (t, resident) = dev.read_runs_ms(&bufs, r, tm)?;
+            row(
+                "runs (the GEMV's depth) as a dependent launch",
+                if time_major {
+                    "time-major"
+                } else {
+                    "strip-major"
+                },
+                own.to_string(),
                 warps.clone(),
                 resident.to_string(),
                 t,
