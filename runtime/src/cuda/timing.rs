@@ -6,10 +6,9 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::launch::ExLaunch;
-
 use super::device::CudaDevice;
 use super::error::{drv, CudaError, Result};
+use super::launch::ExLaunch;
 
 /// How a benchmark case is timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,9 +249,9 @@ impl CudaDevice {
             let n16 = b.len() / 16;
             let mut l = ExLaunch::new(self.stream());
             l.buf(b).size_t(n16).buf(&sink);
-            // SAFETY: (const uint4*, size_t, u32*) as `bench_stream_read*` takes them; b holds at least n16 16-byte words (device allocations are
-            // 256-byte aligned), sink one u32. The `_dep` entry waits before anything but its first
-            // loads of b, which no kernel writes.
+            // SAFETY: (const uint4*, size_t, u32*) as `bench_stream_read*` takes them; b holds at
+            // least n16 16-byte words (device allocations are 256-byte aligned), sink one u32. The
+            // `_dep` entry waits before anything but its first loads of b, which no kernel writes.
             drv(format!("launching {entry}"), unsafe {
                 l.launch(&f, cfg, dependent)
             })
