@@ -1958,6 +1958,18 @@ extern "C" __global__ void moe_combine_f32(const float* yp, int topk, int tokens
 // waits for X. (The `_dep` read-only runs below do the same with their first D pieces.)
 extern "C" __global__ void bench_noop() {}
 
+// The streaming reads' last words (from i, one per thread and step) and their end.
+__device__ __forceinline__ void stream_read_rest(const uint4* p, size_t n16, size_t i, size_t step, u32 acc,
+                                                 u32* out) {
+    for (; i < n16; i += step) {
+        const uint4 v = ld_stream((const u32*)(p + i));
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
+    if ((threadIdx.x & 31) == 0 && acc == 0x9E3779B9u) atomicXor(out, acc); // keeps the loads alive
+}
+
 extern "C" __global__ void __launch_bounds__(256) bench_stream_read(const uint4* p, size_t n16, u32* out) {
     u32 acc = 0;
     const size_t step = (size_t)gridDim.x * blockDim.x;
@@ -1969,13 +1981,7 @@ extern "C" __global__ void __launch_bounds__(256) bench_stream_read(const uint4*
 #pragma unroll
         for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
     }
-    for (; i < n16; i += step) {
-        const uint4 v = ld_stream((const u32*)(p + i));
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
-    if ((threadIdx.x & 31) == 0 && acc == 0x9E3779B9u) atomicXor(out, acc); // keeps the loads alive
+    stream_read_rest(p, n16, i, step, acc, out);
 }
 extern "C" __global__ void __launch_bounds__(256) bench_stream_read_dep(const uint4* p, size_t n16, u32* out) {
     pdl_launch_dependents();
@@ -1997,13 +2003,7 @@ extern "C" __global__ void __launch_bounds__(256) bench_stream_read_dep(const ui
 #pragma unroll
             for (int u = 0; u < 4; ++u) v[u] = ld_stream((const u32*)(p + i + u * step));
     }
-    for (; i < n16; i += step) {
-        const uint4 w = ld_stream((const u32*)(p + i));
-        acc ^= w.x ^ w.y ^ w.z ^ w.w;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
-    if ((threadIdx.x & 31) == 0 && acc == 0x9E3779B9u) atomicXor(out, acc); // keeps the loads alive
+    stream_read_rest(p, n16, i, step, acc, out);
 }
 
 // Reference kernels for `mixtral-gptq bench reads`: read-only launches with the register-pipelined

@@ -2343,95 +2343,76 @@ mod tests {
         }
     }
 
-    /// The entries for narrow layers run where they were measured faster: plain GEMVs of one row
-    /// (3 bits: up to 4) on at most 64 strips with K at most 4096, and act-order slices at 3 and 8
-    /// bits; never the fused MoE, groups of one tile, 4-bit act-order or the ring variant.
+    /// The entries for narrow and for tall layers run where they were measured faster. Narrow:
+    /// plain GEMVs of one row (3 bits: up to 4) on at most 64 strips with K at most 4096, and
+    /// act-order slices at 3 and 8 bits. Tall: plain 4-bit GEMVs of up to 4 rows with K above 8192
+    /// and at most one strip per SM. Neither for the fused MoE, groups of one tile or the ring
+    /// variant; no narrow entry for 4-bit act-order, no tall one for act-order gathered inside.
     #[test]
-    fn narrow_entries_where_measured_faster() {
-        let narrow = |bits: u32, (k, n, m): (usize, usize, usize), group_rows: usize, act: bool| {
-            let slice = perm_slice(true, act, (k, bits, group_rows), None);
-            mmad_narrow(true, (k, n, m, bits, group_rows), (act, slice), None)
-        };
-        // (K, N, M), group rows, act-order, and whether narrow at 3, 4 and 8 bits.
-        let cases = [
-            ((4096, 1024, 1), 128, false, [true; 3]),
-            ((4096, 2048, 1), 128, false, [true; 3]),
-            ((4096, 1024, 1), 4096, false, [true; 3]),
-            ((4096, 3072, 1), 128, false, [false; 3]),
-            ((4096, 4096, 1), 128, false, [false; 3]),
-            ((14336, 1024, 1), 128, false, [false; 3]),
-            ((4096, 1024, 4), 128, false, [true, false, false]),
-            ((4096, 1024, 8), 128, false, [false; 3]),
-            ((4096, 1024, 1), 128, true, [true, false, true]),
-            ((4096, 1024, 1), 32, false, [true, false, false]),
-        ];
-        for (shape, group_rows, act, want) in cases {
-            for (bits, want) in [3, 4, 8].into_iter().zip(want) {
-                let got = narrow(bits, shape, group_rows, act);
-                assert_eq!(got, want, "{bits}-bit {shape:?} g{group_rows} act {act}");
-            }
-        }
-        for bits in [3, 4, 8] {
-            let layer = (4096, 1024, 1, bits, 128);
-            assert!(
-                !mmad_narrow(true, layer, (false, false), Some(2)),
-                "{bits}-bit MoE"
-            );
-            assert!(
-                !mmad_narrow(false, layer, (false, false), None),
-                "{bits}-bit ring"
-            );
-        }
-        let entry = |bits, class| mma_entry::<f16>(true, bits, (4096, 128), (true, true), class);
-        assert_eq!(
-            entry(3, LayerClass::Narrow),
-            "gptq_mmad_gemv_3b_f16_gather_slice_narrow"
-        );
-        assert_eq!(
-            entry(8, LayerClass::Any),
-            "gptq_mmad_gemv_8b_f16_gather_slice"
-        );
-    }
-
-    /// The entries for tall layers run where they were measured faster: plain 4-bit GEMVs of up to 4
-    /// rows with K above 8192 and at most one strip per SM; never 3 or 8 bits, act-order gathered
-    /// inside, groups of one tile, the fused MoE or the ring variant, and never where a narrow entry
-    /// runs.
-    #[test]
-    fn tall_entries_where_measured_faster() {
+    fn layer_classes_where_measured_faster() {
+        use LayerClass::{Any as A, Narrow as N, Tall as T};
         let sms = 132;
         let class = |bits: u32, (k, n, m): (usize, usize, usize), group_rows: usize, act: bool| {
             let slice = perm_slice(true, act, (k, bits, group_rows), None);
             LayerClass::of(true, (k, n, m, bits, group_rows), (act, slice), None, sms)
         };
-        // (K, N, M), group rows, act-order, and whether tall at 3, 4 and 8 bits.
+        // (K, N, M), group rows, act-order, and the class at 3, 4 and 8 bits.
         let cases = [
-            ((14336, 4096, 1), 128, false, [false, true, false]),
-            ((14336, 4096, 4), 128, false, [false, true, false]),
-            ((14336, 4096, 1), 14336, false, [false, true, false]),
-            ((14336, 1024, 1), 128, false, [false, true, false]),
-            ((16384, 4224, 1), 128, false, [false, true, false]),
-            ((8192, 4096, 1), 128, false, [false; 3]),
-            ((14336, 4096, 8), 128, false, [false; 3]),
-            ((14336, 4096, 1), 128, true, [false; 3]),
-            ((14336, 4096, 1), 32, false, [false; 3]),
-            ((14336, 4256, 1), 128, false, [false; 3]),
-            ((4096, 14336, 1), 128, false, [false; 3]),
-            ((4096, 4096, 1), 128, false, [false; 3]),
+            ((4096, 1024, 1), 128, false, [N; 3]),
+            ((4096, 2048, 1), 128, false, [N; 3]),
+            ((4096, 1024, 1), 4096, false, [N; 3]),
+            ((4096, 3072, 1), 128, false, [A; 3]),
+            ((4096, 4096, 1), 128, false, [A; 3]),
+            ((4096, 1024, 4), 128, false, [N, A, A]),
+            ((4096, 1024, 8), 128, false, [A; 3]),
+            ((4096, 1024, 1), 128, true, [N, A, N]),
+            ((4096, 1024, 1), 32, false, [N, A, A]),
+            ((14336, 4096, 1), 128, false, [A, T, A]),
+            ((14336, 4096, 4), 128, false, [A, T, A]),
+            ((14336, 4096, 1), 14336, false, [A, T, A]),
+            ((14336, 1024, 1), 128, false, [A, T, A]),
+            ((16384, 4224, 1), 128, false, [A, T, A]),
+            ((8192, 4096, 1), 128, false, [A; 3]),
+            ((14336, 4096, 8), 128, false, [A; 3]),
+            ((14336, 4096, 1), 128, true, [A; 3]),
+            ((14336, 4096, 1), 32, false, [A; 3]),
+            ((14336, 4256, 1), 128, false, [A; 3]),
+            ((4096, 14336, 1), 128, false, [A; 3]),
         ];
         for (shape, group_rows, act, want) in cases {
             for (bits, want) in [3, 4, 8].into_iter().zip(want) {
-                let got = class(bits, shape, group_rows, act) == LayerClass::Tall;
+                let got = class(bits, shape, group_rows, act);
                 assert_eq!(got, want, "{bits}-bit {shape:?} g{group_rows} act {act}");
             }
         }
-        let layer = (14336, 4096, 1, 4, 128);
-        assert!(!mmad_tall(true, layer, false, Some(2), sms), "MoE");
-        assert!(!mmad_tall(false, layer, false, None, sms), "ring");
+        for (bits, layer) in [
+            (3, (4096, 1024)),
+            (4, (4096, 1024)),
+            (8, (4096, 1024)),
+            (4, (14336, 4096)),
+        ] {
+            let layer = (layer.0, layer.1, 1, bits, 128);
+            for (direct, moe) in [(true, Some(2)), (false, None)] {
+                let got = LayerClass::of(direct, layer, (false, false), moe, sms);
+                assert_eq!(
+                    got, A,
+                    "{bits}-bit {layer:?}, register-pipelined {direct}, MoE {moe:?}"
+                );
+            }
+        }
+        let entry = |bits, k, act, class| {
+            let slice = perm_slice(true, act, (k, bits, 128), None);
+            mma_entry::<f16>(true, bits, (k, 128), (act, slice), class)
+        };
         assert_eq!(
-            mma_entry::<bf16>(true, 4, (14336, 128), (false, false), LayerClass::Tall),
-            "gptq_mmad_gemv_4b_bf16_tall"
+            entry(3, 4096, true, N),
+            "gptq_mmad_gemv_3b_f16_gather_slice_narrow"
         );
+        assert_eq!(
+            entry(8, 4096, true, A),
+            "gptq_mmad_gemv_8b_f16_gather_slice"
+        );
+        assert_eq!(entry(4, 14336, false, T), "gptq_mmad_gemv_4b_f16_tall");
     }
 
     /// The permutation's device words: the i32 indices, then on the tensor cores the same indices
