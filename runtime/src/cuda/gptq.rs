@@ -938,15 +938,14 @@ fn mmad_depth(bits: u32, slice: bool, class: LayerClass) -> usize {
         MMAD_DEPTH_DEFAULTS
             .map(|(name, default)| nvrtc_define(name).filter(|&d| d > 0).unwrap_or(default))
     });
-    let narrow = class == LayerClass::Narrow;
-    match (bits, narrow) {
-        (3, false) => d3 * MMA3_ROWS / 32,
-        (3, true) => d3_narrow * MMA3_ROWS / 32,
-        (4, true) => d4_narrow,
-        (4, false) if class == LayerClass::Tall => d4_tall,
-        (4, false) if slice => d4_slice,
-        (4, false) => d4,
-        (_, true) => d8_narrow,
+    match (bits, class) {
+        (3, LayerClass::Narrow) => d3_narrow * MMA3_ROWS / 32,
+        (3, _) => d3 * MMA3_ROWS / 32,
+        (4, LayerClass::Narrow) => d4_narrow,
+        (4, LayerClass::Tall) => d4_tall,
+        (4, _) if slice => d4_slice,
+        (4, _) => d4,
+        (_, LayerClass::Narrow) => d8_narrow,
         _ => d8,
     }
 }
