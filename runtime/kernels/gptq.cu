@@ -116,6 +116,7 @@ __device__ __forceinline__ u32 lds_u16(unsigned addr) {
 }
 
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 
 __device__ __forceinline__ u32 comp(const uint4& v, int c) {
     return c == 0 ? v.x : (c == 1 ? v.y : (c == 2 ? v.z : v.w));
@@ -678,6 +679,23 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MAX_WARPS_TALL
 #define MMAD_MAX_WARPS_TALL 28
 #endif
+// Entries whose warps take the next group's scales and zero word through L1 (mmad_gemv's GROUP_L1):
+// bit 3 b + k for b = 0, 1, 2 (4, 8, 3 bits) and k = 0, 1, 2 (MMAD_PLAIN, MMAD_GATHER,
+// MMAD_GATHER_SLICE), in the GEMV's entries (MMAD_GROUP_L1) and in those for narrow layers
+// (MMAD_GROUP_L1_NARROW); the tall, g32 and fused MoE entries never do. Measured on an H100
+// (BENCHMARKS.md, "the next group's data through L1"), M = 1, g128, us, through L1 against ahead
+// into registers: 4-bit 4096 x 14336 13.86 / 14.07, 4096 x 4096 5.56 / 5.72, 4096 x 1024
+// (narrow) 4.22 / 4.31; 8-bit 4096 x 4096 7.95 / 8.43, act-order 8.73 / 8.91; but the 4-bit tall
+// entries 13.82 / 13.50, the 3-bit GEMV at 4096 x 14336 12.21 / 11.88 and the 4-bit fused MoE's
+// w2 at one token 22.3 / 21.9.
+#ifndef MMAD_GROUP_L1
+#define MMAD_GROUP_L1 57 // 4-bit plain; 8-bit plain, _gather, _gather_slice
+#endif
+#ifndef MMAD_GROUP_L1_NARROW
+#define MMAD_GROUP_L1_NARROW 73 // 4-, 8- and 3-bit plain
+#endif
+#define MMAD_GROUP_L1_BIT(B, G) (3 * ((B) == 4 ? 0 : (B) == 8 ? 1 : 2) + (G))
+#define MMAD_GROUP_L1_ON(MASK, B, G) ((((MASK) >> MMAD_GROUP_L1_BIT(B, G)) & 1) != 0)
 #ifndef MMAD_DEPTH_TALL // tiles in flight per warp of those entries (mmad_depth)
 #define MMAD_DEPTH_TALL 2
 #endif
@@ -1392,7 +1410,7 @@ template <int D> struct MmadGroupPipe<D, false> {};
 #define MMAD_PERM16_BIT(G) ((G) == MMAD_GATHER ? 1 : (G) == MMAD_GATHER_SLICE ? 2 : (G) == MMAD_GATHER_SYNC ? 4 : 0)
 #define MMAD_PERM16_ON(G) ((MMAD_PERM16 & MMAD_PERM16_BIT(G)) != 0)
 template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS, int L2_AHEAD, int GATHER,
-          bool RELOAD_FIRST = false>
+          bool RELOAD_FIRST = false, bool GROUP_L1 = false>
 __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N, int group_rows,
                                           int nsplit, int tiles_per_warp, int xblock, float* __restrict__ Y,
                                           float yscale = 1.0f) {
@@ -1448,14 +1466,24 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     const int zshift = BITS == 4 ? (g & 1) * 16 : 0;
     uint2 nsr = __ldg(sp);
     u32 nzw = __ldg(zp);
+    // GROUP_L1 (MMAD_GROUP_L1): the next group's scales and zero word asked of L1 ahead and loaded
+    // at the group's start, instead of loaded ahead into registers (nsr, nzw), which ptxas may
+    // spill (the 4-bit GEMV at 64 registers did, at every group): a spill's store waits for the
+    // load, a whole memory round trip.
+    static_assert(!GROUP_L1 || !TILE_GROUPS, "groups of one tile travel with the tiles");
     auto next_group = [&]() {
         if (gl > 0) {
             sp += N / 4;
             zp += zwords;
             --gl;
         }
-        nsr = __ldg(sp);
-        nzw = __ldg(zp);
+        if constexpr (GROUP_L1) {
+            prefetch_l1(sp);
+            prefetch_l1(zp);
+        } else {
+            nsr = __ldg(sp);
+            nzw = __ldg(zp);
+        }
     };
 
     const size_t xblock_bytes = xblock ? ((size_t)M * K * 2 + 15) & ~(size_t)15 : 0;
@@ -1526,7 +1554,10 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     auto group_check = [&](int tiles_done) {
         if (left == 0) {
             a.flush();
-            a.group(nsr, nzw >> zshift);
+            if constexpr (GROUP_L1)
+                a.group(__ldg(sp), __ldg(zp) >> zshift);
+            else
+                a.group(nsr, nzw >> zshift);
             left = tpg;
             next_group();
         }
@@ -1750,26 +1781,34 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 
 // The register-pipelined GEMV's entry of kind G at B bits, under launch bound WARPS, D tiles in flight
 // (at 3 bits D whole 128-row super-tiles: K and the groups multiples of 128 rows).
-#define MMAD_ENTRY_AT(B, TN, T, G, SFX, WARPS, D, RF)                                                          \
+// L1: the next group's data through L1 (mmad_gemv's GROUP_L1).
+#define MMAD_ENTRY_AT(B, TN, T, G, SFX, WARPS, D, RF, L1)                                                      \
     extern "C" __global__ void __launch_bounds__((WARPS) * 32) gptq_mmad_gemv_##B##b_##TN##SFX(                \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,        \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,      \
         int xblock, float* ws, u32* counters, float* Y) {                                                      \
         QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                           \
         if constexpr (B == 3) {                                                                                \
-            mmad_gemv<B, T, (D), true, false, 0, G>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
+            mmad_gemv<B, T, (D), true, false, 0, G, false, L1>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, \
+                                                               xblock, Y);                                     \
         } else {                                                                                               \
             if (mmad_blocked((D), K, group_rows, tiles_per_warp))                                              \
-                mmad_gemv<B, T, (D), true, false, 0, G, RF>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
+                mmad_gemv<B, T, (D), true, false, 0, G, RF, L1>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, \
+                                                                xblock, Y);                                    \
             else                                                                                               \
-                mmad_gemv<B, T, (D), false, false, 0, G, RF>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, xblock, Y); \
+                mmad_gemv<B, T, (D), false, false, 0, G, RF, L1>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, \
+                                                                 xblock, Y);                                   \
         }                                                                                                      \
     }
-#define MMAD_ENTRY(B, TN, T, G, SFX) MMAD_ENTRY_AT(B, TN, T, G, SFX, MMAD_GEMV_WARPS(B, G), (B) == 3 ? MMAD_DEPTH3 : mmad_depth(B, G), false)
+#define MMAD_ENTRY(B, TN, T, G, SFX)                                                                           \
+    MMAD_ENTRY_AT(B, TN, T, G, SFX, MMAD_GEMV_WARPS(B, G), (B) == 3 ? MMAD_DEPTH3 : mmad_depth(B, G), false,  \
+                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1, B, G))
 // The same for narrow layers (`_narrow`: runtime/src/cuda/gptq.rs, `mmad_narrow`), deeper in fewer warps.
-#define MMAD_NARROW_ENTRY(B, TN, T, G, SFX) MMAD_ENTRY_AT(B, TN, T, G, SFX##_narrow, MMAD_NARROW_WARPS(B), MMAD_NARROW_DEPTH(B), false)
+#define MMAD_NARROW_ENTRY(B, TN, T, G, SFX)                                                                    \
+    MMAD_ENTRY_AT(B, TN, T, G, SFX##_narrow, MMAD_NARROW_WARPS(B), MMAD_NARROW_DEPTH(B), false,              \
+                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1_NARROW, B, G))
 // The same for tall layers at 4 bits (`_tall`: runtime/src/cuda/gptq.rs, `mmad_tall`), plain only.
-#define MMAD_TALL_ENTRY(TN, T) MMAD_ENTRY_AT(4, TN, T, MMAD_PLAIN, _tall, MMAD_MAX_WARPS_TALL, MMAD_DEPTH_TALL, MMAD_TALL_RELOAD_FIRST != 0)
+#define MMAD_TALL_ENTRY(TN, T) MMAD_ENTRY_AT(4, TN, T, MMAD_PLAIN, _tall, MMAD_MAX_WARPS_TALL, MMAD_DEPTH_TALL, MMAD_TALL_RELOAD_FIRST != 0, false)
 
 // Groups of one tile (g32, runtime/src/cuda/gptq.rs `mmad_tile_groups`), as its own entry so that the
 // other layers' kernel keeps its code.
