@@ -679,6 +679,12 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MAX_WARPS_TALL
 #define MMAD_MAX_WARPS_TALL 28
 #endif
+#ifndef MMAD_DEPTH_TALL // tiles in flight per warp of those entries (mmad_depth)
+#define MMAD_DEPTH_TALL 2
+#endif
+#ifndef MMAD_TALL_RELOAD_FIRST // (sweeps: 0 turns the reload first off in the `_tall` entries)
+#define MMAD_TALL_RELOAD_FIRST 1
+#endif
 // Entries whose warps take the next group's scales and zero word through L1 (mmad_gemv's GROUP_L1):
 // bit 3 b + k for b = 0, 1, 2 (4, 8, 3 bits) and k = 0, 1, 2 (MMAD_PLAIN, MMAD_GATHER,
 // MMAD_GATHER_SLICE), in the GEMV's entries (MMAD_GROUP_L1) and in those for narrow layers
@@ -695,13 +701,7 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #define MMAD_GROUP_L1_NARROW 73 // 4-, 8- and 3-bit plain
 #endif
 #define MMAD_GROUP_L1_BIT(B, G) (3 * ((B) == 4 ? 0 : (B) == 8 ? 1 : 2) + (G))
-#define MMAD_GROUP_L1_ON(MASK, B, G) ((((MASK) >> MMAD_GROUP_L1_BIT(B, G)) & 1) != 0)
-#ifndef MMAD_DEPTH_TALL // tiles in flight per warp of those entries (mmad_depth)
-#define MMAD_DEPTH_TALL 2
-#endif
-#ifndef MMAD_TALL_RELOAD_FIRST // (sweeps: 0 turns the reload first off in the `_tall` entries)
-#define MMAD_TALL_RELOAD_FIRST 1
-#endif
+#define MMAD_GROUP_L1_ON(MASK, B, G) ((G) <= MMAD_GATHER_SLICE && (((MASK) >> MMAD_GROUP_L1_BIT(B, G)) & 1) != 0)
 #define MMAD_NARROW_WARPS(B) ((B) == 3 ? MMAD_MAX_WARPS3_NARROW : (B) == 8 ? MMAD_MAX_WARPS8_NARROW : MMAD_MAX_WARPS_NARROW)
 #define MMAD_NARROW_DEPTH(B) ((B) == 3 ? MMAD_DEPTH3_NARROW : (B) == 8 ? MMAD_DEPTH8_NARROW : MMAD_DEPTH_NARROW)
 // The launch bound of the GEMV's entry G (MMAD_PLAIN, MMAD_GATHER, MMAD_GATHER_SLICE) at B bits.
