@@ -61,6 +61,10 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gsrc) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(smem_dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(gsrc) : "memory");
 }
+__device__ __forceinline__ void cp_async16_ca(void* smem_dst, const void* gsrc) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(d), "l"(gsrc) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
@@ -1110,6 +1114,35 @@ __device__ __forceinline__ void mma_stage_idx_early(const I* perm, int M, int nt
         }
 }
 
+// mma_stage_x without act-order, with every chunk's copy issued at once (cp.async.ca: kept in L1, as
+// mma_stage_x's ld.global.ca does, so that the blocks of one SM share X; .cg, from L2 only, was slower)
+// and put in fragment order in place once all have landed: one round trip per warp, where
+// mma_stage_x's rounds of CH chunks per lane (loads held in registers) take one each, 8-16 at M = 4-8.
+// Ends with __syncwarp.
+template <int BITS, typename T>
+__device__ __forceinline__ void mma_stage_x_async(const T* __restrict__ X, int M, int K, int t_begin, int nt, T* xs,
+                                                  int xstride, int lane) {
+    const int k0 = t_begin * 32, cpr = nt * 4; // chunks per row
+    const int chunks = M * cpr;
+    int m = 0, kc = lane - 32;
+    if (chunks > 0) stage_step(cpr, m, kc);
+    for (int ch = lane; ch < chunks; ch += 32) {
+        cp_async16_ca(xs + m * xstride + kc * 8, X + (size_t)m * K + k0 + stage_src_k<BITS>(kc * 8));
+        stage_step(cpr, m, kc);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    m = 0, kc = lane - 32;
+    if (chunks > 0) stage_step(cpr, m, kc);
+    for (int ch = lane; ch < chunks; ch += 32) {
+        uint4* p = (uint4*)(xs + m * xstride + kc * 8);
+        const uint4 v = *p;
+        *p = mma_order<BITS>(v.x, v.y, v.z, v.w);
+        stage_step(cpr, m, kc);
+    }
+    __syncwarp();
+}
+
 template <int BITS, int CH, typename T, bool PERM_SHARED = false, int PRE = 0, typename I = int>
 __device__ __forceinline__ void mma_stage_x(const I* perm, const T* __restrict__ X, int M, int K, const float* xblock,
                                             int t_begin, int nt, T* xs, int xstride, int lane,
@@ -1399,6 +1432,7 @@ template <int D> struct MmadGroupPipe<D, false> {};
 // MMAD_GATHER_SLICE each warp copies its run's indices to its area before the dependent-launch wait;
 // the others read them from global memory while they stage X (runtime/src/cuda/gptq.rs,
 // `perm_slice`, says where each runs, with the measurements).
+// X_ASYNC (the `_rows` entries): X staged by mma_stage_x_async, in one round trip.
 // RELOAD_FIRST (4 and 8 bits, the `_tall` entries): each block of D tiles is copied and its slots
 // reloaded before the block is computed. Otherwise ptxas issues a block's reloads after its last
 // tile's products (SASS), so that every round trip of a warp's chain waits for D tiles of arithmetic.
@@ -1410,7 +1444,7 @@ template <int D> struct MmadGroupPipe<D, false> {};
 #define MMAD_PERM16_BIT(G) ((G) == MMAD_GATHER ? 1 : (G) == MMAD_GATHER_SLICE ? 2 : (G) == MMAD_GATHER_SYNC ? 4 : 0)
 #define MMAD_PERM16_ON(G) ((MMAD_PERM16 & MMAD_PERM16_BIT(G)) != 0)
 template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS, int L2_AHEAD, int GATHER,
-          bool RELOAD_FIRST = false, bool GROUP_L1 = false>
+          bool RELOAD_FIRST = false, bool GROUP_L1 = false, bool X_ASYNC = false>
 __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N, int group_rows,
                                           int nsplit, int tiles_per_warp, int xblock, float* __restrict__ Y,
                                           float yscale = 1.0f) {
@@ -1423,6 +1457,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     static_assert(BITS != 3 || BLOCKED, "3 bits: whole super-tiles");
     static_assert(!TILE_GROUPS || (BLOCKED && BITS != 3), "groups of one tile: whole blocks, 4 or 8 bits");
     static_assert(!RELOAD_FIRST || (BITS != 3 && L2_AHEAD == 0 && !TILE_GROUPS), "reload first: the GEMV's 4/8-bit tiles");
+    static_assert(!X_ASYNC || GATHER == MMAD_PLAIN, "X staged with cp.async: without act-order");
     extern __shared__ float smem[];
 
     pdl_launch_dependents();
@@ -1526,8 +1561,11 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                 __syncwarp();
         }
     }
-    mma_stage_x<BITS, MMAD_X_CHUNKS, T, slice, PRE, I>(run_perm, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs,
-                                                       xstride, lane, pre);
+    if constexpr (X_ASYNC)
+        mma_stage_x_async<BITS>(X, M, K, t_begin, nt, xs, xstride, lane);
+    else
+        mma_stage_x<BITS, MMAD_X_CHUNKS, T, slice, PRE, I>(run_perm, X, M, K, xblock ? smem : nullptr, t_begin, nt, xs,
+                                                           xstride, lane, pre);
     const T* xrow = xs + min(g, M - 1) * xstride + 8 * c;
 
     MmaAcc<BITS, BF> a;
@@ -1781,34 +1819,39 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 
 // The register-pipelined GEMV's entry of kind G at B bits, under launch bound WARPS, D tiles in flight
 // (at 3 bits D whole 128-row super-tiles: K and the groups multiples of 128 rows).
-// L1: the next group's data through L1 (mmad_gemv's GROUP_L1).
-#define MMAD_ENTRY_AT(B, TN, T, G, SFX, WARPS, D, RF, L1)                                                      \
+// L1: the next group's data through L1 (mmad_gemv's GROUP_L1). XA: X staged with cp.async (X_ASYNC).
+#define MMAD_ENTRY_AT(B, TN, T, G, SFX, WARPS, D, RF, L1, XA)                                                  \
     extern "C" __global__ void __launch_bounds__((WARPS) * 32) gptq_mmad_gemv_##B##b_##TN##SFX(                \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,        \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,      \
         int xblock, float* ws, u32* counters, float* Y) {                                                      \
         QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                           \
         if constexpr (B == 3) {                                                                                \
-            mmad_gemv<B, T, (D), true, false, 0, G, false, L1>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, \
-                                                               xblock, Y);                                     \
+            mmad_gemv<B, T, (D), true, false, 0, G, false, L1, XA>(q, X, M, K, N, group_rows, nsplit,           \
+                                                                   tiles_per_warp, xblock, Y);                 \
         } else {                                                                                               \
             if (mmad_blocked((D), K, group_rows, tiles_per_warp))                                              \
-                mmad_gemv<B, T, (D), true, false, 0, G, RF, L1>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, \
-                                                                xblock, Y);                                    \
+                mmad_gemv<B, T, (D), true, false, 0, G, RF, L1, XA>(q, X, M, K, N, group_rows, nsplit,          \
+                                                                    tiles_per_warp, xblock, Y);                \
             else                                                                                               \
-                mmad_gemv<B, T, (D), false, false, 0, G, RF, L1>(q, X, M, K, N, group_rows, nsplit, tiles_per_warp, \
-                                                                 xblock, Y);                                   \
+                mmad_gemv<B, T, (D), false, false, 0, G, RF, L1, XA>(q, X, M, K, N, group_rows, nsplit,         \
+                                                                     tiles_per_warp, xblock, Y);               \
         }                                                                                                      \
     }
 #define MMAD_ENTRY(B, TN, T, G, SFX)                                                                           \
     MMAD_ENTRY_AT(B, TN, T, G, SFX, MMAD_GEMV_WARPS(B, G), (B) == 3 ? MMAD_DEPTH3 : mmad_depth(B, G), false,  \
-                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1, B, G))
+                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1, B, G), false)
 // The same for narrow layers (`_narrow`: runtime/src/cuda/gptq.rs, `mmad_narrow`), deeper in fewer warps.
 #define MMAD_NARROW_ENTRY(B, TN, T, G, SFX)                                                                    \
     MMAD_ENTRY_AT(B, TN, T, G, SFX##_narrow, MMAD_NARROW_WARPS(B), MMAD_NARROW_DEPTH(B), false,              \
-                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1_NARROW, B, G))
+                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1_NARROW, B, G), false)
 // The same for tall layers at 4 bits (`_tall`: runtime/src/cuda/gptq.rs, `mmad_tall`), plain only.
-#define MMAD_TALL_ENTRY(TN, T) MMAD_ENTRY_AT(4, TN, T, MMAD_PLAIN, _tall, MMAD_MAX_WARPS_TALL, MMAD_DEPTH_TALL, MMAD_TALL_RELOAD_FIRST != 0, false)
+#define MMAD_TALL_ENTRY(TN, T) MMAD_ENTRY_AT(4, TN, T, MMAD_PLAIN, _tall, MMAD_MAX_WARPS_TALL, MMAD_DEPTH_TALL, MMAD_TALL_RELOAD_FIRST != 0, false, false)
+// The plain 8-bit entry for launches of several rows (`_rows`: runtime/src/cuda/gptq.rs, `mmad_rows`), with
+// X staged in one round trip (X_ASYNC).
+#define MMAD_ROWS_ENTRY(TN, T)                                                                                 \
+    MMAD_ENTRY_AT(8, TN, T, MMAD_PLAIN, _rows, MMAD_WARPS(8), MMAD_DEPTH8, false,                             \
+                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1, 8, MMAD_PLAIN), true)
 
 // Groups of one tile (g32, runtime/src/cuda/gptq.rs `mmad_tile_groups`), as its own entry so that the
 // other layers' kernel keeps its code.
@@ -1886,10 +1929,11 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
     KIND(B, TN, T, MMAD_PLAIN, )          \
     KIND(B, TN, T, MMAD_GATHER_SYNC, _gather)
 
-// This file is compiled into four modules (runtime/src/cuda/kernels.rs): GPTQ_MODULE 0 (`gptq`, every
+// This file is compiled into five modules (runtime/src/cuda/kernels.rs): GPTQ_MODULE 0 (`gptq`, every
 // entry but those below), 1 (`gptq_slice4`: the 4-bit `_gather_slice` entries, MMAD_MAX_WARPS_SLICE above
-// says why), 2 (`gptq_narrow`: the `_narrow` entries, MMAD_DEPTH_NARROW above) and 3 (`gptq_tall`: the
-// `_tall` entries, MMAD_MAX_WARPS_TALL above).
+// says why), 2 (`gptq_narrow`: the `_narrow` entries, MMAD_DEPTH_NARROW above), 3 (`gptq_tall`: the
+// `_tall` entries, MMAD_MAX_WARPS_TALL above) and 4 (`gptq_rows`: the `_rows` entries, so that the
+// entries of one row keep their code).
 #ifndef GPTQ_MODULE
 #define GPTQ_MODULE 0
 #endif
@@ -2115,6 +2159,9 @@ MMAD_NARROW_ENTRIES(bf16, __nv_bfloat16)
 #elif GPTQ_MODULE == 3
 MMAD_TALL_ENTRY(f16, __half)
 MMAD_TALL_ENTRY(bf16, __nv_bfloat16)
+#elif GPTQ_MODULE == 4
+MMAD_ROWS_ENTRY(f16, __half)
+MMAD_ROWS_ENTRY(bf16, __nv_bfloat16)
 #else
-#error "GPTQ_MODULE: 0, 1, 2 or 3"
+#error "GPTQ_MODULE: 0, 1, 2, 3 or 4"
 #endif

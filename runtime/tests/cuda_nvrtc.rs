@@ -97,6 +97,11 @@ fn every_tensor_core_entry_the_launches_ask_for_exists() {
         2,
         "the `_tall` entries: plain at 4 bits, f16 and bf16"
     );
+    assert_eq!(
+        held(kernels::GPTQ_ROWS.name),
+        2,
+        "the `_rows` entries: plain at 8 bits, f16 and bf16"
+    );
     eprintln!("{} tensor-core entries present", names.len());
 }
 
@@ -221,9 +226,9 @@ fn gemv_entries_load_weights_before_the_dependent_launch_wait() {
     }
     assert_eq!(
         functions.len(),
-        38,
+        40,
         "expected 18 gptq_mmad_gemv entries (plain, _gather, _gather_slice), 10 `_narrow` ones, 2 \
-         `_tall` ones and 8 gptq_mmadg_gemv (plain, _gather)"
+         `_tall` ones, 2 `_rows` ones and 8 gptq_mmadg_gemv (plain, _gather)"
     );
 }
 

@@ -679,18 +679,44 @@ fn tall_entries_on() -> bool {
     *ON.get_or_init(|| env_usize("MIXTRAL_GPTQ_TALL") != Some(0))
 }
 
-/// The layers a register-pipelined GEMV entry is built for: any, narrow ones ([`mmad_narrow`],
-/// `_narrow`) or tall ones ([`mmad_tall`], `_tall`).
+/// Whether the register-pipelined GEMV of `m` rows on a `k` x `n` layer runs its 8-bit entries for
+/// launches of several rows (`_rows` in kernels/gptq.cu, `MMAD_ROWS_ENTRY` there: each warp stages
+/// its X with `cp.async` in one round trip, where the other entries take one round trip per 16-byte
+/// chunk a lane copies, 2-3 at M = 1 but 8-16 at M = 4-8): on a plain 8-bit GEMV (not the fused MoE,
+/// nor act-order gathered inside, nor the entry for groups of one tile, [`mmad_tile_groups`]) of
+/// more than one row. Measured on an H100 (BENCHMARKS.md, "X staged with cp.async"), g128, us, that
+/// staging against the register rounds: M = 4 4096 x 14336 23.79 / 24.65, 4096 x 4096 8.64 / 8.98,
+/// 4096 x 1024 5.74 / 6.00; M = 8 25.93 / 27.63, 9.36 / 10.12, 6.55 / 7.29; but M = 1 no faster
+/// (4096 x 4096 8.13 / 8.02), so one-row launches keep the other entries.
+fn mmad_rows(
+    direct: bool,
+    (k, _, m, bits, group_rows): (usize, usize, usize, u32, usize),
+    gather: bool,
+    moe_pairs: Option<usize>,
+) -> bool {
+    direct
+        && moe_pairs.is_none()
+        && bits == 8
+        && !gather
+        && !mmad_tile_groups(k, bits, group_rows)
+        && m > 1
+}
+
+/// The layers and launches a register-pipelined GEMV entry is built for: any, narrow layers
+/// ([`mmad_narrow`], `_narrow`), tall ones ([`mmad_tall`], `_tall`) or launches of several rows
+/// ([`mmad_rows`], `_rows`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LayerClass {
     Any,
     Narrow,
     Tall,
+    Rows,
 }
 
 impl LayerClass {
     /// The class of the register-pipelined GEMV's entry on a layer (the arguments of
-    /// [`mmad_narrow`] and [`mmad_tall`]); the ring variant's entries are of [`LayerClass::Any`].
+    /// [`mmad_narrow`], [`mmad_tall`] and [`mmad_rows`]); the ring variant's entries are of
+    /// [`LayerClass::Any`].
     fn of(
         direct: bool,
         layer: (usize, usize, usize, u32, usize),
@@ -702,6 +728,8 @@ impl LayerClass {
             LayerClass::Narrow
         } else if mmad_tall(direct, layer, gather, moe_pairs, sms) {
             LayerClass::Tall
+        } else if mmad_rows(direct, layer, gather, moe_pairs) {
+            LayerClass::Rows
         } else {
             LayerClass::Any
         }
@@ -713,6 +741,7 @@ impl LayerClass {
             LayerClass::Any => "",
             LayerClass::Narrow => "_narrow",
             LayerClass::Tall => "_tall",
+            LayerClass::Rows => "_rows",
         }
     }
 }
@@ -769,10 +798,11 @@ fn mma_entry<T: ActDtype>(
 
 /// Every tensor-core entry name the launches can ask for (the GEMV's `gptq_mma_gemv_*`,
 /// `gptq_mmad_gemv_*`, `gptq_mmadg_gemv_*`, the fused MoE's `gptq_mmad_moe_*`): both X dtypes, bits
-/// 3, 4 and 8, with and without act-order gathered inside, over the K, N and grouping cases that pick
-/// a different entry (K at most and above 4096, where the act-order indices are copied first or
-/// not; narrow, tall or other layers; groups of one tile). The NVRTC test checks that the compiled modules
-/// have each one, so that a name the host builds without a kernel behind it fails without a GPU.
+/// 3, 4 and 8, with and without act-order gathered inside, over the K, N, M and grouping cases that
+/// pick a different entry (K at most and above 4096, where the act-order indices are copied first or
+/// not; narrow, tall or other layers; one row or several; groups of one tile). The NVRTC test checks
+/// that the compiled modules have each one, so that a name the host builds without a kernel behind it
+/// fails without a GPU.
 pub fn tensor_core_entries() -> Vec<String> {
     fn for_dtype<T: ActDtype>(out: &mut Vec<String>) {
         for bits in [3u32, 4, 8] {
@@ -780,11 +810,11 @@ pub fn tensor_core_entries() -> Vec<String> {
                 for act_order in [false, true] {
                     for direct in [true, false].into_iter().filter(|&d| d || has_ring(bits)) {
                         let slice = perm_slice(direct, act_order, (k, bits, group_rows), None);
-                        for n in [32, 14336] {
+                        for (n, m) in [32, 14336].into_iter().flat_map(|n| [(n, 1), (n, 4)]) {
                             // (an H100's 132 SMs)
                             let class = LayerClass::of(
                                 direct,
-                                (k, n, 1, bits, group_rows),
+                                (k, n, m, bits, group_rows),
                                 (act_order, slice),
                                 None,
                                 132,

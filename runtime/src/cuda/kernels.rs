@@ -53,17 +53,23 @@ pub const GPTQ_NARROW: KernelSource = gptq_module!("gptq_narrow", "2");
 /// kernels/gptq.cu compiled with `GPTQ_MODULE 3`, for the same reason.
 pub const GPTQ_TALL: KernelSource = gptq_module!("gptq_tall", "3");
 
+/// The 8-bit GEMV's entries for launches of several rows (`_rows`, kernels/gptq.cu
+/// `MMAD_ROWS_ENTRY`): kernels/gptq.cu compiled with `GPTQ_MODULE 4`, for the same reason.
+pub const GPTQ_ROWS: KernelSource = gptq_module!("gptq_rows", "4");
+
 /// The modules compiled from kernels/gptq.cu.
-pub const GPTQ_MODULES: [KernelSource; 4] = [GPTQ, GPTQ_SLICE4, GPTQ_NARROW, GPTQ_TALL];
+pub const GPTQ_MODULES: [KernelSource; 5] = [GPTQ, GPTQ_SLICE4, GPTQ_NARROW, GPTQ_TALL, GPTQ_ROWS];
 
 /// The module that holds entry `entry` of kernels/gptq.cu: [`GPTQ_NARROW`] for the `_narrow`
-/// entries, [`GPTQ_TALL`] for the `_tall` ones, [`GPTQ_SLICE4`] for the 4-bit `_gather_slice`
-/// ones, [`GPTQ`] for every other one.
+/// entries, [`GPTQ_TALL`] for the `_tall` ones, [`GPTQ_ROWS`] for the `_rows` ones,
+/// [`GPTQ_SLICE4`] for the 4-bit `_gather_slice` ones, [`GPTQ`] for every other one.
 pub fn gptq_source(entry: &str) -> &'static KernelSource {
     if entry.ends_with("_narrow") {
         &GPTQ_NARROW
     } else if entry.ends_with("_tall") {
         &GPTQ_TALL
+    } else if entry.ends_with("_rows") {
+        &GPTQ_ROWS
     } else if entry.starts_with("gptq_mmad_gemv_4b_") && entry.ends_with("_gather_slice") {
         &GPTQ_SLICE4
     } else {
@@ -88,6 +94,7 @@ pub const ALL: &[KernelSource] = &[
     GPTQ_SLICE4,
     GPTQ_NARROW,
     GPTQ_TALL,
+    GPTQ_ROWS,
     FORWARD,
     super::eval::EVAL,
 ];
