@@ -2372,14 +2372,15 @@ mod tests {
         }
     }
 
-    /// The entries for narrow and for tall layers run where they were measured faster. Narrow:
-    /// plain GEMVs of one row (3 bits: up to 4) on at most 64 strips with K at most 4096, and
-    /// act-order slices at 3 and 8 bits. Tall: plain 4-bit GEMVs of up to 4 rows with K above 8192
-    /// and at most one strip per SM. Neither for the fused MoE, groups of one tile or the ring
-    /// variant; no narrow entry for 4-bit act-order, no tall one for act-order gathered inside.
+    /// The entries for narrow and for tall layers, and for several rows, run where they were
+    /// measured faster. Narrow: plain GEMVs of one row (3 bits: up to 4) on at most 64 strips with K
+    /// at most 4096, and act-order slices at 3 and 8 bits. Tall: plain 4-bit GEMVs of up to 4 rows
+    /// with K above 8192 and at most one strip per SM. Rows: plain 8-bit GEMVs of more than one row.
+    /// None for the fused MoE, groups of one tile or the ring variant; no narrow entry for 4-bit
+    /// act-order, no tall or rows one for act-order gathered inside.
     #[test]
     fn layer_classes_where_measured_faster() {
-        use LayerClass::{Any as A, Narrow as N, Tall as T};
+        use LayerClass::{Any as A, Narrow as N, Rows as R, Tall as T};
         let sms = 132;
         let class = |bits: u32, (k, n, m): (usize, usize, usize), group_rows: usize, act: bool| {
             let slice = perm_slice(true, act, (k, bits, group_rows), None);
@@ -2392,17 +2393,20 @@ mod tests {
             ((4096, 1024, 1), 4096, false, [N; 3]),
             ((4096, 3072, 1), 128, false, [A; 3]),
             ((4096, 4096, 1), 128, false, [A; 3]),
-            ((4096, 1024, 4), 128, false, [N, A, A]),
-            ((4096, 1024, 8), 128, false, [A; 3]),
+            ((4096, 1024, 4), 128, false, [N, A, R]),
+            ((4096, 1024, 8), 128, false, [A, A, R]),
+            ((4096, 1024, 4), 32, false, [N, A, A]),
+            ((4096, 14336, 2), 128, false, [A, A, R]),
+            ((4096, 14336, 4), 128, true, [A; 3]),
             ((4096, 1024, 1), 128, true, [N, A, N]),
             ((4096, 1024, 1), 32, false, [N, A, A]),
             ((14336, 4096, 1), 128, false, [A, T, A]),
-            ((14336, 4096, 4), 128, false, [A, T, A]),
+            ((14336, 4096, 4), 128, false, [A, T, R]),
             ((14336, 4096, 1), 14336, false, [A, T, A]),
             ((14336, 1024, 1), 128, false, [A, T, A]),
             ((16384, 4224, 1), 128, false, [A, T, A]),
             ((8192, 4096, 1), 128, false, [A; 3]),
-            ((14336, 4096, 8), 128, false, [A; 3]),
+            ((14336, 4096, 8), 128, false, [A, A, R]),
             ((14336, 4096, 1), 128, true, [A; 3]),
             ((14336, 4096, 1), 32, false, [A; 3]),
             ((14336, 4256, 1), 128, false, [A; 3]),
@@ -2414,13 +2418,14 @@ mod tests {
                 assert_eq!(got, want, "{bits}-bit {shape:?} g{group_rows} act {act}");
             }
         }
-        for (bits, layer) in [
-            (3, (4096, 1024)),
-            (4, (4096, 1024)),
-            (8, (4096, 1024)),
-            (4, (14336, 4096)),
+        for (bits, layer, m) in [
+            (3, (4096, 1024), 1),
+            (4, (4096, 1024), 1),
+            (8, (4096, 1024), 1),
+            (8, (4096, 1024), 4),
+            (4, (14336, 4096), 1),
         ] {
-            let layer = (layer.0, layer.1, 1, bits, 128);
+            let layer = (layer.0, layer.1, m, bits, 128);
             for (direct, moe) in [(true, Some(2)), (false, None)] {
                 let got = LayerClass::of(direct, layer, (false, false), moe, sms);
                 assert_eq!(
@@ -2442,6 +2447,7 @@ mod tests {
             "gptq_mmad_gemv_8b_f16_gather_slice"
         );
         assert_eq!(entry(4, 14336, false, T), "gptq_mmad_gemv_4b_f16_tall");
+        assert_eq!(entry(8, 4096, false, R), "gptq_mmad_gemv_8b_f16_rows");
     }
 
     /// The permutation's device words: the i32 indices, then on the tensor cores the same indices
