@@ -57,13 +57,13 @@ template <int BITS, int MT> __device__ __forceinline__ int gemv_ring_offset_floa
     return ((a > b ? a : b) + 3) & ~3;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gsrc) {
+// A 16-byte copy to shared memory from L2 (cp.async.cg), or with L1 also keeping the line (.ca).
+template <bool L1 = false> __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gsrc) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(gsrc) : "memory");
-}
-__device__ __forceinline__ void cp_async16_ca(void* smem_dst, const void* gsrc) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(d), "l"(gsrc) : "memory");
+    if constexpr (L1)
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(d), "l"(gsrc) : "memory");
+    else
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(gsrc) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -1124,22 +1124,25 @@ __device__ __forceinline__ void mma_stage_x_async(const T* __restrict__ X, int M
                                                   int xstride, int lane) {
     const int k0 = t_begin * 32, cpr = nt * 4; // chunks per row
     const int chunks = M * cpr;
-    int m = 0, kc = lane - 32;
-    if (chunks > 0) stage_step(cpr, m, kc);
-    for (int ch = lane; ch < chunks; ch += 32) {
-        cp_async16_ca(xs + m * xstride + kc * 8, X + (size_t)m * K + k0 + stage_src_k<BITS>(kc * 8));
-        stage_step(cpr, m, kc);
-    }
+    // f(m, kc) for each of the lane's chunks (row m, chunk kc of the row)
+    auto each_chunk = [&](auto f) {
+        int m = 0, kc = lane - 32;
+        if (chunks > 0) stage_step(cpr, m, kc);
+        for (int ch = lane; ch < chunks; ch += 32) {
+            f(m, kc);
+            stage_step(cpr, m, kc);
+        }
+    };
+    each_chunk([&](int m, int kc) {
+        cp_async16<true>(xs + m * xstride + kc * 8, X + (size_t)m * K + k0 + stage_src_k<BITS>(kc * 8));
+    });
     cp_async_commit();
     cp_async_wait<0>();
-    m = 0, kc = lane - 32;
-    if (chunks > 0) stage_step(cpr, m, kc);
-    for (int ch = lane; ch < chunks; ch += 32) {
+    each_chunk([&](int m, int kc) {
         uint4* p = (uint4*)(xs + m * xstride + kc * 8);
         const uint4 v = *p;
         *p = mma_order<BITS>(v.x, v.y, v.z, v.w);
-        stage_step(cpr, m, kc);
-    }
+    });
     __syncwarp();
 }
 
