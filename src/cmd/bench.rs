@@ -384,6 +384,18 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         tb * 1e3,
                         tb / tp
                     );
+                    // The same with f16 X, which needs no conversion: the difference is what the
+                    // bf16 -> f16 copy of X costs.
+                    let xh: Vec<f16> = to_dtype(&random_activations(m * k, 14));
+                    let xhd = dev.upload(&xh)?;
+                    let th = dev.median_ms(tm30, |_| dev.dense_matmul(&xhd, m, &dense, &mut y))?;
+                    println!(
+                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | prepared dense | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | | |",
+                        if act { "yes" } else { "no" },
+                        th * 1e3,
+                        tb * 1e3,
+                        tb / th
+                    );
                 }
             }
         }
