@@ -360,15 +360,19 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     let x: Vec<bf16> = to_dtype(&random_activations(m * k, 14));
                     let xd = dev.upload(&x)?;
                     let mut y = dev.zeros::<f32>(m * n)?;
+                    // One row per way of running the product (X's dtype, path, time in ms).
+                    let row = |xt: &str, path: &str, t: f64| {
+                        println!(
+                            "| {k} x {n} | {bits} | {group} | {} | {m} | {xt} | {path} | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | | |",
+                            if act { "yes" } else { "no" },
+                            t * 1e3,
+                            tb * 1e3,
+                            tb / t
+                        )
+                    };
                     let t =
                         dev.median_ms(tm30, |i| dev.qmatmul(&xd, m, &ws[i % copies], &mut y))?;
-                    println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | dequant+cuBLAS | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | | |",
-                        if act { "yes" } else { "no" },
-                        t * 1e3,
-                        tb * 1e3,
-                        tb / t
-                    );
+                    row("bf16", "dequant+cuBLAS", t);
                     // Layer-major mode: the layer is dequantized once (timed on its own), then
                     // every call is the bf16 -> f16 conversion of X + cuBLAS f16.
                     let mut dense = dev.prepare_dense(&ws[0])?;
@@ -376,26 +380,17 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         dev.dequant_into_dense(&ws[i % copies], &mut dense)
                     })?;
                     let tp = dev.median_ms(tm30, |_| dev.dense_matmul(&xd, m, &dense, &mut y))?;
-                    println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | bf16 | prepared dense (dequant once: {:.1} us) | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | | |",
-                        if act { "yes" } else { "no" },
-                        td * 1e3,
-                        tp * 1e3,
-                        tb * 1e3,
-                        tb / tp
+                    row(
+                        "bf16",
+                        &format!("prepared dense (dequant once: {:.1} us)", td * 1e3),
+                        tp,
                     );
                     // The same with f16 X, which needs no conversion: the difference is what the
                     // bf16 -> f16 copy of X costs.
                     let xh: Vec<f16> = to_dtype(&random_activations(m * k, 14));
                     let xhd = dev.upload(&xh)?;
                     let th = dev.median_ms(tm30, |_| dev.dense_matmul(&xhd, m, &dense, &mut y))?;
-                    println!(
-                        "| {k} x {n} | {bits} | {group} | {} | {m} | f16 | prepared dense | {:.1} | | | | {:.1} (bf16) | {:.2} of dense | | | | | |",
-                        if act { "yes" } else { "no" },
-                        th * 1e3,
-                        tb * 1e3,
-                        tb / th
-                    );
+                    row("f16", "prepared dense", th);
                 }
             }
         }
