@@ -1994,7 +1994,8 @@ __device__ __forceinline__ u32 bf16x2_to_f16x2(u32 v) {
 // L2 policies of the copy (bit 0: X read evict-first, bit 1: the f16 copy written evict-last, so that
 // cuBLAS finds it in L2; 0 for neither). On an H100 (BENCHMARKS.md, "the bf16 -> f16 copy of X with
 // L2 policies"), M = 2048, prepared dense, us: 4096 x 1024 37.1-37.3 with both against 38.4-38.6 with
-// neither and 38.1-38.3 with the stores' alone; 4096 x 4096 105.4-106.6 against 107.0-107.7.
+// neither and 38.1-38.3 with the stores' alone; 4096 x 4096 105.4-106.6 against 107.0-107.7. The lines
+// kept are those of the device's one copy buffer (the workspace's `xconv`), which the next call rewrites.
 #ifndef CONVERT_L2_HINTS
 #define CONVERT_L2_HINTS 3
 #endif
