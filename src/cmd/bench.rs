@@ -357,7 +357,9 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                 }
                 if let (Some(tb), true) = (base_bf16, gs == 128) {
                     let m = a.gemm_m;
-                    let x: Vec<bf16> = to_dtype(&random_activations(m * k, 14));
+                    // One set of activations, uploaded as bf16 here and as f16 below.
+                    let xa = random_activations(m * k, 14);
+                    let x: Vec<bf16> = to_dtype(&xa);
                     let xd = dev.upload(&x)?;
                     let mut y = dev.zeros::<f32>(m * n)?;
                     // One row per way of running the product (X's dtype, path, time in ms).
@@ -387,7 +389,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                     );
                     // The same with f16 X, which needs no conversion: the difference is what the
                     // bf16 -> f16 copy of X costs.
-                    let xh: Vec<f16> = to_dtype(&random_activations(m * k, 14));
+                    let xh: Vec<f16> = to_dtype(&xa);
                     let xhd = dev.upload(&xh)?;
                     let th = dev.median_ms(tm30, |_| dev.dense_matmul(&xhd, m, &dense, &mut y))?;
                     row("f16", "prepared dense", th);
