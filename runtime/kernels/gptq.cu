@@ -3,7 +3,8 @@
 // Layout the kernels see (prepared once at load by runtime/src/cuda/gptq.rs):
 // * qweight: u32 [R = K*b/32, N] (row-major), or the tensor-core layout when `strip_rows` = R > 0
 //   (chosen at upload for the layers the tensor-core GEMV runs): strip-major [N/32][R][32], each
-//   warp's 32-column strip one contiguous stream, or with QW_TILE_MAJOR tile-major (qw_slot_step),
+//   warp's 32-column strip one contiguous stream, or tile-major (qw_slot_step) at the bit widths
+//   that QW_TILE_MAJOR names,
 //   rows already sorted by g_idx for act-order checkpoints, so that every
 //   "unit" (8 k-rows at 4 bits, 4 at 8 bits, 32 at 3 bits: the rows held by one packed word, or by
 //   three words at 3 bits) belongs to a single group;
@@ -228,44 +229,43 @@ template <int MT> __device__ __forceinline__ void load_x(const float* p, float* 
     }
 }
 
-// QW_TILE_MAJOR 1: the tensor-core layout is tile-major (qw_slot_step; the host reads the define too).
-// On an H100 it was 1-1.5 % faster at 4096 x 14336 and 14336 x 4096 but 2-7 % slower at 4096 x 4096 and
-// 4096 x 1024 at 4 and 8 bits (BENCHMARKS.md, "the tile-major layout ... tried"): strip-major stays.
+// QW_TILE_MAJOR: a mask of bit widths whose tensor-core layout is tile-major (bit b for b bits:
+// 8 = 3 bits, 16 = 4, 256 = 8; qw_slot_step; the host reads the define too). On an H100 tile-major was
+// 1-1.5 % faster at 4096 x 14336 and 14336 x 4096 but 2-7 % slower at 4096 x 4096 and 4096 x 1024 at 4
+// and 8 bits (BENCHMARKS.md, "the tile-major layout ... tried").
 #ifndef QW_TILE_MAJOR
 #define QW_TILE_MAJOR 0
 #endif
+__host__ __device__ constexpr bool qw_tile_major(int bits) { return ((QW_TILE_MAJOR >> bits) & 1) != 0; }
 // Packed rows of one slot of the tensor-core layout, what one warp-wide step of the GEMV reads: a
 // 32-row tile at 4 and 8 bits (512 or 1024 bytes of a strip), a 128-row super-tile at 3 bits (1536).
 __host__ __device__ constexpr int qw_slot_rows(int bits) { return bits == 3 ? 12 : bits == 4 ? 4 : 8; }
 // Where slot j of strip s lies in the tensor-core layout, in words: s * qw_strip_step + j *
 // qw_slot_step. Strip-major [N/32][R][32]: each strip's slots in one run. Tile-major
-// [R/SR][N/32][SR][32] (QW_TILE_MAJOR): slot j of every strip side by side, so that the warps of
+// [R/SR][N/32][SR][32] (qw_tile_major): slot j of every strip side by side, so that the warps of
 // the grid that are at the same step read one region.
 template <int BITS> __device__ __forceinline__ size_t qw_strip_step(int strip_rows) {
-    return QW_TILE_MAJOR ? (size_t)qw_slot_rows(BITS) * 32 : (size_t)strip_rows * 32;
+    return qw_tile_major(BITS) ? (size_t)qw_slot_rows(BITS) * 32 : (size_t)strip_rows * 32;
 }
 template <int BITS> __device__ __forceinline__ size_t qw_slot_step(int N) {
-    return QW_TILE_MAJOR ? (size_t)qw_slot_rows(BITS) * N : (size_t)qw_slot_rows(BITS) * 32;
+    return qw_tile_major(BITS) ? (size_t)qw_slot_rows(BITS) * N : (size_t)qw_slot_rows(BITS) * 32;
 }
 
 // The packed word at (word row `row`, column n): row-major [R, N], or the tensor-core layout when
 // strip_rows = R > 0. Four consecutive columns from a multiple of 4 are consecutive in each.
-// (Strip-major in code of its own, as before the tile-major option: with one expression for both
+// (Strip-major in a branch of its own, as before the tile-major option: with one expression for both
 // layouts ptxas scheduled the scalar GEMV differently.)
-#if QW_TILE_MAJOR
 template <int BITS>
 __device__ __forceinline__ const u32* qw_at(const u32* qw, int strip_rows, size_t row, int n, int N) {
-    if (!strip_rows) return qw + row * N + n;
-    constexpr int SR = qw_slot_rows(BITS);
-    return qw + (row / SR) * qw_slot_step<BITS>(N) + (size_t)(n >> 5) * qw_strip_step<BITS>(strip_rows) +
-           (row % SR) * 32 + (n & 31);
+    if constexpr (qw_tile_major(BITS)) {
+        if (!strip_rows) return qw + row * N + n;
+        constexpr int SR = qw_slot_rows(BITS);
+        return qw + (row / SR) * qw_slot_step<BITS>(N) + (size_t)(n >> 5) * qw_strip_step<BITS>(strip_rows) +
+               (row % SR) * 32 + (n & 31);
+    } else {
+        return strip_rows ? qw + ((size_t)(n >> 5) * strip_rows + row) * 32 + (n & 31) : qw + row * N + n;
+    }
 }
-#else
-template <int BITS>
-__device__ __forceinline__ const u32* qw_at(const u32* qw, int strip_rows, size_t row, int n, int N) {
-    return strip_rows ? qw + ((size_t)(n >> 5) * strip_rows + row) * 32 + (n & 31) : qw + row * N + n;
-}
-#endif
 
 // One quantized matrix as the kernels read it.
 struct QMat {
@@ -1329,15 +1329,13 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
     // packed rows t * UNITS_PER_TILE .. + UNITS_PER_TILE - 1, 128 bytes (32 columns) each. Lane l copies
     // bytes 16 l (and 512 + 16 l) in order, so that global and shared addresses follow the lanes alike;
     // tile i of the run (i counted from t_begin) goes to ring slot i % S, row r at r * PITCH.
-#if QW_TILE_MAJOR
-    const size_t tstep = qw_slot_step<BITS>(N); // (a tile is a slot at 4 and 8 bits)
-    const u32* wsrc = q.qweight + (size_t)strip * qw_strip_step<BITS>(q.strip_rows) + (size_t)t_begin * tstep +
-                      (lane >> 3) * 32 + 4 * (lane & 7);
-#else
-    const size_t tstep = UNITS_PER_TILE * 32;
-    const u32* wsrc = q.qweight + (size_t)strip * q.strip_rows * 32 +
-                      ((size_t)t_begin * UNITS_PER_TILE + (lane >> 3)) * 32 + 4 * (lane & 7);
-#endif
+    // (a tile is a slot at 4 and 8 bits)
+    const size_t tstep = qw_tile_major(BITS) ? qw_slot_step<BITS>(N) : UNITS_PER_TILE * 32;
+    const u32* wsrc = qw_tile_major(BITS)
+                          ? q.qweight + (size_t)strip * qw_strip_step<BITS>(q.strip_rows) +
+                                (size_t)t_begin * tstep + (lane >> 3) * 32 + 4 * (lane & 7)
+                          : q.qweight + (size_t)strip * q.strip_rows * 32 +
+                                ((size_t)t_begin * UNITS_PER_TILE + (lane >> 3)) * 32 + 4 * (lane & 7);
     const int wdst = (lane >> 3) * PITCH + 16 * (lane & 7);
     auto issue = [&](int i) {
         unsigned char* slot = ring + (i % S) * SLOT;
@@ -1482,7 +1480,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
 
     // The first D slots, in flight before anything else.
     // Slots lie SST uint4 apart (TS: one run per strip; tile-major: every strip's slot in between).
-    const int SST = QW_TILE_MAJOR ? (N / 32) * TS : TS;
+    const int SST = qw_tile_major(BITS) ? (N / 32) * TS : TS;
     const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * qw_strip_step<BITS>(q.strip_rows)) +
                       (size_t)(t_begin / TPB) * SST + LPT * c * 8 + g;
     uint4 buf[D][LPT];

@@ -1079,7 +1079,8 @@ pub fn perm_words(perm: &[i32], mma: bool) -> Vec<i32> {
     words
 }
 
-/// `QW_TILE_MAJOR`'s default in kernels/gptq.cu: 0, the tensor-core layout is strip-major.
+/// `QW_TILE_MAJOR`'s default in kernels/gptq.cu: a mask of the bit widths (bit b for b bits) whose
+/// tensor-core layout is tile-major; 0, strip-major at every width.
 const QW_TILE_MAJOR_DEFAULT: usize = 0;
 
 /// Packed rows of one slot of the tensor-core layout (`qw_slot_rows` in kernels/gptq.cu): what one
@@ -1091,14 +1092,14 @@ fn slot_rows(bits: u32) -> usize {
 }
 
 /// Row-major `[R, N]` packed words in the tensor-core layout of `bits`-bit codes: strip-major
-/// ([`to_strip_major`]), or tile-major ([`to_tile_major`]) where `QW_TILE_MAJOR` (kernels/gptq.cu,
-/// default [`QW_TILE_MAJOR_DEFAULT`], which `MIXTRAL_GPTQ_NVRTC_DEFINES` may override) says so;
-/// read once, as the kernels are compiled once.
+/// ([`to_strip_major`]), or tile-major ([`to_tile_major`]) at the widths that `QW_TILE_MAJOR`
+/// (kernels/gptq.cu, default [`QW_TILE_MAJOR_DEFAULT`], which `MIXTRAL_GPTQ_NVRTC_DEFINES` may
+/// override) names; read once, as the kernels are compiled once.
 fn to_mma_layout(q: &[u32], n: usize, bits: u32) -> Vec<u32> {
-    static TILE_MAJOR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let tile_major = *TILE_MAJOR
-        .get_or_init(|| nvrtc_define("QW_TILE_MAJOR").unwrap_or(QW_TILE_MAJOR_DEFAULT) != 0);
-    if tile_major {
+    static TILE_MAJOR: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let mask =
+        *TILE_MAJOR.get_or_init(|| nvrtc_define("QW_TILE_MAJOR").unwrap_or(QW_TILE_MAJOR_DEFAULT));
+    if (mask >> bits) & 1 != 0 {
         to_tile_major(q, n, slot_rows(bits))
     } else {
         to_strip_major(q, n)
