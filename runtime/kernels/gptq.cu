@@ -232,7 +232,9 @@ template <int MT> __device__ __forceinline__ void load_x(const float* p, float* 
 // QW_TILE_MAJOR: a mask of bit widths whose tensor-core layout is tile-major (bit b for b bits:
 // 8 = 3 bits, 16 = 4, 256 = 8; qw_slot_step; the host reads the define too). On an H100 tile-major was
 // 1-1.5 % faster at 4096 x 14336 and 14336 x 4096 but 2-7 % slower at 4096 x 4096 and 4096 x 1024 at 4
-// and 8 bits (BENCHMARKS.md, "the tile-major layout ... tried").
+// and 8 bits (BENCHMARKS.md, "the tile-major layout ... tried"). At 3 bits alone (8) the GEMV was 0.7-1.4 %
+// faster at the three larger shapes but 1.1 % slower at 4096 x 1024, and the fused MoE 1-3 % slower
+// (BENCHMARKS.md, "tile-major words at 3 bits only"): strip-major stays everywhere.
 #ifndef QW_TILE_MAJOR
 #define QW_TILE_MAJOR 0
 #endif
