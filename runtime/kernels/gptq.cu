@@ -230,7 +230,8 @@ template <int MT> __device__ __forceinline__ void load_x(const float* p, float* 
 }
 
 // QW_TILE_MAJOR: a mask of bit widths whose tensor-core layout is tile-major (bit b for b bits:
-// 8 = 3 bits, 16 = 4, 256 = 8; qw_slot_step; the host reads the define too). On an H100 tile-major was
+// 8 = 3 bits, 16 = 4, 256 = 8; bit 0, as the value 1 of earlier sweeps, every width; qw_slot_step;
+// the host reads the define too). On an H100 tile-major was
 // 1-1.5 % faster at 4096 x 14336 and 14336 x 4096 but 2-7 % slower at 4096 x 4096 and 4096 x 1024 at 4
 // and 8 bits (BENCHMARKS.md, "the tile-major layout ... tried"). At 3 bits alone (8) the GEMV was 0.7-1.4 %
 // faster at the three larger shapes but 1.1 % slower at 4096 x 1024, and the fused MoE 1-3 % slower
@@ -238,7 +239,7 @@ template <int MT> __device__ __forceinline__ void load_x(const float* p, float* 
 #ifndef QW_TILE_MAJOR
 #define QW_TILE_MAJOR 0
 #endif
-__host__ __device__ constexpr bool qw_tile_major(int bits) { return ((QW_TILE_MAJOR >> bits) & 1) != 0; }
+__host__ __device__ constexpr bool qw_tile_major(int bits) { return (QW_TILE_MAJOR & ((1 << bits) | 1)) != 0; }
 // Packed rows of one slot of the tensor-core layout, what one warp-wide step of the GEMV reads: a
 // 32-row tile at 4 and 8 bits (512 or 1024 bytes of a strip), a 128-row super-tile at 3 bits (1536).
 __host__ __device__ constexpr int qw_slot_rows(int bits) { return bits == 3 ? 12 : bits == 4 ? 4 : 8; }

@@ -1079,8 +1079,8 @@ pub fn perm_words(perm: &[i32], mma: bool) -> Vec<i32> {
     words
 }
 
-/// `QW_TILE_MAJOR`'s default in kernels/gptq.cu: a mask of the bit widths (bit b for b bits) whose
-/// tensor-core layout is tile-major; 0, strip-major at every width.
+/// `QW_TILE_MAJOR`'s default in kernels/gptq.cu: a mask of the bit widths (bit b for b bits; bit 0
+/// every width) whose tensor-core layout is tile-major; 0, strip-major at every width.
 const QW_TILE_MAJOR_DEFAULT: usize = 0;
 
 /// Packed rows of one slot of the tensor-core layout (`qw_slot_rows` in kernels/gptq.cu): what one
@@ -1099,7 +1099,7 @@ fn to_mma_layout(q: &[u32], n: usize, bits: u32) -> Vec<u32> {
     static TILE_MAJOR: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let mask =
         *TILE_MAJOR.get_or_init(|| nvrtc_define("QW_TILE_MAJOR").unwrap_or(QW_TILE_MAJOR_DEFAULT));
-    if (mask >> bits) & 1 != 0 {
+    if mask & ((1 << bits) | 1) != 0 {
         to_tile_major(q, n, slot_rows(bits))
     } else {
         to_strip_major(q, n)
