@@ -229,13 +229,13 @@ template <int MT> __device__ __forceinline__ void load_x(const float* p, float* 
     }
 }
 
-// QW_TILE_MAJOR: a mask of bit widths whose tensor-core layout is tile-major (bit b for b bits:
-// 8 = 3 bits, 16 = 4, 256 = 8; bit 0, as the value 1 of earlier sweeps, every width; qw_slot_step;
-// the host reads the define too). On an H100 tile-major was
-// 1-1.5 % faster at 4096 x 14336 and 14336 x 4096 but 2-7 % slower at 4096 x 4096 and 4096 x 1024 at 4
-// and 8 bits (BENCHMARKS.md, "the tile-major layout ... tried"). At 3 bits alone (8) the GEMV was 0.7-1.4 %
-// faster at the three larger shapes but 1.1 % slower at 4096 x 1024, and the fused MoE 1-3 % slower
-// (BENCHMARKS.md, "tile-major words at 3 bits only"): strip-major stays everywhere.
+// QW_TILE_MAJOR: a mask of bit widths whose tensor-core layout is tile-major (bit b for b bits: 8 = 3
+// bits, 16 = 4, 256 = 8; bit 0, as the value 1 of earlier sweeps, every width; qw_slot_step; the host
+// reads the define too). On an H100 tile-major was 1-1.5 % faster at 4096 x 14336 and 14336 x 4096 but
+// 2-7 % slower at 4096 x 4096 and 4096 x 1024 at 4 and 8 bits (BENCHMARKS.md, "the tile-major layout ...
+// tried"). At 3 bits alone (8) the GEMV was 0.7-1.4 % faster at the three larger shapes but 1.1 % slower
+// at 4096 x 1024, and the fused MoE 1-3 % slower (BENCHMARKS.md, "tile-major words at 3 bits only"):
+// strip-major stays everywhere.
 #ifndef QW_TILE_MAJOR
 #define QW_TILE_MAJOR 0
 #endif
@@ -1332,7 +1332,8 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
     // packed rows t * UNITS_PER_TILE .. + UNITS_PER_TILE - 1, 128 bytes (32 columns) each. Lane l copies
     // bytes 16 l (and 512 + 16 l) in order, so that global and shared addresses follow the lanes alike;
     // tile i of the run (i counted from t_begin) goes to ring slot i % S, row r at r * PITCH.
-    // (a tile is a slot at 4 and 8 bits)
+    // (a tile is a slot at 4 and 8 bits). Strip-major keeps an expression of its own: the tile-major
+    // one, equal in value there, changes how ptxas schedules these entries (cuobjdump -sass).
     const size_t tstep = qw_tile_major(BITS) ? qw_slot_step<BITS>(N) : UNITS_PER_TILE * 32;
     const u32* wsrc = qw_tile_major(BITS)
                           ? q.qweight + (size_t)strip * qw_strip_step<BITS>(q.strip_rows) +
