@@ -15,6 +15,7 @@ use cudarc::nvrtc::Ptx;
 
 use super::error::{drv, CudaError, Result};
 use super::kernels::{self, KernelSource};
+use super::lt::{LtGemm, TuneMode};
 use super::probe::{self, CudaLibs};
 
 /// A CUDA device ready to run the GPTQ kernels.
@@ -40,6 +41,8 @@ pub struct CudaDevice {
     /// Whether the kernels written for it run as programmatic dependent launches
     /// ([`CudaDevice::set_dependent_launch`]).
     dependent_launch: AtomicBool,
+    /// cuBLASLt with tuned algorithms for the GEMM path ([`CudaDevice::lt`]), made on first use.
+    lt: Mutex<Option<Arc<LtGemm>>>,
 }
 
 /// Scratch buffers, grown on demand, reused across calls (one stream: calls are ordered).
@@ -130,7 +133,24 @@ impl CudaDevice {
             dependent_launch: AtomicBool::new(
                 maj >= 9 && std::env::var("MIXTRAL_GPTQ_DEPENDENT_LAUNCH").as_deref() != Ok("0"),
             ),
+            lt: Mutex::new(None),
         }))
+    }
+
+    /// cuBLASLt with algorithms chosen by timing, for products whose output is overwritten; None when
+    /// `MIXTRAL_GPTQ_GEMM_TUNE=0` (those products then go through `GemmEx`). Made on first use.
+    pub fn lt(&self) -> Result<Option<Arc<LtGemm>>> {
+        let mut slot = self.lt.lock().map_err(|_| CudaError::Poisoned {
+            what: "the cuBLASLt handle",
+        })?;
+        if slot.is_none() {
+            let mode = TuneMode::from_env();
+            if mode == TuneMode::Off {
+                return Ok(None);
+            }
+            *slot = Some(Arc::new(LtGemm::new(&self.stream, mode)?));
+        }
+        Ok(slot.clone())
     }
 
     /// The device's name as the driver reports it.
