@@ -42,7 +42,19 @@ pub struct CudaDevice {
     /// ([`CudaDevice::set_dependent_launch`]).
     dependent_launch: AtomicBool,
     /// cuBLASLt with tuned algorithms for the GEMM path ([`CudaDevice::lt`]), made on first use.
-    lt: Mutex<Option<Arc<LtGemm>>>,
+    lt: Mutex<LtSlot>,
+}
+
+/// The state of [`CudaDevice::lt`].
+enum LtSlot {
+    /// Not made yet; the mode comes from `MIXTRAL_GPTQ_GEMM_TUNE`.
+    FromEnv,
+    /// Not made yet; the mode was set by [`CudaDevice::set_gemm_tune`].
+    Mode(TuneMode),
+    /// Tuning is off.
+    Off,
+    /// Made.
+    Made(Arc<LtGemm>),
 }
 
 /// Scratch buffers, grown on demand, reused across calls (one stream: calls are ordered).
@@ -133,24 +145,41 @@ impl CudaDevice {
             dependent_launch: AtomicBool::new(
                 maj >= 9 && std::env::var("MIXTRAL_GPTQ_DEPENDENT_LAUNCH").as_deref() != Ok("0"),
             ),
-            lt: Mutex::new(None),
+            lt: Mutex::new(LtSlot::FromEnv),
         }))
     }
 
     /// cuBLASLt with algorithms chosen by timing, for products whose output is overwritten; None when
-    /// `MIXTRAL_GPTQ_GEMM_TUNE=0` (those products then go through `GemmEx`). Made on first use.
+    /// tuning is off (`MIXTRAL_GPTQ_GEMM_TUNE=0`, or [`CudaDevice::set_gemm_tune`]): those products
+    /// then go through `GemmEx`. Made on first use.
     pub fn lt(&self) -> Result<Option<Arc<LtGemm>>> {
-        let mut slot = self.lt.lock().map_err(|_| CudaError::Poisoned {
-            what: "the cuBLASLt handle",
-        })?;
-        if slot.is_none() {
-            let mode = TuneMode::from_env();
-            if mode == TuneMode::Off {
-                return Ok(None);
-            }
-            *slot = Some(Arc::new(LtGemm::new(&self.stream, mode)?));
+        let mut slot = self.lt_slot()?;
+        let mode = match &*slot {
+            LtSlot::Made(lt) => return Ok(Some(lt.clone())),
+            LtSlot::Off => return Ok(None),
+            LtSlot::FromEnv => TuneMode::from_env(),
+            LtSlot::Mode(m) => *m,
+        };
+        if mode == TuneMode::Off {
+            *slot = LtSlot::Off;
+            return Ok(None);
         }
-        Ok(slot.clone())
+        let lt = Arc::new(LtGemm::new(&self.stream, mode)?);
+        *slot = LtSlot::Made(lt.clone());
+        Ok(Some(lt))
+    }
+
+    /// Sets whether the GEMM path's products are tuned, over `MIXTRAL_GPTQ_GEMM_TUNE` (tests, sweeps);
+    /// the algorithms chosen so far are forgotten.
+    pub fn set_gemm_tune(&self, mode: TuneMode) -> Result<()> {
+        *self.lt_slot()? = LtSlot::Mode(mode);
+        Ok(())
+    }
+
+    fn lt_slot(&self) -> Result<std::sync::MutexGuard<'_, LtSlot>> {
+        self.lt.lock().map_err(|_| CudaError::Poisoned {
+            what: "the cuBLASLt handle",
+        })
     }
 
     /// The device's name as the driver reports it.
