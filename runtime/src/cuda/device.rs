@@ -150,8 +150,8 @@ impl CudaDevice {
     }
 
     /// cuBLASLt with algorithms chosen by timing, for products whose output is overwritten; None when
-    /// tuning is off (`MIXTRAL_GPTQ_GEMM_TUNE=0`, or [`CudaDevice::set_gemm_tune`]): those products
-    /// then go through `GemmEx`. Made on first use.
+    /// tuning is off (the default: `MIXTRAL_GPTQ_GEMM_TUNE` unset or `0`, or
+    /// [`CudaDevice::set_gemm_tune`]): those products then go through `GemmEx`. Made on first use.
     pub fn lt(&self) -> Result<Option<Arc<LtGemm>>> {
         let mut slot = self.lt_slot()?;
         let mode = match &*slot {

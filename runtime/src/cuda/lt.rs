@@ -6,8 +6,9 @@
 //! keeps the fastest for every later call of that shape (one search per shape and process). Only
 //! products with `beta = 0` are tuned, since the trial runs overwrite the output.
 //!
-//! `MIXTRAL_GPTQ_GEMM_TUNE=0` turns the search off (every product through `GemmEx`, as before);
-//! `MIXTRAL_GPTQ_GEMM_TUNE=verbose` prints each search's candidates and times on stderr.
+//! Off by default until an H100 has measured it (BENCHMARKS.md): `MIXTRAL_GPTQ_GEMM_TUNE=1` turns the
+//! search on, `MIXTRAL_GPTQ_GEMM_TUNE=verbose` also prints each search's candidates and times on
+//! stderr; unset or `0`, every product goes through `GemmEx` as before.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,7 +18,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::error::{drv, CudaError, Result};
 
-/// Environment variable: `0` turns the search off, `verbose` prints it.
+/// Environment variable: `1` turns the search on, `verbose` also prints it (default off).
 pub const TUNE_ENV: &str = "MIXTRAL_GPTQ_GEMM_TUNE";
 
 /// Candidates asked of the heuristic.
@@ -37,16 +38,16 @@ pub enum TuneMode {
 }
 
 impl TuneMode {
-    /// The mode [`TUNE_ENV`] asks for (default `On`).
+    /// The mode [`TUNE_ENV`] asks for (default `Off`).
     pub fn from_env() -> Self {
         Self::parse(std::env::var(TUNE_ENV).ok().as_deref())
     }
 
     fn parse(v: Option<&str>) -> Self {
         match v.map(str::trim) {
-            Some("0") | Some("off") => Self::Off,
+            Some("1") | Some("on") => Self::On,
             Some("verbose") => Self::Verbose,
-            _ => Self::On,
+            _ => Self::Off,
         }
     }
 }
@@ -394,10 +395,10 @@ mod tests {
 
     #[test]
     fn tune_mode_reads_the_variable() {
-        assert_eq!(TuneMode::parse(None), TuneMode::On);
-        assert_eq!(TuneMode::parse(Some("1")), TuneMode::On);
+        assert_eq!(TuneMode::parse(None), TuneMode::Off);
         assert_eq!(TuneMode::parse(Some("0")), TuneMode::Off);
-        assert_eq!(TuneMode::parse(Some(" off ")), TuneMode::Off);
+        assert_eq!(TuneMode::parse(Some("1")), TuneMode::On);
+        assert_eq!(TuneMode::parse(Some(" on ")), TuneMode::On);
         assert_eq!(TuneMode::parse(Some("verbose")), TuneMode::Verbose);
     }
 }
