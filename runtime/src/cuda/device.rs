@@ -57,6 +57,15 @@ enum LtSlot {
     Made(Arc<LtGemm>),
 }
 
+/// An event that records timing on `ctx` ([`CudaDevice::timing_event`], and cuBLASLt's search,
+/// which has the context but not the device).
+pub(crate) fn timing_event_on(ctx: &Arc<CudaContext>) -> Result<CudaEvent> {
+    drv(
+        "creating an event",
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
+    )
+}
+
 /// Scratch buffers, grown on demand, reused across calls (one stream: calls are ordered).
 pub(crate) struct Workspace {
     pub(crate) partial: Option<CudaSlice<f32>>,
@@ -252,10 +261,7 @@ impl CudaDevice {
 
     /// An event that records timing, for benchmarks.
     pub fn timing_event(&self) -> Result<CudaEvent> {
-        drv(
-            "creating an event",
-            self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
-        )
+        timing_event_on(&self.ctx)
     }
 
     /// The entry point `entry` of kernel file `k`, compiling and loading the module on first use.

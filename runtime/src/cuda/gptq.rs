@@ -13,8 +13,6 @@
 use std::sync::Arc;
 
 use cudarc::cublas::{result as cublas_result, sys as cublas_sys};
-
-use super::lt::LtShape;
 use cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
     PushKernelArg,
@@ -26,6 +24,7 @@ use super::device::{ensure, CudaDevice, Workspace};
 use super::error::{drv, CudaError, Result};
 use super::kernels::gptq_source;
 use super::launch::ExLaunch;
+use super::lt::LtShape;
 use crate::qlinear::GptqWeight;
 
 /// Above this many rows of X, dequantize + cuBLAS replaces the GEMV kernel: on an H100 at 4096 x 14336

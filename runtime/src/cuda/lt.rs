@@ -11,11 +11,12 @@
 //! stderr; unset or `0`, every product goes through `GemmEx` as before.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
+use super::device::timing_event_on;
 use super::error::{drv, CudaError, Result};
 
 /// Environment variable: `1` turns the search on, `verbose` also prints it (default off).
@@ -76,18 +77,22 @@ pub struct LtShape {
     pub ldd: usize,
 }
 
-/// What a search found for a shape: the algorithm to run, or none (the caller uses `GemmEx`).
-#[derive(Debug, Clone, Copy)]
+/// What a search found for a shape: its descriptors and the algorithm to run them with, kept so
+/// that later calls of the shape create nothing.
 struct Chosen {
-    algo: Option<sys::cublasLtMatmulAlgo_t>,
+    descs: Descs,
+    algo: sys::cublasLtMatmulAlgo_t,
 }
+
+/// A search's result per shape: None where no candidate ran (the caller uses `GemmEx`).
+type Choices = HashMap<LtShape, Option<Arc<Chosen>>>;
 
 /// A cuBLASLt handle, its workspace and the algorithm chosen for each shape.
 pub struct LtGemm {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     mode: TuneMode,
-    chosen: Mutex<HashMap<LtShape, Chosen>>,
+    chosen: Mutex<Choices>,
 }
 
 // SAFETY: the handle is used only under the device's one stream, and cuBLASLt handles may be shared
@@ -109,6 +114,10 @@ struct Descs {
     b: sys::cublasLtMatrixLayout_t,
     d: sys::cublasLtMatrixLayout_t,
 }
+
+// SAFETY: the descriptors are plain host objects, only read by cuBLASLt calls after creation.
+unsafe impl Send for Descs {}
+unsafe impl Sync for Descs {}
 
 impl Drop for Descs {
     fn drop(&mut self) {
@@ -188,17 +197,16 @@ impl LtGemm {
         })
     }
 
-    /// Whether products are tuned at all.
-    pub fn mode(&self) -> TuneMode {
-        self.mode
+    fn choices(&self) -> Result<MutexGuard<'_, Choices>> {
+        self.chosen.lock().map_err(|_| CudaError::Poisoned {
+            what: "the cuBLASLt choices",
+        })
     }
 
     /// Shapes searched so far, and how many of them found a candidate that ran.
     pub fn searched(&self) -> Result<(usize, usize)> {
-        let m = self.chosen.lock().map_err(|_| CudaError::Poisoned {
-            what: "the cuBLASLt choices",
-        })?;
-        Ok((m.len(), m.values().filter(|c| c.algo.is_some()).count()))
+        let m = self.choices()?;
+        Ok((m.len(), m.values().filter(|c| c.is_some()).count()))
     }
 
     /// Runs `D = op(A) · B` (alpha 1, beta 0) with the algorithm chosen for `s`, searching on the
@@ -219,31 +227,21 @@ impl LtGemm {
         if self.mode == TuneMode::Off {
             return Ok(false);
         }
-        let known = self
-            .chosen
-            .lock()
-            .map_err(|_| CudaError::Poisoned {
-                what: "the cuBLASLt choices",
-            })?
-            .get(s)
-            .copied();
-        let descs = Descs::new(s)?;
+        let known = self.choices()?.get(s).cloned();
         let chosen = match known {
             Some(c) => c,
             None => {
-                let c = self.search(stream, s, &descs, a, b, d)?;
-                self.chosen
-                    .lock()
-                    .map_err(|_| CudaError::Poisoned {
-                        what: "the cuBLASLt choices",
-                    })?
-                    .insert(*s, c);
+                let descs = Descs::new(s)?;
+                let c = self
+                    .search(stream, s, &descs, a, b, d)?
+                    .map(|algo| Arc::new(Chosen { descs, algo }));
+                self.choices()?.insert(*s, c.clone());
                 c
             }
         };
-        match chosen.algo {
-            Some(algo) => {
-                self.run(stream, &descs, &algo, a, b, d)
+        match chosen {
+            Some(c) => {
+                self.run(stream, &c.descs, &c.algo, a, b, d)
                     .map_err(lt_err(format!("multiplying {}x{}x{}", s.m, s.n, s.k)))?;
                 Ok(true)
             }
@@ -285,7 +283,7 @@ impl LtGemm {
         )
     }
 
-    /// Times every candidate of the heuristic on the call's buffers; the fastest is chosen.
+    /// Times every candidate of the heuristic on the call's buffers; returns the fastest, if any ran.
     unsafe fn search(
         &self,
         stream: &std::sync::Arc<CudaStream>,
@@ -294,7 +292,7 @@ impl LtGemm {
         a: u64,
         b: u64,
         d: u64,
-    ) -> Result<Chosen> {
+    ) -> Result<Option<sys::cublasLtMatmulAlgo_t>> {
         let what = || format!("choosing an algorithm for {}x{}x{}", s.m, s.n, s.k);
         let pref = lt::create_matmul_pref().map_err(lt_err(what()))?;
         let ws_len = self.workspace.len();
@@ -338,13 +336,7 @@ impl LtGemm {
                 lines.push(format!("  candidate {i}: did not run"));
                 continue;
             }
-            let ev = |w: &str| {
-                drv(
-                    format!("creating an event ({w})"),
-                    ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)),
-                )
-            };
-            let (e0, e1) = (ev("start")?, ev("end")?);
+            let (e0, e1) = (timing_event_on(ctx)?, timing_event_on(ctx)?);
             drv("recording an event", e0.record(stream))?;
             let mut ok = true;
             for _ in 0..TRIALS {
@@ -383,9 +375,7 @@ impl LtGemm {
                 eprintln!("{l}");
             }
         }
-        Ok(Chosen {
-            algo: best.map(|(_, i)| results[i].algo),
-        })
+        Ok(best.map(|(_, i)| results[i].algo))
     }
 }
 
