@@ -26,6 +26,9 @@ pub const TUNE_ENV: &str = "MIXTRAL_GPTQ_GEMM_TUNE";
 const CANDIDATES: usize = 16;
 /// Timed runs per candidate (after one untimed run).
 const TRIALS: usize = 4;
+/// Alignment of A, B and D that the heuristic assumes (its default minimum, 256 bytes): a choice
+/// is kept per shape and reused on other buffers, so less aligned pointers go to `GemmEx` instead.
+pub const ALIGN: u64 = 256;
 
 /// Whether products are tuned, read once from [`TUNE_ENV`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,8 +213,8 @@ impl LtGemm {
     }
 
     /// Runs `D = op(A) · B` (alpha 1, beta 0) with the algorithm chosen for `s`, searching on the
-    /// first call of the shape. Returns false, having run nothing, where no candidate ran (the
-    /// caller then uses `GemmEx`).
+    /// first call of the shape. Returns false, having run nothing, where no candidate ran or a
+    /// pointer is not aligned to [`ALIGN`] bytes (the caller then uses `GemmEx`).
     ///
     /// # Safety
     /// `a`, `b` and `d` are device pointers of this stream's context holding the elements `s`
@@ -224,7 +227,7 @@ impl LtGemm {
         b: u64,
         d: u64,
     ) -> Result<bool> {
-        if self.mode == TuneMode::Off {
+        if self.mode == TuneMode::Off || [a, b, d].iter().any(|p| p % ALIGN != 0) {
             return Ok(false);
         }
         let known = self.choices()?.get(s).cloned();
