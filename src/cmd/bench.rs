@@ -254,7 +254,7 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                 let xd = dev.upload(&x)?;
                 let mut y = dev.zeros::<f32>(m * n)?;
                 let t = dev.median_ms(tm, |i| {
-                    dev.dense_gemm(false, &xd, m, &ws[i % dcopies], k, n, &mut y)
+                    dev.dense_gemm(&xd, m, &ws[i % dcopies], k, n, &mut y)
                 })?;
                 base_f16.push(t);
             }
@@ -267,19 +267,8 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
             let x: Vec<bf16> = to_dtype(&random_activations(m * k, 13));
             let xd = dev.upload(&x)?;
             let mut y = dev.zeros::<f32>(m * n)?;
-            let t = dev.median_ms(tm30, |i| {
-                dev.dense_gemm(false, &xd, m, &ws[i % 2], k, n, &mut y)
-            })?;
-            let tflops = |t: f64| 2.0 * (m * k * n) as f64 / (t * 1e-3) / 1e12;
-            println!("| {k} x {n} | dense | | | {m} | bf16 | cuBLAS bf16 | {:.1} | | | | | {:.0} TFLOP/s |", t * 1e3, tflops(t));
-            // The same product with cuBLASLt's fastest candidate (as the GEMM path runs its f16
-            // product), printed for comparison; the ratios below stay against GemmEx's default.
-            if dev.lt()?.is_some() {
-                let tt = dev.median_ms(tm30, |i| {
-                    dev.dense_gemm(true, &xd, m, &ws[i % 2], k, n, &mut y)
-                })?;
-                println!("| {k} x {n} | dense | | | {m} | bf16 | cuBLASLt bf16, tuned | {:.1} | | | | | {:.0} TFLOP/s |", tt * 1e3, tflops(tt));
-            }
+            let t = dev.median_ms(tm30, |i| dev.dense_gemm(&xd, m, &ws[i % 2], k, n, &mut y))?;
+            println!("| {k} x {n} | dense | | | {m} | bf16 | cuBLAS bf16 | {:.1} | | | | | {:.0} TFLOP/s |", t * 1e3, 2.0 * (m * k * n) as f64 / (t * 1e-3) / 1e12);
             base_bf16 = Some(t);
         }
         for &bits in &a.layers.bits {

@@ -15,7 +15,6 @@ use cudarc::nvrtc::Ptx;
 
 use super::error::{drv, CudaError, Result};
 use super::kernels::{self, KernelSource};
-use super::lt::{LtGemm, TuneMode};
 use super::probe::{self, CudaLibs};
 
 /// A CUDA device ready to run the GPTQ kernels.
@@ -41,29 +40,6 @@ pub struct CudaDevice {
     /// Whether the kernels written for it run as programmatic dependent launches
     /// ([`CudaDevice::set_dependent_launch`]).
     dependent_launch: AtomicBool,
-    /// cuBLASLt with tuned algorithms for the GEMM path ([`CudaDevice::lt`]), made on first use.
-    lt: Mutex<LtSlot>,
-}
-
-/// The state of [`CudaDevice::lt`].
-enum LtSlot {
-    /// Not made yet; the mode comes from `MIXTRAL_GPTQ_GEMM_TUNE`.
-    FromEnv,
-    /// Not made yet; the mode was set by [`CudaDevice::set_gemm_tune`].
-    Mode(TuneMode),
-    /// Tuning is off.
-    Off,
-    /// Made.
-    Made(Arc<LtGemm>),
-}
-
-/// An event that records timing on `ctx` ([`CudaDevice::timing_event`], and cuBLASLt's search,
-/// which has the context but not the device).
-pub(crate) fn timing_event_on(ctx: &Arc<CudaContext>) -> Result<CudaEvent> {
-    drv(
-        "creating an event",
-        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
-    )
 }
 
 /// Scratch buffers, grown on demand, reused across calls (one stream: calls are ordered).
@@ -154,41 +130,7 @@ impl CudaDevice {
             dependent_launch: AtomicBool::new(
                 maj >= 9 && std::env::var("MIXTRAL_GPTQ_DEPENDENT_LAUNCH").as_deref() != Ok("0"),
             ),
-            lt: Mutex::new(LtSlot::FromEnv),
         }))
-    }
-
-    /// cuBLASLt with algorithms chosen by timing, for products whose output is overwritten; None when
-    /// tuning is off (the default: `MIXTRAL_GPTQ_GEMM_TUNE` unset or `0`, or
-    /// [`CudaDevice::set_gemm_tune`]): those products then go through `GemmEx`. Made on first use.
-    pub fn lt(&self) -> Result<Option<Arc<LtGemm>>> {
-        let mut slot = self.lt_slot()?;
-        let mode = match &*slot {
-            LtSlot::Made(lt) => return Ok(Some(lt.clone())),
-            LtSlot::Off => return Ok(None),
-            LtSlot::FromEnv => TuneMode::from_env(),
-            LtSlot::Mode(m) => *m,
-        };
-        if mode == TuneMode::Off {
-            *slot = LtSlot::Off;
-            return Ok(None);
-        }
-        let lt = Arc::new(LtGemm::new(&self.stream, mode)?);
-        *slot = LtSlot::Made(lt.clone());
-        Ok(Some(lt))
-    }
-
-    /// Sets whether the GEMM path's products are tuned, over `MIXTRAL_GPTQ_GEMM_TUNE` (tests, sweeps);
-    /// the algorithms chosen so far are forgotten.
-    pub fn set_gemm_tune(&self, mode: TuneMode) -> Result<()> {
-        *self.lt_slot()? = LtSlot::Mode(mode);
-        Ok(())
-    }
-
-    fn lt_slot(&self) -> Result<std::sync::MutexGuard<'_, LtSlot>> {
-        self.lt.lock().map_err(|_| CudaError::Poisoned {
-            what: "the cuBLASLt handle",
-        })
     }
 
     /// The device's name as the driver reports it.
@@ -261,7 +203,10 @@ impl CudaDevice {
 
     /// An event that records timing, for benchmarks.
     pub fn timing_event(&self) -> Result<CudaEvent> {
-        timing_event_on(&self.ctx)
+        drv(
+            "creating an event",
+            self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
+        )
     }
 
     /// The entry point `entry` of kernel file `k`, compiling and loading the module on first use.

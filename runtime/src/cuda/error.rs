@@ -77,20 +77,6 @@ pub enum CudaError {
         /// The underlying error.
         source: cudarc::cublas::result::CublasError,
     },
-    /// A cuBLASLt call failed.
-    #[error("cuBLASLt failed while {what}: {source}")]
-    CublasLt {
-        /// What was being done.
-        what: String,
-        /// The underlying error.
-        source: cudarc::cublaslt::result::CublasError,
-    },
-    /// A lock was poisoned by a panic in another thread.
-    #[error("{what} are unusable: another thread panicked while holding them")]
-    Poisoned {
-        /// What the lock guards.
-        what: &'static str,
-    },
     /// Reading or writing the kernel cache failed.
     #[error("kernel cache {path}: {source}")]
     Cache {

@@ -24,7 +24,6 @@ use super::device::{ensure, CudaDevice, Workspace};
 use super::error::{drv, CudaError, Result};
 use super::kernels::gptq_source;
 use super::launch::ExLaunch;
-use super::lt::LtShape;
 use crate::qlinear::GptqWeight;
 
 /// Above this many rows of X, dequantize + cuBLAS replaces the GEMV kernel: on an H100 at 4096 x 14336
@@ -2087,7 +2086,6 @@ impl CudaDevice {
             k,
             n,
             y,
-            true,
         )
     }
 
@@ -2111,9 +2109,8 @@ impl CudaDevice {
         })
     }
 
-    /// `y[M, N] (f32) = x[M, K] · w[K, N]`, both operands of type `dtype` (row-major), fp32
-    /// accumulation: through cuBLASLt with the algorithm chosen by timing ([`super::lt`]) when
-    /// `tuned` and tuning is on, else (or where no candidate ran) cuBLAS `GemmEx`'s default.
+    /// `y[M, N] (f32) = x[M, K] · w[K, N]` through cuBLAS GemmEx, both operands of type `dtype`
+    /// (row-major), fp32 accumulation.
     #[allow(clippy::too_many_arguments)]
     fn gemm_f32_out(
         &self,
@@ -2124,33 +2121,12 @@ impl CudaDevice {
         k: usize,
         n: usize,
         y: &mut CudaSlice<f32>,
-        tuned: bool,
     ) -> Result<()> {
         let alpha: f32 = 1.0;
         let beta: f32 = 0.0;
         let s = self.stream();
         let (y_ptr, _g) = y.device_ptr_mut(s);
         // Row-major Y = X·W is column-major Yᵀ[N, M] = Wᵀ[N, K] · Xᵀ[K, M].
-        if tuned {
-            if let Some(lt) = self.lt()? {
-                let shape = LtShape {
-                    ab: lt_type(dtype),
-                    d: cudarc::cublaslt::sys::cudaDataType::CUDA_R_32F,
-                    trans_a: false,
-                    m: n,
-                    n: m,
-                    k,
-                    lda: n,
-                    ldb: k,
-                    ldd: n,
-                };
-                // SAFETY: pointers come from live buffers of at least K·N, M·K and M·N elements on
-                // this stream; Y overlaps neither input.
-                if unsafe { lt.matmul(s, &shape, w_ptr, x_ptr, y_ptr) }? {
-                    return Ok(());
-                }
-            }
-        }
         // SAFETY: pointers come from live buffers of at least K·N, M·K and M·N elements on this stream.
         unsafe {
             cublas_result::gemm_ex(
@@ -2181,13 +2157,9 @@ impl CudaDevice {
         })
     }
 
-    /// Dense reference product: `y[M, N] (f32) = x[M, K] · w[K, N]` (row-major, same dtype), through
-    /// cuBLAS `GemmEx`'s default algorithm (`tuned` false: the baseline that `bench kernels` compares
-    /// with) or cuBLASLt's fastest candidate by timing (`tuned`, when tuning is on: [`super::lt`]).
-    #[allow(clippy::too_many_arguments)]
+    /// Dense reference product through cuBLAS: `y[M, N] (f32) = x[M, K] · w[K, N]` (row-major, same dtype).
     pub fn dense_gemm<T: ActDtype>(
         &self,
-        tuned: bool,
         x: &CudaSlice<T>,
         m: usize,
         w: &CudaSlice<T>,
@@ -2205,7 +2177,7 @@ impl CudaDevice {
         };
         let s = self.stream();
         let (wp, xp) = (w.device_ptr(s).0, x.device_ptr(s).0);
-        self.gemm_f32_out(dtype, wp, xp, m, k, n, y, tuned)
+        self.gemm_f32_out(dtype, wp, xp, m, k, n, y)
     }
 
     /// Whether [`CudaDevice::moe_gemv`] on `experts` runs on the tensor cores (else the scalar fused
@@ -2361,15 +2333,6 @@ impl CudaDevice {
             "launching moe_combine_f32",
             unsafe { b.launch(cfg) }.map(|_| ()),
         )
-    }
-}
-/// cuBLAS's name of a data type in cuBLASLt's bindings (the two crates' modules each declare it).
-fn lt_type(t: cublas_sys::cudaDataType) -> cudarc::cublaslt::sys::cudaDataType {
-    use cudarc::cublaslt::sys::cudaDataType as L;
-    match t {
-        cublas_sys::cudaDataType::CUDA_R_16F => L::CUDA_R_16F,
-        cublas_sys::cudaDataType::CUDA_R_16BF => L::CUDA_R_16BF,
-        _ => L::CUDA_R_32F,
     }
 }
 

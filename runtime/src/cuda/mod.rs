@@ -7,7 +7,6 @@
 pub mod error;
 pub mod kernels;
 mod launch;
-pub mod lt;
 pub mod probe;
 pub mod random;
 pub mod timing;
