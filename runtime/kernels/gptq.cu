@@ -72,7 +72,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Programmatic dependent launch (sm_90; runtime/src/cuda/gptq.rs launches the register-pipelined
-// GEMV and MoE entries and permute_x16 with it). `pdl_wait` returns once the previous kernel in the stream has
+// GEMV and MoE entries, permute_x16 and convert_bf16_f16 with it). `pdl_wait` returns once the previous kernel in the stream has
 // finished and its writes are visible: a kernel reads nothing that kernel may write (X, expert ids,
 // pair scales) and writes nothing before it. Only the weights (written by uploads, never by a
 // kernel) are read earlier. `pdl_launch_dependents` lets the next such launch start its blocks as
@@ -1998,6 +1998,9 @@ __device__ __forceinline__ u32 bf16x2_to_f16x2(u32 v) {
 // L2 policies"), M = 2048, prepared dense, us: 4096 x 1024 37.1-37.3 with both against 38.4-38.6 with
 // neither and 38.1-38.3 with the stores' alone; 4096 x 4096 105.4-106.6 against 107.0-107.7. The lines
 // kept are those of the device's one copy buffer (the workspace's `xconv`), which the next call rewrites.
+// The copy is a dependent launch (gptq.rs): its blocks are in place when the previous kernel (often
+// the previous call's cuBLAS product) ends. On an H100 (BENCHMARKS.md, "the copy of X as a dependent
+// launch"), 4096 x 1024 at M = 2048 took 35.3-35.7 us against 36.7-37.6 as an ordinary launch.
 #ifndef CONVERT_L2_HINTS
 #define CONVERT_L2_HINTS 3
 #endif
@@ -2013,14 +2016,19 @@ extern "C" __global__ void convert_bf16_f16(const __nv_bfloat16* x, __half* y, s
     unsigned long long last;
     asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(last));
 #endif
+    // Under dependent launch: X may come from the previous kernel, which may also still read y (the
+    // previous call's copy, read by cuBLAS); so nothing is read or written before this. Coherent
+    // loads below (no .nc), which ptxas cannot move above the wait.
+    pdl_wait();
     for (size_t i = t0; i < n8; i += stride) {
 #if (CONVERT_L2_HINTS & 1) != 0
         uint4 v;
-        asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+        asm volatile("ld.global.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
                      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                     : "l"((const uint4*)x + i), "l"(first));
+                     : "l"((const uint4*)x + i), "l"(first)
+                     : "memory");
 #else
-        const uint4 v = __ldg((const uint4*)x + i);
+        const uint4 v = ld_dep((const uint4*)x + i);
 #endif
         uint4 o;
         o.x = bf16x2_to_f16x2(v.x);
@@ -2037,7 +2045,7 @@ extern "C" __global__ void convert_bf16_f16(const __nv_bfloat16* x, __half* y, s
     }
     if (t0 < n - n8 * 8) {
         const size_t i = n8 * 8 + t0;
-        y[i] = __float2half_rn(__bfloat162float(x[i]));
+        y[i] = __float2half_rn(__bfloat162float(ld_dep(x + i)));
     }
 }
 

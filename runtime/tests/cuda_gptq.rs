@@ -548,6 +548,56 @@ fn dependent_launches_keep_stream_order() {
     }
 }
 
+/// The GEMM path's copy of bf16 X to f16 is a dependent launch: it may start while the previous
+/// call's cuBLAS product still reads the copy it is about to overwrite. Two calls with different X
+/// queued back to back, eight times, must leave what each gives on an idle device, bit for bit.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn dependent_copy_of_x_keeps_stream_order() {
+    let dev = device();
+    eprintln!("dependent launch: {}", dev.dependent_launch());
+    let (m, k, n) = (256, 4096, 1024);
+    let w_host = random_gptq(4, 128, k, n, true, 41);
+    let w = dev.upload_prepared(&prepare(&w_host).unwrap()).unwrap();
+    let d = dev.prepare_dense(&w).unwrap();
+    let xs: Vec<Vec<bf16>> = [42, 43]
+        .iter()
+        .map(|&seed| {
+            random_activations(m * k, seed)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect()
+        })
+        .collect();
+    let xd: Vec<_> = xs.iter().map(|x| dev.upload(x).unwrap()).collect();
+    let mut yd: Vec<_> = (0..2)
+        .map(|_| dev.upload(&vec![f32::NAN; m * n]).unwrap())
+        .collect();
+    for _ in 0..8 {
+        for (x, y) in xd.iter().zip(yd.iter_mut()) {
+            dev.dense_matmul(x, m, &d, y).unwrap();
+        }
+    }
+    for (i, (x, y)) in xd.iter().zip(&yd).enumerate() {
+        let queued = dev.download(y).unwrap();
+        let mut yo = dev.upload(&vec![f32::NAN; m * n]).unwrap();
+        dev.synchronize().unwrap();
+        dev.dense_matmul(x, m, &d, &mut yo).unwrap();
+        let ordinary = dev.download(&yo).unwrap();
+        let x64: Vec<f64> = xs[i].iter().map(|v| v.to_f32() as f64).collect();
+        let e = rel_err(&ordinary, &reference(&x64, m, &w_host));
+        eprintln!("X {i}: rel err {e:.2e}");
+        assert!(e < REL_TOL, "X {i}: rel err {e:.3e} >= {REL_TOL}");
+        assert!(
+            queued
+                .iter()
+                .zip(&ordinary)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "X {i}: back-to-back calls differ from one call on an idle device"
+        );
+    }
+}
+
 /// `bench reads`' pieces: the GEMV's launch as the plan makes it, and the read-only launches that
 /// imitate it (residency held to the GEMV's, buffers and depths checked before launching), as
 /// ordinary and as dependent launches, and the streaming read of the same bytes.

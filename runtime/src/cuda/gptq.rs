@@ -457,6 +457,15 @@ pub fn gemv_launch_rows(mma: bool, bits: u32, k: usize) -> usize {
     }
 }
 
+/// Whether the GEMM path's bf16 -> f16 copy of X is a dependent launch (with
+/// [`CudaDevice::dependent_launch`]); `MIXTRAL_GPTQ_CONVERT_PDL=0` turns it off (benchmark sweeps).
+/// On an H100 it takes 1.1-1.9 us off the 4096 x 1024 product at M = 2048 (35.3-35.7 against 36.7-37.6
+/// us), and changes nothing measurable at the larger shapes (BENCHMARKS.md).
+fn convert_dependent() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_usize("MIXTRAL_GPTQ_CONVERT_PDL") != Some(0))
+}
+
 /// A whole number from the environment variable `name` (the benchmark sweeps' overrides of the
 /// plans' limits), or None where it is unset or not a number.
 fn env_usize(name: &str) -> Option<usize> {
@@ -2054,9 +2063,8 @@ impl CudaDevice {
             ensure(s, xconv, m * k)?;
             let xc = xconv.as_mut().unwrap_or_else(unreachable_ws);
             let f = self.gptq_function("convert_bf16_f16")?;
-            let total = (m * k) as u64;
-            let mut b = s.launch_builder(&f);
-            b.arg(x).arg(&mut *xc).arg(&total);
+            let mut b = ExLaunch::new(s);
+            b.buf(x).buf_mut(&mut *xc).size_t(m * k);
             let cfg = LaunchConfig {
                 grid_dim: (
                     ceil_div(ceil_div(m * k, 8), 256).clamp(1, 65535 * 4) as u32,
@@ -2067,11 +2075,11 @@ impl CudaDevice {
                 shared_mem_bytes: 0,
             };
             // SAFETY: matches `convert_bf16_f16(const bf16*, half*, size_t)`; xc holds ≥ m·K elements;
-            // both are starts of device allocations (16-byte aligned for the vector loads).
-            drv(
-                "launching convert_bf16_f16",
-                unsafe { b.launch(cfg) }.map(|_| ()),
-            )?;
+            // both are starts of device allocations (16-byte aligned for the vector loads); the
+            // kernel waits (`pdl_wait`) before it reads or writes anything.
+            drv("launching convert_bf16_f16", unsafe {
+                b.launch(&f, cfg, self.dependent_launch() && convert_dependent())
+            })?;
             let p = xc.device_ptr(s).0;
             p
         } else {
