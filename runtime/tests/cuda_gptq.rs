@@ -504,6 +504,28 @@ fn gemv_is_deterministic() {
         .all(|(a, b)| a.to_bits() == b.to_bits())));
 }
 
+/// Stream-order checks: the result of one call on an idle device (`ordinary`) is within the error
+/// bound of the f64 reference, and what the queued calls left (`queued`) is that, bit for bit.
+fn check_queued(
+    what: &str,
+    queued: &[f32],
+    ordinary: &[f32],
+    x64: &[f64],
+    m: usize,
+    w: &GptqWeight,
+) {
+    let e = rel_err(ordinary, &reference(x64, m, w));
+    eprintln!("{what}: rel err {e:.2e}");
+    assert!(e < REL_TOL, "{what}: rel err {e:.3e} >= {REL_TOL}");
+    assert!(
+        queued
+            .iter()
+            .zip(ordinary)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{what}: back-to-back calls differ from one call on an idle device"
+    );
+}
+
 /// Programmatic dependent launch keeps stream order: two layers written into one output back to
 /// back, eight times (each launch may start while the one before runs), leave the second layer's
 /// result, bit for bit what the second layer gives when launched on an idle device. The second
@@ -535,16 +557,7 @@ fn dependent_launches_keep_stream_order() {
         dev.qmatmul(&xd, m, &wb, &mut yd).unwrap();
         let ordinary = dev.download(&yd).unwrap();
         let x64: Vec<f64> = xs.iter().map(|v| v.to_f64()).collect();
-        let e = rel_err(&ordinary, &reference(&x64, m, &wb_host));
-        eprintln!("M = {m}: rel err {e:.2e}");
-        assert!(e < REL_TOL, "M = {m}: rel err {e:.3e} >= {REL_TOL}");
-        assert!(
-            queued
-                .iter()
-                .zip(&ordinary)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "M = {m}: back-to-back launches differ from one launch on an idle device"
-        );
+        check_queued(&format!("M = {m}"), &queued, &ordinary, &x64, m, &wb_host);
     }
 }
 
@@ -585,16 +598,7 @@ fn dependent_copy_of_x_keeps_stream_order() {
         dev.dense_matmul(x, m, &d, &mut yo).unwrap();
         let ordinary = dev.download(&yo).unwrap();
         let x64: Vec<f64> = xs[i].iter().map(|v| v.to_f32() as f64).collect();
-        let e = rel_err(&ordinary, &reference(&x64, m, &w_host));
-        eprintln!("X {i}: rel err {e:.2e}");
-        assert!(e < REL_TOL, "X {i}: rel err {e:.3e} >= {REL_TOL}");
-        assert!(
-            queued
-                .iter()
-                .zip(&ordinary)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "X {i}: back-to-back calls differ from one call on an idle device"
-        );
+        check_queued(&format!("X {i}"), &queued, &ordinary, &x64, m, &w_host);
     }
 }
 
