@@ -561,18 +561,26 @@ fn dependent_launches_keep_stream_order() {
     }
 }
 
-/// The GEMM path's copy of bf16 X to f16 is a dependent launch: it may start while the previous
-/// call's cuBLAS product still reads the copy it is about to overwrite. Two calls with different X
-/// queued back to back, eight times, must leave what each gives on an idle device, bit for bit.
+/// The GEMM path's launches of its own are dependent launches: the copy of bf16 X to f16 and the
+/// dequantization may start while the previous call's cuBLAS product still reads the buffers they
+/// are about to overwrite. Calls on two layers with different X, queued back to back eight times,
+/// must leave what each gives on an idle device, bit for bit: layers dequantized once
+/// (`dense_matmul`, the copy alone) and dequantized on every call (`qmatmul_gemm`).
 #[test]
 #[ignore = "needs a CUDA device"]
-fn dependent_copy_of_x_keeps_stream_order() {
+fn dependent_gemm_path_keeps_stream_order() {
     let dev = device();
     eprintln!("dependent launch: {}", dev.dependent_launch());
     let (m, k, n) = (256, 4096, 1024);
-    let w_host = random_gptq(4, 128, k, n, true, 41);
-    let w = dev.upload_prepared(&prepare(&w_host).unwrap()).unwrap();
-    let d = dev.prepare_dense(&w).unwrap();
+    let hosts = [
+        random_gptq(4, 128, k, n, true, 41),
+        random_gptq(4, 128, k, n, false, 44),
+    ];
+    let ws: Vec<_> = hosts
+        .iter()
+        .map(|w| dev.upload_prepared(&prepare(w).unwrap()).unwrap())
+        .collect();
+    let dense: Vec<_> = ws.iter().map(|w| dev.prepare_dense(w).unwrap()).collect();
     let xs: Vec<Vec<bf16>> = [42, 43]
         .iter()
         .map(|&seed| {
@@ -583,22 +591,33 @@ fn dependent_copy_of_x_keeps_stream_order() {
         })
         .collect();
     let xd: Vec<_> = xs.iter().map(|x| dev.upload(x).unwrap()).collect();
-    let mut yd: Vec<_> = (0..2)
-        .map(|_| dev.upload(&vec![f32::NAN; m * n]).unwrap())
-        .collect();
-    for _ in 0..8 {
-        for (x, y) in xd.iter().zip(yd.iter_mut()) {
-            dev.dense_matmul(x, m, &d, y).unwrap();
+    for prepared in [true, false] {
+        let call = |i: usize, y: &mut _| {
+            if prepared {
+                dev.dense_matmul(&xd[i], m, &dense[i], y)
+            } else {
+                dev.qmatmul_gemm(&xd[i], m, &ws[i], y)
+            }
+            .unwrap()
+        };
+        let mut yd: Vec<_> = (0..2)
+            .map(|_| dev.upload(&vec![f32::NAN; m * n]).unwrap())
+            .collect();
+        for _ in 0..8 {
+            for (i, y) in yd.iter_mut().enumerate() {
+                call(i, y);
+            }
         }
-    }
-    for (i, (x, y)) in xd.iter().zip(&yd).enumerate() {
-        let queued = dev.download(y).unwrap();
-        let mut yo = dev.upload(&vec![f32::NAN; m * n]).unwrap();
-        dev.synchronize().unwrap();
-        dev.dense_matmul(x, m, &d, &mut yo).unwrap();
-        let ordinary = dev.download(&yo).unwrap();
-        let x64: Vec<f64> = xs[i].iter().map(|v| v.to_f32() as f64).collect();
-        check_queued(&format!("X {i}"), &queued, &ordinary, &x64, m, &w_host);
+        for (i, y) in yd.iter().enumerate() {
+            let queued = dev.download(y).unwrap();
+            let mut yo = dev.upload(&vec![f32::NAN; m * n]).unwrap();
+            dev.synchronize().unwrap();
+            call(i, &mut yo);
+            let ordinary = dev.download(&yo).unwrap();
+            let x64: Vec<f64> = xs[i].iter().map(|v| v.to_f32() as f64).collect();
+            let what = format!("prepared {prepared}, layer {i}");
+            check_queued(&what, &queued, &ordinary, &x64, m, &hosts[i]);
+        }
     }
 }
 

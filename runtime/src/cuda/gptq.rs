@@ -466,6 +466,14 @@ fn convert_dependent() -> bool {
     *ON.get_or_init(|| env_usize("MIXTRAL_GPTQ_CONVERT_PDL") != Some(0))
 }
 
+/// Whether the dequantization of the GEMM path is a dependent launch (with
+/// [`CudaDevice::dependent_launch`]); `MIXTRAL_GPTQ_DEQUANT_PDL=0` turns it off (benchmark sweeps).
+/// On an H100 it takes about 1.1-1.4 us off each dequantization (BENCHMARKS.md).
+fn dequant_dependent() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_usize("MIXTRAL_GPTQ_DEQUANT_PDL") != Some(0))
+}
+
 /// A whole number from the environment variable `name` (the benchmark sweeps' overrides of the
 /// plans' limits), or None where it is unset or not a number.
 fn env_usize(name: &str) -> Option<usize> {
@@ -2111,9 +2119,10 @@ impl CudaDevice {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `gptq_dequant_*`; out holds K·N elements; an ordinary launch.
+        // SAFETY: matches `gptq_dequant_*`; out holds K·N elements; under dependent launch the
+        // kernel reads only the layer's buffers (written by uploads) before `pdl_wait`.
         drv(format!("launching {entry}"), unsafe {
-            b.launch(&f, cfg, false)
+            b.launch(&f, cfg, self.dependent_launch() && dequant_dependent())
         })
     }
 
