@@ -75,8 +75,9 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // GEMV and MoE entries, permute_x16, convert_bf16_f16 and gptq_dequant_* with it). `pdl_wait` returns
 // once the previous kernel in the stream has finished and its writes are visible: a kernel reads
 // nothing that kernel may write (X, expert ids, pair scales) and writes nothing before it. Only the
-// weights (written by uploads, never by a kernel) are read earlier. `pdl_launch_dependents` lets the next such launch start its blocks as
-// this one's leave the SMs. Both do nothing in a launch without the attribute.
+// weights (written by uploads, never by a kernel) are read earlier. `pdl_launch_dependents` lets the
+// next such launch start its blocks as this one's leave the SMs. Both do nothing in a launch without
+// the attribute.
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
