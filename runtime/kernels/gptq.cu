@@ -3,8 +3,8 @@
 // Layout the kernels see (prepared once at load by runtime/src/cuda/gptq.rs):
 // * qweight: u32 [R = K*b/32, N] (row-major), or the tensor-core layout when `strip_rows` = R > 0
 //   (chosen at upload for the layers the tensor-core GEMV runs): strip-major [N/32][R][32], each
-//   warp's 32-column strip one contiguous stream, or tile-major (qw_slot_step) at the bit widths
-//   that QW_TILE_MAJOR names,
+//   warp's 32-column strip one contiguous stream, or tile-major (qw_slot_step) in the entries of
+//   GPTQ_MODULE 5 (3-bit layers the host uploads that way, qw_tile_major),
 //   rows already sorted by g_idx for act-order checkpoints, so that every
 //   "unit" (8 k-rows at 4 bits, 4 at 8 bits, 32 at 3 bits: the rows held by one packed word, or by
 //   three words at 3 bits) belongs to a single group;
@@ -230,17 +230,19 @@ template <int MT> __device__ __forceinline__ void load_x(const float* p, float* 
     }
 }
 
-// QW_TILE_MAJOR: a mask of bit widths whose tensor-core layout is tile-major (bit b for b bits: 8 = 3
-// bits, 16 = 4, 256 = 8; bit 0, as the value 1 of earlier sweeps, every width; qw_slot_step; the host
-// reads the define too). On an H100 tile-major was 1-1.5 % faster at 4096 x 14336 and 14336 x 4096 but
-// 2-7 % slower at 4096 x 4096 and 4096 x 1024 at 4 and 8 bits (BENCHMARKS.md, "the tile-major layout ...
-// tried"). At 3 bits alone (8) the GEMV was 0.7-1.4 % faster at the three larger shapes but 1.1 % slower
-// at 4096 x 1024, and the fused MoE 1-3 % slower (BENCHMARKS.md, "tile-major words at 3 bits only"):
-// strip-major stays everywhere.
-#ifndef QW_TILE_MAJOR
-#define QW_TILE_MAJOR 0
+// Which module of this file is being compiled (the list is at the end of the file).
+#ifndef GPTQ_MODULE
+#define GPTQ_MODULE 0
 #endif
-__host__ __device__ constexpr bool qw_tile_major(int bits) { return (QW_TILE_MAJOR & ((1 << bits) | 1)) != 0; }
+// Whether the tensor-core layout of BITS-bit words is tile-major in this module's entries: at 3 bits
+// in GPTQ_MODULE 5 (`gptq_tile3`), strip-major everywhere else. The host uploads a 3-bit layer
+// tile-major where it never runs the `_narrow` entries and is not an expert of the fused MoE
+// (runtime/src/cuda/gptq.rs, `auto_tile_major`), and then loads its entries from that module. On an
+// H100 tile-major was 1-1.5 % faster at 4096 x 14336 and 14336 x 4096 but 2-7 % slower at 4096 x 4096
+// and 4096 x 1024 at 4 and 8 bits (BENCHMARKS.md, "the tile-major layout ... tried"); at 3 bits the
+// GEMV was 0.7-1.4 % faster at the three larger shapes but 1.1 % slower at 4096 x 1024, and the fused
+// MoE 1-3 % slower (BENCHMARKS.md, "tile-major words at 3 bits only").
+__host__ __device__ constexpr bool qw_tile_major(int bits) { return GPTQ_MODULE == 5 && bits == 3; }
 // Packed rows of one slot of the tensor-core layout, what one warp-wide step of the GEMV reads: a
 // 32-row tile at 4 and 8 bits (512 or 1024 bytes of a strip), a 128-row super-tile at 3 bits (1536).
 __host__ __device__ constexpr int qw_slot_rows(int bits) { return bits == 3 ? 12 : bits == 4 ? 4 : 8; }
@@ -1941,14 +1943,12 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
     KIND(B, TN, T, MMAD_PLAIN, )          \
     KIND(B, TN, T, MMAD_GATHER_SYNC, _gather)
 
-// This file is compiled into five modules (runtime/src/cuda/kernels.rs): GPTQ_MODULE 0 (`gptq`, every
+// This file is compiled into six modules (runtime/src/cuda/kernels.rs): GPTQ_MODULE 0 (`gptq`, every
 // entry but those below), 1 (`gptq_slice4`: the 4-bit `_gather_slice` entries, MMAD_MAX_WARPS_SLICE above
 // says why), 2 (`gptq_narrow`: the `_narrow` entries, MMAD_DEPTH_NARROW above), 3 (`gptq_tall`: the
-// `_tall` entries, MMAD_MAX_WARPS_TALL above) and 4 (`gptq_rows`: the `_rows` entries, so that the
-// entries of one row keep their code).
-#ifndef GPTQ_MODULE
-#define GPTQ_MODULE 0
-#endif
+// `_tall` entries, MMAD_MAX_WARPS_TALL above), 4 (`gptq_rows`: the `_rows` entries, so that the
+// entries of one row keep their code) and 5 (`gptq_tile3`: the 3-bit entries a tile-major layer
+// runs, under the names they have in module 0, qw_tile_major above).
 #if GPTQ_MODULE == 0
 GEMV_ENTRIES(3, f16, __half)
 GEMV_ENTRIES(4, f16, __half)
@@ -2211,6 +2211,12 @@ MMAD_TALL_ENTRY(bf16, __nv_bfloat16)
 #elif GPTQ_MODULE == 4
 MMAD_ROWS_ENTRY(f16, __half)
 MMAD_ROWS_ENTRY(bf16, __nv_bfloat16)
+#elif GPTQ_MODULE == 5
+GEMV_ENTRIES(3, f16, __half)
+GEMV_ENTRIES(3, bf16, __nv_bfloat16)
+MMAD_ENTRIES_SLICE(MMAD_ENTRY, 3, f16, __half)
+MMAD_ENTRIES_SLICE(MMAD_ENTRY, 3, bf16, __nv_bfloat16)
+DEQUANT_ENTRY(3)
 #else
-#error "GPTQ_MODULE: 0, 1, 2, 3 or 4"
+#error "GPTQ_MODULE: 0, 1, 2, 3, 4 or 5"
 #endif

@@ -4,7 +4,7 @@
 
 use half::{bf16, f16};
 use rayon::prelude::*;
-use runtime::cuda::gptq::{prepare, uniform_group_rows, ActDtype, GemvKernel};
+use runtime::cuda::gptq::{prepare, uniform_group_rows, ActDtype, GemvKernel, WordLayout};
 use runtime::cuda::random::{random_activations, random_gptq, Rng};
 use runtime::cuda::CudaDevice;
 use runtime::qlinear::GptqWeight;
@@ -55,6 +55,12 @@ enum Path {
     GemvScalarStrips,
     /// Uploaded for the tensor-core GEMV, then the dequantize + cuBLAS path on those words.
     GemmStrips,
+    /// [`Path::GemvTensorCore`] on tile-major words (3 bits).
+    GemvTensorCoreTiles,
+    /// [`Path::GemvScalarStrips`] on tile-major words.
+    GemvScalarTiles,
+    /// [`Path::GemmStrips`] on tile-major words.
+    GemmTiles,
     /// Uploaded for the scalar GEMV only (row-major words).
     GemvScalarOnly,
     Gemm,
@@ -75,22 +81,34 @@ fn check_on<T: ActDtype>(dev: &CudaDevice, w: &GptqWeight, m: usize, path: Path,
         .map(T::from_f32)
         .collect();
     let x64: Vec<f64> = xs.iter().map(|v| v.to_f32() as f64).collect();
-    let kernel = match path {
-        Path::GemvTensorCore | Path::GemvScalarStrips | Path::GemmStrips => GemvKernel::TensorCore,
-        Path::GemvScalarOnly => GemvKernel::Scalar,
-        _ => GemvKernel::Auto,
+    let (kernel, layout) = match path {
+        Path::GemvTensorCore | Path::GemvScalarStrips | Path::GemmStrips => {
+            (GemvKernel::TensorCore, Some(WordLayout::StripMajor))
+        }
+        Path::GemvTensorCoreTiles | Path::GemvScalarTiles | Path::GemmTiles => {
+            (GemvKernel::TensorCore, Some(WordLayout::TileMajor))
+        }
+        Path::GemvScalarOnly => (GemvKernel::Scalar, None),
+        _ => (GemvKernel::Auto, None),
     };
     let dw = dev
-        .upload_prepared_as(&prepare(w).unwrap(), kernel)
+        .upload_prepared_in(&prepare(w).unwrap(), kernel, layout)
         .unwrap_or_else(|e| panic!("{e}"));
+    if let Some(layout) = layout {
+        assert_eq!(dw.word_layout(), Some(layout), "{path:?}");
+    }
     let xd = dev.upload(&xs).unwrap();
     let mut yd = dev.upload(&vec![f32::NAN; m * n]).unwrap();
     match path {
         Path::Auto => dev.qmatmul(&xd, m, &dw, &mut yd),
         Path::Gemv | Path::GemvScalarOnly => dev.qmatmul_gemv(&xd, m, &dw, &mut yd),
-        Path::GemvTensorCore => dev.qmatmul_gemv_tensor_cores(&xd, m, &dw, &mut yd),
-        Path::GemvScalarStrips => dev.qmatmul_gemv_scalar(&xd, m, &dw, &mut yd),
-        Path::GemmStrips => dev.qmatmul_gemm(&xd, m, &dw, &mut yd),
+        Path::GemvTensorCore | Path::GemvTensorCoreTiles => {
+            dev.qmatmul_gemv_tensor_cores(&xd, m, &dw, &mut yd)
+        }
+        Path::GemvScalarStrips | Path::GemvScalarTiles => {
+            dev.qmatmul_gemv_scalar(&xd, m, &dw, &mut yd)
+        }
+        Path::GemmStrips | Path::GemmTiles => dev.qmatmul_gemm(&xd, m, &dw, &mut yd),
         Path::Gemm => dev.qmatmul_gemm(&xd, m, &dw, &mut yd),
         Path::Prepared => dev.prepare_dense(&dw).and_then(|d| {
             // The second call must not depend on state the first one left behind.
@@ -319,6 +337,35 @@ fn mma_gemv_matches_reference() {
             Path::GemvScalarOnly,
             seed + 70,
         );
+        if bits == 3 {
+            // The same layer with tile-major words (`gptq_tile3` entries): every launch's row count
+            // on the tensor cores, act-order gathered inside, the scalar GEMV, the GEMM path.
+            for m in 1..=8usize {
+                seed += 1;
+                let path = Path::GemvTensorCoreTiles;
+                run_case(bits, gs, k, n, act, m, seed % 2 == 1, path, seed + 80);
+            }
+            if act {
+                for m in [1usize, 3] {
+                    seed += 1;
+                    let path = Path::GemvTensorCoreTiles;
+                    run_case_on(&gathering, bits, gs, k, n, act, m, m == 1, path, seed + 80);
+                }
+            }
+            let path = Path::GemvScalarTiles;
+            run_case(bits, gs, k, n, act, 3, seed % 2 == 0, path, seed + 90);
+            run_case(
+                bits,
+                gs,
+                k,
+                n,
+                act,
+                2,
+                seed % 2 == 1,
+                Path::GemmTiles,
+                seed + 95,
+            );
+        }
     }
     for (bits, bf, m) in [
         (4, false, 8),
@@ -341,8 +388,13 @@ fn mma_gemv_matches_reference() {
             seed,
         );
     }
-    // 3 bits at K = 14336: M = 8 and 13 in launches of at most 4 rows (gemv_launch_rows).
-    for (m, act, path) in [(8, false, Path::Auto), (13, true, Path::Gemv)] {
+    // 3 bits at K = 14336 (tile-major words by default): M = 8 and 13 in launches of at most 4
+    // rows (gemv_launch_rows); the largest launch on tile-major words, act-order.
+    for (m, act, path) in [
+        (8, false, Path::Auto),
+        (13, true, Path::Gemv),
+        (4, true, Path::GemvTensorCoreTiles),
+    ] {
         seed += 1;
         run_case(3, 128, 14336, 4096, act, m, m == 8, path, seed);
     }
@@ -391,6 +443,8 @@ fn fused_moe_matches_reference() {
         (4, 128, true, 4096, 1024, GemvKernel::Auto),
         (3, 32, true, 512, 384, GemvKernel::Auto),
         (3, 128, true, 512, 384, GemvKernel::Auto),
+        // (65 strips: a single layer of this shape would be uploaded tile-major)
+        (3, 128, false, 512, 2080, GemvKernel::Auto),
         (8, -1, false, 512, 384, GemvKernel::Auto),
         (8, -1, false, 512, 384, GemvKernel::Scalar),
         (4, 32, true, 512, 384, GemvKernel::Auto),
@@ -405,10 +459,7 @@ fn fused_moe_matches_reference() {
             .collect();
         let dws = ws
             .iter()
-            .map(|w| {
-                dev.upload_prepared_as(&prepare(w).unwrap(), layout)
-                    .unwrap()
-            })
+            .map(|w| dev.upload_expert_as(&prepare(w).unwrap(), layout).unwrap())
             .collect();
         let table = dev.upload_experts(dws).unwrap_or_else(|e| panic!("{e}"));
         let tc = dev.moe_uses_tensor_cores::<bf16>(&table);
@@ -478,6 +529,12 @@ fn fused_moe_matches_reference() {
             "MoE {bits}-bit g{gs} act-order {act_order} {k}x{n} (tensor cores: {tc}): {e1:.3e} / {e2:.3e}"
         );
     }
+    // A layer with tile-major words is refused as an expert, with the reason.
+    let p = prepare(&random_gptq(3, 128, 512, 2080, false, 9)).unwrap();
+    let tiled = dev.upload_prepared(&p).unwrap();
+    assert_eq!(tiled.word_layout(), Some(WordLayout::TileMajor));
+    let e = dev.upload_experts(vec![tiled]).unwrap_err().to_string();
+    assert!(e.contains("experts") && e.contains("tile-major"), "{e}");
 }
 
 /// Running the same product twice gives identical bits (the split-K sum has a fixed order).

@@ -42,9 +42,12 @@ fn every_kernel_compiles_for_sm_90() {
 }
 
 /// Every tensor-core entry the launches can ask for (`runtime::cuda::gptq::tensor_core_entries`) is
-/// in the module the host loads it from (`kernels::gptq_source`), and in no other: its name,
+/// in the module the host loads it from (`kernels::gptq_source`), and, where a tile-major layer
+/// may run it (`kernels::gptq_tile_source`), in that module too, and in no other: its name,
 /// NUL-terminated, is in that cubin's string table. A name the host builds without a kernel behind it
-/// would otherwise fail only on a GPU, at its first launch.
+/// would otherwise fail only on a GPU, at its first launch. The tile-major module holds every 3-bit
+/// entry a tile-major layer runs: the scalar GEMV's, the dequantization and the register-pipelined
+/// GEMV's but `_narrow`.
 #[test]
 fn every_tensor_core_entry_the_launches_ask_for_exists() {
     let Some(setup) = nvrtc_or_skip("every_tensor_core_entry_the_launches_ask_for_exists") else {
@@ -56,18 +59,27 @@ fn every_tensor_core_entry_the_launches_ask_for_exists() {
     });
     let names = runtime::cuda::gptq::tensor_core_entries();
     assert!(names.len() >= 40, "only {} entries listed", names.len());
+    // The 3-bit entries of the scalar GEMV and the dequantization, which tile-major layers run too.
+    let scalar3 = ["f16", "bf16"]
+        .into_iter()
+        .flat_map(|t| [1, 2, 4, 8].map(|m| format!("gptq_gemv_3b_{t}_m{m}")))
+        .chain(["gptq_dequant_3b_f16".to_string()]);
     let mut wrong = Vec::new();
-    for name in &names {
+    for name in names.iter().cloned().chain(scalar3) {
+        let name = &name;
         let needle = format!("{name}\0");
         let holders: Vec<&str> = modules
             .iter()
             .filter(|(_, cubin)| cubin.windows(needle.len()).any(|w| w == needle.as_bytes()))
             .map(|(module, _)| *module)
             .collect();
-        let want = kernels::gptq_source(name).name;
-        if holders != [want] {
+        let want: Vec<&str> = std::iter::once(kernels::gptq_source(name))
+            .chain(kernels::gptq_tile_source(name))
+            .map(|k| k.name)
+            .collect();
+        if holders != want {
             wrong.push(format!(
-                "{name}: loaded from `{want}`, found in {holders:?}"
+                "{name}: loaded from {want:?}, found in {holders:?}"
             ));
         }
     }
@@ -101,6 +113,15 @@ fn every_tensor_core_entry_the_launches_ask_for_exists() {
         held(kernels::GPTQ_ROWS.name),
         2,
         "the `_rows` entries: plain at 8 bits, f16 and bf16"
+    );
+    let tile3: Vec<&String> = names
+        .iter()
+        .filter(|n| kernels::gptq_tile_source(n).is_some())
+        .collect();
+    assert_eq!(
+        tile3.len(),
+        6,
+        "the 3-bit register-pipelined GEMV's plain, `_gather` and `_gather_slice` entries, f16 and bf16: {tile3:?}"
     );
     eprintln!("{} tensor-core entries present", names.len());
 }
@@ -226,9 +247,10 @@ fn gemv_entries_load_weights_before_the_dependent_launch_wait() {
     }
     assert_eq!(
         functions.len(),
-        40,
+        46,
         "expected 18 gptq_mmad_gemv entries (plain, _gather, _gather_slice), 10 `_narrow` ones, 2 \
-         `_tall` ones, 2 `_rows` ones and 8 gptq_mmadg_gemv (plain, _gather)"
+         `_tall` ones, 2 `_rows` ones, 8 gptq_mmadg_gemv (plain, _gather) and the 6 3-bit \
+         gptq_mmad_gemv entries again for tile-major words"
     );
 }
 

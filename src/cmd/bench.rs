@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use runtime::cuda::gptq::{mma_eligible, prepare, ActDtype, DeviceGptq, GemvKernel};
+use runtime::cuda::gptq::{mma_eligible, prepare, ActDtype, DeviceGptq, GemvKernel, WordLayout};
 use runtime::cuda::random::{random_activations, random_gptq};
 use runtime::cuda::timing::Timing;
 use runtime::cuda::{bf16, f16, CudaDevice};
@@ -332,6 +332,8 @@ fn kernels(a: KernelArgs) -> anyhow::Result<ExitCode> {
                         (true, false) => "scalar GEMV",
                         _ => "dequant+cuBLAS",
                     };
+                    let tile_major = ws[0].word_layout() == Some(WordLayout::TileMajor);
+                    let path = format!("{path}{}", if tile_major { ", tile-major" } else { "" });
                     // The other GEMV kernel on the same inputs (the choice `GemvKernel::Auto` did not make).
                     let other_time = if gemv && !other_ws.is_empty() {
                         let ts = dev.median_ms(tm, |i| {
@@ -480,8 +482,8 @@ fn moe_shape(
     let mut singles = Vec::new();
     for w in &experts {
         let p = prepare(w)?;
-        dws.push(dev.upload_prepared(&p)?);
-        scalar_dws.push(dev.upload_prepared_as(&p, GemvKernel::Scalar)?);
+        dws.push(dev.upload_expert_as(&p, GemvKernel::Auto)?);
+        scalar_dws.push(dev.upload_expert_as(&p, GemvKernel::Scalar)?);
         singles.push(dev.upload_prepared(&p)?);
     }
     let table = dev.upload_experts(dws)?;

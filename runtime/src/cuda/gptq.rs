@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::device::{ensure, CudaDevice, Workspace};
 use super::error::{drv, CudaError, Result};
-use super::kernels::gptq_source;
+use super::kernels::{gptq_source, gptq_tile_source};
 use super::launch::ExLaunch;
 use crate::qlinear::GptqWeight;
 
@@ -234,8 +234,12 @@ pub struct DeviceGptq {
     zeros: CudaSlice<u8>,
     ugroup: CudaSlice<i32>,
     perm: Option<CudaSlice<i32>>,
-    /// Whether the tensor-core GEMV applies ([`mma_eligible`]); `qweight` is then strip-major.
+    /// Whether the tensor-core GEMV applies ([`mma_eligible`]); `qweight` is then in its layout,
+    /// strip-major or, with `tile_major`, tile-major ([`WordLayout`]).
     mma: bool,
+    /// Whether `qweight` is tile-major ([`WordLayout::TileMajor`]); its entries then come from
+    /// [`kernels::GPTQ_TILE3`](crate::cuda::kernels::GPTQ_TILE3).
+    tile_major: bool,
     /// Rows per group when the groups are uniform ([`uniform_group_rows`]), else 0.
     group_rows: i32,
 }
@@ -252,6 +256,15 @@ impl DeviceGptq {
     /// Whether rows were sorted for act-order (X is gathered through `perm`).
     pub fn act_order(&self) -> bool {
         self.perm.is_some()
+    }
+    /// How the packed words of a layer uploaded for the tensor cores lie, or None for the scalar
+    /// kernel's row-major words.
+    pub fn word_layout(&self) -> Option<WordLayout> {
+        match (self.mma, self.tile_major) {
+            (false, _) => None,
+            (true, false) => Some(WordLayout::StripMajor),
+            (true, true) => Some(WordLayout::TileMajor),
+        }
     }
     /// Bytes of the layer as stored in the checkpoint (qweight + scales + qzeros + g_idx).
     pub fn checkpoint_bytes(&self) -> usize {
@@ -350,6 +363,40 @@ pub enum GemvKernel {
     TensorCore,
     /// The scalar kernel (fp32 FFMA per weight, row-major words).
     Scalar,
+}
+
+/// How the packed words of a layer uploaded for the tensor cores lie on the device (kernels/gptq.cu,
+/// `qw_tile_major`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WordLayout {
+    /// `[N/32][R][32]`: each 32-column strip's words in one run ([`to_strip_major`]). Every entry
+    /// reads it.
+    StripMajor,
+    /// `[R/SR][N/32][SR][32]`: slot j of every strip side by side ([`to_tile_major`]), so that the
+    /// warps of the grid at the same step read one region. 3 bits only, whose entries for it are
+    /// in [`kernels::GPTQ_TILE3`](crate::cuda::kernels::GPTQ_TILE3); not for the `_narrow` entries
+    /// nor the fused MoE.
+    TileMajor,
+}
+
+/// The layout [`CudaDevice::upload_prepared`] gives a layer it uploads for the tensor cores
+/// (`mma`): tile-major at 3 bits on layers that never run the entries for narrow layers (more than
+/// [`NARROW_MAX_STRIPS`] strips or K above [`NARROW_MAX_K`], [`mmad_narrow`]), strip-major
+/// otherwise; experts of the fused MoE are uploaded strip-major
+/// ([`CudaDevice::upload_expert_as`]). Measured on an H100 (BENCHMARKS.md, "tile-major words at 3
+/// bits only"), M = 1, us, strip-major against tile-major: g128 4096 x 14336 11.85 / 11.75, 14336 x
+/// 4096 11.71 / 11.55, 4096 x 4096 5.56 / 5.53, act-order 12.79 / 12.69, 13.08 / 12.89, 6.28 /
+/// 6.21; but 4096 x 1024 (narrow) 4.12 / 4.17, and the fused MoE 1-3 % slower.
+/// `MIXTRAL_GPTQ_TILE_MAJOR=0` keeps every layer strip-major (benchmark comparisons).
+pub fn auto_word_layout(p: &PreparedGptq, mma: bool) -> WordLayout {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| env_usize("MIXTRAL_GPTQ_TILE_MAJOR") == Some(0));
+    let never_narrow = p.out_features / 32 > narrow_max_strips() || p.in_features > NARROW_MAX_K;
+    if mma && p.bits == 3 && never_narrow && !off {
+        WordLayout::TileMajor
+    } else {
+        WordLayout::StripMajor
+    }
 }
 
 /// Rows per group when group g holds exactly the (sorted) rows `g * rows .. (g + 1) * rows`, as
@@ -776,8 +823,8 @@ fn narrow_max_strips() -> usize {
     *S.get_or_init(|| env_usize("MIXTRAL_GPTQ_NARROW_MAX_STRIPS").unwrap_or(NARROW_MAX_STRIPS))
 }
 
-/// The [`CudaDevice::mma_choice`] cache key: bits, X dtype, K, N, M, group rows, act-order, and the
-/// fused MoE's pairs (None for a plain GEMV).
+/// The [`CudaDevice::mma_choice`] cache key: bits, X dtype, K, N, M, group rows, act-order, the
+/// fused MoE's pairs (None for a plain GEMV), and whether the words are tile-major.
 pub(crate) type MmaKey = (
     u32,
     &'static str,
@@ -787,6 +834,7 @@ pub(crate) type MmaKey = (
     i32,
     bool,
     Option<usize>,
+    bool,
 );
 
 /// The entry point of a tensor-core GEMV variant in kernels/gptq.cu for a layer of `k` rows and
@@ -1096,10 +1144,6 @@ pub fn perm_words(perm: &[i32], mma: bool) -> Vec<i32> {
     words
 }
 
-/// `QW_TILE_MAJOR`'s default in kernels/gptq.cu: a mask of the bit widths (bit b for b bits; bit 0
-/// every width) whose tensor-core layout is tile-major; 0, strip-major at every width.
-const QW_TILE_MAJOR_DEFAULT: usize = 0;
-
 /// Packed rows of one slot of the tensor-core layout (`qw_slot_rows` in kernels/gptq.cu): what one
 /// warp-wide step of the GEMV reads, a 32-row tile at 4 and 8 bits, a [`MMA3_ROWS`]-row super-tile
 /// at 3, each `bits` words of 32 codes per 32 rows.
@@ -1108,18 +1152,11 @@ fn slot_rows(bits: u32) -> usize {
     rows * bits as usize / 32
 }
 
-/// Row-major `[R, N]` packed words in the tensor-core layout of `bits`-bit codes: strip-major
-/// ([`to_strip_major`]), or tile-major ([`to_tile_major`]) at the widths that `QW_TILE_MAJOR`
-/// (kernels/gptq.cu, default [`QW_TILE_MAJOR_DEFAULT`], which `MIXTRAL_GPTQ_NVRTC_DEFINES` may
-/// override) names; read once, as the kernels are compiled once.
-fn to_mma_layout(q: &[u32], n: usize, bits: u32) -> Vec<u32> {
-    static TILE_MAJOR: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let mask =
-        *TILE_MAJOR.get_or_init(|| nvrtc_define("QW_TILE_MAJOR").unwrap_or(QW_TILE_MAJOR_DEFAULT));
-    if mask & ((1 << bits) | 1) != 0 {
-        to_tile_major(q, n, slot_rows(bits))
-    } else {
-        to_strip_major(q, n)
+/// Row-major `[R, N]` packed words of `bits`-bit codes in the tensor-core layout `layout`.
+fn to_mma_layout(q: &[u32], n: usize, bits: u32, layout: WordLayout) -> Vec<u32> {
+    match layout {
+        WordLayout::StripMajor => to_strip_major(q, n),
+        WordLayout::TileMajor => to_tile_major(q, n, slot_rows(bits)),
     }
 }
 
@@ -1278,14 +1315,48 @@ impl CudaDevice {
         self.function(gptq_source(entry), entry)
     }
 
+    /// Entry point `entry` of kernels/gptq.cu for layer `w`: from the module of its tile-major
+    /// entries ([`gptq_tile_source`]) where its words are tile-major, else [`Self::gptq_function`].
+    fn layer_function(&self, w: &DeviceGptq, entry: &str) -> Result<cudarc::driver::CudaFunction> {
+        if !w.tile_major {
+            return self.gptq_function(entry);
+        }
+        let source = gptq_tile_source(entry).ok_or_else(|| {
+            unsupported(
+                "kernel entry",
+                entry,
+                "has no build for tile-major words (a 3-bit layer's scalar GEMV, register-pipelined GEMV and dequantization have)",
+            )
+        })?;
+        self.function(source, entry)
+    }
+
     /// Copies a prepared layer to the device.
     pub fn upload_prepared(&self, p: &PreparedGptq) -> Result<DeviceGptq> {
         self.upload_prepared_as(p, GemvKernel::Auto)
     }
 
     /// Copies a prepared layer to the device for the given GEMV kernel (tests and `bench kernels`
-    /// time both kernels on the same layer).
+    /// time both kernels on the same layer), in the layout [`auto_word_layout`] picks.
     pub fn upload_prepared_as(&self, p: &PreparedGptq, kernel: GemvKernel) -> Result<DeviceGptq> {
+        self.upload_prepared_in(p, kernel, None)
+    }
+
+    /// Copies a prepared layer to the device as an expert of the fused MoE
+    /// ([`CudaDevice::upload_experts`]), whose entries read strip-major words only.
+    pub fn upload_expert_as(&self, p: &PreparedGptq, kernel: GemvKernel) -> Result<DeviceGptq> {
+        self.upload_prepared_in(p, kernel, Some(WordLayout::StripMajor))
+    }
+
+    /// Copies a prepared layer to the device for the given GEMV kernel, with its words in `layout`
+    /// where it is uploaded for the tensor cores (None: [`auto_word_layout`]'s choice; tile-major
+    /// is an error at 4 and 8 bits, which have no entries for it).
+    pub fn upload_prepared_in(
+        &self,
+        p: &PreparedGptq,
+        kernel: GemvKernel,
+        layout: Option<WordLayout>,
+    ) -> Result<DeviceGptq> {
         let mma = match kernel {
             GemvKernel::Auto => auto_uses_mma(p),
             GemvKernel::Scalar => false,
@@ -1301,13 +1372,27 @@ impl CudaDevice {
                 ))
             }
         };
+        let layout = layout.unwrap_or_else(|| auto_word_layout(p, mma));
+        if layout == WordLayout::TileMajor && !(mma && p.bits == 3) {
+            return Err(unsupported(
+                "word layout",
+                format!(
+                    "tile-major for a {}-bit {}x{} layer ({})",
+                    p.bits,
+                    p.in_features,
+                    p.out_features,
+                    if mma { "tensor-core" } else { "scalar GEMV" }
+                ),
+                "only 3-bit layers uploaded for the tensor cores have entries for tile-major words",
+            ));
+        }
         Ok(DeviceGptq {
             bits: p.bits,
             in_features: p.in_features,
             out_features: p.out_features,
             groups: p.groups,
             qweight: if mma {
-                self.upload(&to_mma_layout(&p.qweight, p.out_features, p.bits))?
+                self.upload(&to_mma_layout(&p.qweight, p.out_features, p.bits, layout))?
             } else {
                 self.upload(&p.qweight)?
             },
@@ -1320,6 +1405,7 @@ impl CudaDevice {
                 .map(|v| self.upload(&perm_words(v, mma)))
                 .transpose()?,
             mma,
+            tile_major: mma && layout == WordLayout::TileMajor,
             group_rows: uniform_group_rows(p) as i32,
         })
     }
@@ -1337,6 +1423,16 @@ impl CudaDevice {
         let (b, k, n) = (first.bits, first.in_features, first.out_features);
         let mut ptrs: Vec<u64> = Vec::with_capacity(ws.len() * 5);
         for e in &ws {
+            if e.tile_major {
+                return Err(unsupported(
+                    "experts",
+                    format!(
+                        "a {}-bit {}x{} layer with tile-major words",
+                        e.bits, e.in_features, e.out_features
+                    ),
+                    "the fused MoE reads strip-major words: upload experts with `upload_expert_as`",
+                ));
+            }
             if (e.bits, e.in_features, e.out_features, e.mma) != (b, k, n, first.mma) {
                 return Err(unsupported(
                     "experts",
@@ -1668,7 +1764,7 @@ impl CudaDevice {
         }
         let c = self.mma_choice::<T>(w, m, false, None)?;
         let entry = c.gemv_entry::<T>(w);
-        let f = self.gptq_function(&entry)?;
+        let f = self.layer_function(w, &entry)?;
         let threads = (c.plan.warps * 32) as u32;
         let resident = self.resident_blocks(&f, &entry, threads, c.plan.smem as usize)?;
         let tiles_in_flight = if c.direct {
@@ -1795,27 +1891,42 @@ impl CudaDevice {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
         // (act-order X already in sorted-row order is planned as without act-order)
         let act_order = w.act_order() && !x_sorted;
-        let key = (bits, T::NAME, k, n, m, w.group_rows, act_order, moe_pairs);
+        let key = (
+            bits,
+            T::NAME,
+            k,
+            n,
+            m,
+            w.group_rows,
+            act_order,
+            moe_pairs,
+            w.tile_major,
+        );
         if let Some(c) = self.plans.lock().ok().and_then(|c| c.get(&key).copied()) {
             return Ok(c);
         }
         let group_rows = w.group_rows as usize;
         let planned = |direct: bool| -> Result<Option<MmaChoice>> {
             let slice = perm_slice(direct, act_order, (k, bits, group_rows), moe_pairs);
-            let class = LayerClass::of(
+            let class = match LayerClass::of(
                 direct,
                 (k, n, m, bits, group_rows),
                 (act_order, slice),
                 moe_pairs,
                 self.sm_count(),
-            );
+            ) {
+                // (the `_narrow` entries read strip-major words only: [`auto_word_layout`] keeps
+                // such layers strip-major, but a caller may ask for tile-major)
+                LayerClass::Narrow if w.tile_major => LayerClass::Any,
+                class => class,
+            };
             // The plan reads the launch bound and residency of the entry that will run: the fused
             // MoE's own (its bound and registers can differ from the GEMV's at the same bits).
             let entry = match moe_pairs {
                 Some(_) if direct => mmad_moe_entry::<T>(bits, (k, group_rows), (act_order, slice)),
                 _ => mma_entry::<T>(direct, bits, (k, group_rows), (act_order, slice), class),
             };
-            let f = self.gptq_function(&entry)?;
+            let f = self.layer_function(w, &entry)?;
             // Act-order with X small enough: each block copies X to shared memory for its gathers
             // (MMA_XBLOCK_MAX_BYTES, mmad_xblock_max_bytes).
             let x_bytes = (m * k * 2).next_multiple_of(16);
@@ -1917,7 +2028,7 @@ impl CudaDevice {
                 },
             ..
         } = choice;
-        let f = self.gptq_function(&entry)?;
+        let f = self.layer_function(w, &entry)?;
         Self::allow_smem(&f, smem, &entry)?;
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
@@ -1975,7 +2086,7 @@ impl CudaDevice {
         let units = k / uk;
         let tiles = ceil_div(n, GEMV_COLS);
         let entry = format!("gptq_gemv_{bits}b_{}_m{mt}", T::NAME);
-        let f = self.gptq_function(&entry)?;
+        let f = self.layer_function(w, &entry)?;
         let (ups, nsplit, smem) = self.plan(&f, &entry, (units, tiles, mt, bits))?;
         Self::allow_smem(&f, smem, &entry)?;
         let mut ws = self.split_k_workspace(nsplit * mt * n, tiles)?;
@@ -2110,7 +2221,7 @@ impl CudaDevice {
         let (k, n, bits) = (w.in_features, w.out_features, w.bits);
         Self::check_len("dequantize: output", k * n, out.len())?;
         let entry = format!("gptq_dequant_{bits}b_f16");
-        let f = self.gptq_function(&entry)?;
+        let f = self.layer_function(w, &entry)?;
         let mut b = ExLaunch::new(self.stream());
         layer_args(&mut b, w, false);
         b.int(k as i32).int(n as i32).buf_mut(out);
@@ -2371,13 +2482,13 @@ mod tests {
 
     /// The host plans and lays out for the kernels' defaults of the defines it reads (the
     /// `_gather_slice` entries' shared memory from `MMAD_PERM16`, the splits from the depths, the
-    /// words from `QW_TILE_MAJOR`), so they must be the kernel source's.
+    /// tile-major words), so they must be the kernel source's.
     #[test]
     fn host_defaults_are_the_kernel_sources() {
-        let defaults = MMAD_DEPTH_DEFAULTS.iter().copied().chain([
-            ("MMAD_PERM16", MMAD_PERM16_DEFAULT),
-            ("QW_TILE_MAJOR", QW_TILE_MAJOR_DEFAULT),
-        ]);
+        let defaults = MMAD_DEPTH_DEFAULTS
+            .iter()
+            .copied()
+            .chain([("MMAD_PERM16", MMAD_PERM16_DEFAULT)]);
         for (name, host) in defaults {
             let prefix = format!("#define {name} ");
             let line = GPTQ
@@ -2647,6 +2758,29 @@ mod tests {
     #[test]
     fn slot_rows_are_the_kernels() {
         assert_eq!([3, 4, 8].map(slot_rows), [12, 4, 8]);
+    }
+
+    /// Tile-major words where measured faster: 3-bit tensor-core layers that never run the
+    /// `_narrow` entries (more than 64 strips, or K above 4096); strip-major for narrow-capable
+    /// 3-bit layers, other widths and scalar-kernel layers.
+    #[test]
+    fn tile_major_where_never_narrow() {
+        let layout = |bits, gs, k, n| {
+            let p = prepare(&random_gptq(bits, gs, k, n, false, 3)).unwrap();
+            auto_word_layout(&p, mma_eligible(&p))
+        };
+        let (tile, strip) = (WordLayout::TileMajor, WordLayout::StripMajor);
+        assert_eq!(layout(3, 128, 128, 2080), tile, "65 strips");
+        assert_eq!(layout(3, -1, 4224, 32), tile, "K above 4096");
+        assert_eq!(
+            layout(3, 128, 128, 2048),
+            strip,
+            "64 strips, K = 128: narrow at M = 1"
+        );
+        assert_eq!(layout(3, 128, 4096, 1024), strip, "k and v");
+        assert_eq!(layout(3, 32, 128, 2080), strip, "3-bit g32: scalar kernel");
+        assert_eq!(layout(4, 128, 128, 2080), strip, "4 bits");
+        assert_eq!(layout(8, 128, 128, 2080), strip, "8 bits");
     }
 
     #[test]

@@ -57,12 +57,36 @@ pub const GPTQ_TALL: KernelSource = gptq_module!("gptq_tall", "3");
 /// `MMAD_ROWS_ENTRY`): kernels/gptq.cu compiled with `GPTQ_MODULE 4`, for the same reason.
 pub const GPTQ_ROWS: KernelSource = gptq_module!("gptq_rows", "4");
 
-/// The modules compiled from kernels/gptq.cu.
-pub const GPTQ_MODULES: [KernelSource; 5] = [GPTQ, GPTQ_SLICE4, GPTQ_NARROW, GPTQ_TALL, GPTQ_ROWS];
+/// The 3-bit entries a layer with tile-major words runs (`qw_tile_major` in kernels/gptq.cu: the
+/// scalar GEMV's, the register-pipelined GEMV's without its `_narrow` ones, the dequantization),
+/// under the names they have in [`GPTQ`]: kernels/gptq.cu compiled with `GPTQ_MODULE 5`.
+/// [`gptq_tile_source`] says which entries it holds.
+pub const GPTQ_TILE3: KernelSource = gptq_module!("gptq_tile3", "5");
 
-/// The module that holds entry `entry` of kernels/gptq.cu: [`GPTQ_NARROW`] for the `_narrow`
-/// entries, [`GPTQ_TALL`] for the `_tall` ones, [`GPTQ_ROWS`] for the `_rows` ones,
-/// [`GPTQ_SLICE4`] for the 4-bit `_gather_slice` ones, [`GPTQ`] for every other one.
+/// The modules compiled from kernels/gptq.cu.
+pub const GPTQ_MODULES: [KernelSource; 6] = [
+    GPTQ,
+    GPTQ_SLICE4,
+    GPTQ_NARROW,
+    GPTQ_TALL,
+    GPTQ_ROWS,
+    GPTQ_TILE3,
+];
+
+/// The module that holds the tile-major build of entry `entry` of kernels/gptq.cu ([`GPTQ_TILE3`]),
+/// or None where there is none: the 3-bit scalar GEMV (`gptq_gemv_3b_*`), register-pipelined GEMV
+/// (`gptq_mmad_gemv_3b_*`, but its `_narrow` entries) and dequantization (`gptq_dequant_3b_f16`).
+pub fn gptq_tile_source(entry: &str) -> Option<&'static KernelSource> {
+    let tile = (entry.starts_with("gptq_gemv_3b_") || entry.starts_with("gptq_mmad_gemv_3b_"))
+        && !entry.ends_with("_narrow")
+        || entry == "gptq_dequant_3b_f16";
+    tile.then_some(&GPTQ_TILE3)
+}
+
+/// The module that holds the (strip-major or row-major) entry `entry` of kernels/gptq.cu:
+/// [`GPTQ_NARROW`] for the `_narrow` entries, [`GPTQ_TALL`] for the `_tall` ones, [`GPTQ_ROWS`] for
+/// the `_rows` ones, [`GPTQ_SLICE4`] for the 4-bit `_gather_slice` ones, [`GPTQ`] for every other
+/// one. (Layers with tile-major words: [`gptq_tile_source`].)
 pub fn gptq_source(entry: &str) -> &'static KernelSource {
     if entry.ends_with("_narrow") {
         &GPTQ_NARROW
@@ -95,6 +119,7 @@ pub const ALL: &[KernelSource] = &[
     GPTQ_NARROW,
     GPTQ_TALL,
     GPTQ_ROWS,
+    GPTQ_TILE3,
     FORWARD,
     super::eval::EVAL,
 ];
