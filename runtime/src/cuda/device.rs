@@ -29,12 +29,14 @@ pub struct CudaDevice {
     sm_count: usize,
     smem_optin: usize,
     modules: RwLock<HashMap<&'static str, Arc<CudaModule>>>,
-    funcs: RwLock<HashMap<String, CudaFunction>>,
+    /// Loaded entries by (module name, entry name): modules may share entry names
+    /// (`kernels::GPTQ_TILE3`).
+    funcs: RwLock<HashMap<(&'static str, String), CudaFunction>>,
     pub(crate) ws: Mutex<Workspace>,
     pub(crate) busy: Mutex<Option<(CudaSlice<u8>, CudaSlice<u8>)>>,
-    /// Resident blocks per SM by (entry and block size, dynamic shared bytes), as the driver's
-    /// occupancy query answered (asked while planning GEMV launches).
-    pub(crate) occupancy: Mutex<HashMap<(String, usize), usize>>,
+    /// Resident blocks per SM by (function handle, block size, dynamic shared bytes), as the
+    /// driver's occupancy query answered (asked while planning GEMV launches).
+    pub(crate) occupancy: Mutex<HashMap<(usize, u32, usize), usize>>,
     /// Tensor-core GEMV launch choices by layer shape and M (`CudaDevice::mma_choice`).
     pub(crate) plans: Mutex<HashMap<super::gptq::MmaKey, super::gptq::MmaChoice>>,
     /// Whether the kernels written for it run as programmatic dependent launches
@@ -211,7 +213,8 @@ impl CudaDevice {
 
     /// The entry point `entry` of kernel file `k`, compiling and loading the module on first use.
     pub fn function(&self, k: &KernelSource, entry: &str) -> Result<CudaFunction> {
-        if let Some(f) = self.funcs.read().ok().and_then(|m| m.get(entry).cloned()) {
+        let key = (k.name, entry.to_string());
+        if let Some(f) = self.funcs.read().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(f);
         }
         let module = self.module(k)?;
@@ -223,7 +226,7 @@ impl CudaDevice {
                 source,
             })?;
         if let Ok(mut m) = self.funcs.write() {
-            m.insert(entry.to_string(), f.clone());
+            m.insert(key, f.clone());
         }
         Ok(f)
     }

@@ -1512,7 +1512,8 @@ impl CudaDevice {
     }
 
     /// Blocks of `threads` threads and `smem` dynamic shared bytes the driver keeps resident per SM
-    /// (0 when `smem` is over the device's limit); cached per (entry and threads, smem).
+    /// (0 when `smem` is over the device's limit); cached per (function, threads, smem): entries of
+    /// one name in two modules are two functions.
     pub(crate) fn resident_blocks(
         &self,
         f: &cudarc::driver::CudaFunction,
@@ -1523,7 +1524,7 @@ impl CudaDevice {
         if smem > self.smem_optin() {
             return Ok(0);
         }
-        let key = (format!("{entry}/{threads}"), smem);
+        let key = (f.cu_function() as usize, threads, smem);
         if let Some(r) = self
             .occupancy
             .lock()
