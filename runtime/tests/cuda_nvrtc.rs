@@ -22,7 +22,7 @@ fn every_kernel_compiles_for_sm_90() {
         setup.nvrtc.location,
         setup.include_dirs
     );
-    for k in kernels::ALL {
+    for k in kernels::all() {
         let t = std::time::Instant::now();
         let cubin = kernels::compile_uncached(k, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
         // An ELF cubin.
@@ -132,7 +132,7 @@ fn every_tensor_core_entry_the_launches_ask_for_exists() {
 #[ignore = "writes the kernel cache; run by hand"]
 fn precompile_cache_for_sm_90() {
     let setup = probe::probe_nvrtc().unwrap_or_else(|e| panic!("{e}"));
-    for k in kernels::ALL {
+    for k in kernels::all() {
         kernels::compile(k, "sm_90", &setup).unwrap_or_else(|e| panic!("{e}"));
     }
 }

@@ -110,6 +110,11 @@ pub struct PreparedGptq {
     pub perm: Option<Vec<i32>>,
 }
 
+/// `3-bit 4096x14336 layer`, for errors.
+fn layer_name(bits: u32, k: usize, n: usize) -> String {
+    format!("{bits}-bit {k}x{n} layer")
+}
+
 fn unsupported(field: &'static str, value: impl ToString, reason: &'static str) -> CudaError {
     CudaError::Unsupported {
         field,
@@ -1363,27 +1368,21 @@ impl CudaDevice {
             GemvKernel::Scalar => false,
             GemvKernel::TensorCore if mma_eligible(p) => true,
             GemvKernel::TensorCore => {
+                let layer = layer_name(p.bits, p.in_features, p.out_features);
                 return Err(unsupported(
                     "GEMV kernel",
-                    format!(
-                        "tensor-core for a {}-bit {}x{} layer",
-                        p.bits, p.in_features, p.out_features
-                    ),
+                    format!("tensor-core for a {layer}"),
                     "needs N a multiple of 32, K at most 65536 with act-order, and, at 4 or 8 bits, K a multiple of 32 and one group per 32-row tile, or at 3 bits K and the groups multiples of 128 rows",
-                ))
+                ));
             }
         };
         let layout = layout.unwrap_or_else(|| auto_word_layout(p, mma));
         if layout == WordLayout::TileMajor && !(mma && p.bits == 3) {
+            let layer = layer_name(p.bits, p.in_features, p.out_features);
+            let kernel = if mma { "tensor-core" } else { "scalar GEMV" };
             return Err(unsupported(
                 "word layout",
-                format!(
-                    "tile-major for a {}-bit {}x{} layer ({})",
-                    p.bits,
-                    p.in_features,
-                    p.out_features,
-                    if mma { "tensor-core" } else { "scalar GEMV" }
-                ),
+                format!("tile-major for a {layer} ({kernel})"),
                 "only 3-bit layers uploaded for the tensor cores have entries for tile-major words",
             ));
         }
@@ -1425,12 +1424,10 @@ impl CudaDevice {
         let mut ptrs: Vec<u64> = Vec::with_capacity(ws.len() * 5);
         for e in &ws {
             if e.tile_major {
+                let layer = layer_name(e.bits, e.in_features, e.out_features);
                 return Err(unsupported(
                     "experts",
-                    format!(
-                        "a {}-bit {}x{} layer with tile-major words",
-                        e.bits, e.in_features, e.out_features
-                    ),
+                    format!("a {layer} with tile-major words"),
                     "the fused MoE reads strip-major words: upload experts with `upload_expert_as`",
                 ));
             }

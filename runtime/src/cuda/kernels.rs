@@ -64,7 +64,7 @@ pub const GPTQ_ROWS: KernelSource = gptq_module!("gptq_rows", "4");
 pub const GPTQ_TILE3: KernelSource = gptq_module!("gptq_tile3", "5");
 
 /// The modules compiled from kernels/gptq.cu.
-pub const GPTQ_MODULES: [KernelSource; 6] = [
+pub static GPTQ_MODULES: [KernelSource; 6] = [
     GPTQ,
     GPTQ_SLICE4,
     GPTQ_NARROW,
@@ -112,17 +112,11 @@ pub const FORWARD: KernelSource = KernelSource {
     ),
 };
 
-/// Every kernel file, for the compile-everything test.
-pub const ALL: &[KernelSource] = &[
-    GPTQ,
-    GPTQ_SLICE4,
-    GPTQ_NARROW,
-    GPTQ_TALL,
-    GPTQ_ROWS,
-    GPTQ_TILE3,
-    FORWARD,
-    super::eval::EVAL,
-];
+/// Every kernel module, for the compile-everything test: [`GPTQ_MODULES`], [`FORWARD`] and the
+/// evaluation's.
+pub fn all() -> impl Iterator<Item = &'static KernelSource> {
+    GPTQ_MODULES.iter().chain([&FORWARD, &super::eval::EVAL])
+}
 
 /// Options passed to NVRTC besides the architecture and include folders.
 const OPTIONS: &[&str] = &["-std=c++17", "--fmad=true", "-default-device"];
