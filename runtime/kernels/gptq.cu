@@ -237,11 +237,12 @@ template <int MT> __device__ __forceinline__ void load_x(const float* p, float* 
 // Whether the tensor-core layout of BITS-bit words is tile-major in this module's entries: at 3 bits
 // in GPTQ_MODULE 5 (`gptq_tile3`), strip-major everywhere else. The host uploads a 3-bit layer
 // tile-major where it never runs the `_narrow` entries and is not an expert of the fused MoE
-// (runtime/src/cuda/gptq.rs, `auto_tile_major`), and then loads its entries from that module. On an
+// (runtime/src/cuda/gptq.rs, `auto_word_layout`), and then loads its entries from that module. On an
 // H100 tile-major was 1-1.5 % faster at 4096 x 14336 and 14336 x 4096 but 2-7 % slower at 4096 x 4096
 // and 4096 x 1024 at 4 and 8 bits (BENCHMARKS.md, "the tile-major layout ... tried"); at 3 bits the
 // GEMV was 0.7-1.4 % faster at the three larger shapes but 1.1 % slower at 4096 x 1024, and the fused
-// MoE 1-3 % slower (BENCHMARKS.md, "tile-major words at 3 bits only").
+// MoE 1-3 % slower (BENCHMARKS.md, "tile-major words at 3 bits only"); in this module, 0.9-1.6 %
+// faster at those shapes ("tile-major words for 3-bit layers that never run the narrow entries").
 __host__ __device__ constexpr bool qw_tile_major(int bits) { return GPTQ_MODULE == 5 && bits == 3; }
 // Packed rows of one slot of the tensor-core layout, what one warp-wide step of the GEMV reads: a
 // 32-row tile at 4 and 8 bits (512 or 1024 bytes of a strip), a 128-row super-tile at 3 bits (1536).

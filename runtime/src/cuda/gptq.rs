@@ -387,12 +387,13 @@ pub enum WordLayout {
 /// The layout [`CudaDevice::upload_prepared`] gives a layer it uploads for the tensor cores
 /// (`mma`): tile-major at 3 bits on layers that never run the entries for narrow layers (more than
 /// 64 strips, that is 2048 columns, or K above 4096: `mmad_narrow`), strip-major otherwise;
-/// experts of the fused MoE are uploaded strip-major ([`CudaDevice::upload_expert_as`]). Measured on an H100 (BENCHMARKS.md, "tile-major words for
-/// 3-bit layers that never run the narrow entries"), M = 1, g128, us, strip-major against
-/// tile-major: 4096 x 14336 11.93-11.97 / 11.74-11.77, 14336 x 4096 11.72-11.77 / 11.59-11.62, 4096 x
-/// 4096 5.61-5.62 / 5.56-5.59, act-order 13.04-13.08 / 12.89-12.92 at 4096 x 14336; earlier, with
-/// every 3-bit layer tile-major ("tile-major words at 3 bits only"), 4096 x 1024 (narrow) 4.12 /
-/// 4.17 and the fused MoE 1-3 % slower.
+/// experts of the fused MoE are uploaded strip-major ([`CudaDevice::upload_expert_as`]). Measured
+/// on an H100 (BENCHMARKS.md, "tile-major words for 3-bit layers that never run the narrow
+/// entries"), M = 1, g128, us, strip-major against tile-major: 4096 x 14336 11.93-11.97 /
+/// 11.74-11.77, 14336 x 4096 11.72-11.77 / 11.59-11.62, 4096 x 4096 5.61-5.62 / 5.56-5.59,
+/// act-order 13.04-13.08 / 12.89-12.92 at 4096 x 14336; earlier, with every 3-bit layer tile-major
+/// ("tile-major words at 3 bits only"), 4096 x 1024 (narrow) 4.12 / 4.17 and the fused MoE 1-3 %
+/// slower.
 /// `MIXTRAL_GPTQ_TILE_MAJOR=0` keeps every layer strip-major (benchmark comparisons).
 pub fn auto_word_layout(p: &PreparedGptq, mma: bool) -> WordLayout {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
