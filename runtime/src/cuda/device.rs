@@ -29,9 +29,10 @@ pub struct CudaDevice {
     sm_count: usize,
     smem_optin: usize,
     modules: RwLock<HashMap<&'static str, Arc<CudaModule>>>,
-    /// Loaded entries by (module name, entry name): modules may share entry names
-    /// (`kernels::GPTQ_TILE3`).
-    funcs: RwLock<HashMap<(&'static str, String), CudaFunction>>,
+    /// Loaded entries by module name, then entry name: modules may share entry names
+    /// (`kernels::GPTQ_TILE3`). (Nested, so that a lookup, made on every launch, needs no key of
+    /// its own.)
+    funcs: RwLock<HashMap<&'static str, HashMap<String, CudaFunction>>>,
     pub(crate) ws: Mutex<Workspace>,
     pub(crate) busy: Mutex<Option<(CudaSlice<u8>, CudaSlice<u8>)>>,
     /// Resident blocks per SM by (function handle, block size, dynamic shared bytes), as the
@@ -213,8 +214,12 @@ impl CudaDevice {
 
     /// The entry point `entry` of kernel file `k`, compiling and loading the module on first use.
     pub fn function(&self, k: &KernelSource, entry: &str) -> Result<CudaFunction> {
-        let key = (k.name, entry.to_string());
-        if let Some(f) = self.funcs.read().ok().and_then(|m| m.get(&key).cloned()) {
+        if let Some(f) = self
+            .funcs
+            .read()
+            .ok()
+            .and_then(|m| m.get(k.name)?.get(entry).cloned())
+        {
             return Ok(f);
         }
         let module = self.module(k)?;
@@ -226,7 +231,9 @@ impl CudaDevice {
                 source,
             })?;
         if let Ok(mut m) = self.funcs.write() {
-            m.insert(key, f.clone());
+            m.entry(k.name)
+                .or_default()
+                .insert(entry.to_string(), f.clone());
         }
         Ok(f)
     }
