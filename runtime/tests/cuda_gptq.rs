@@ -281,51 +281,14 @@ fn mma_gemv_matches_reference() {
             let shape = dev.gemv_launch_shape::<f16>(&dw, 1).unwrap().unwrap();
             assert!(shape.entry.ends_with("_tall"), "{k}x{n}: {shape:?}");
         }
-        for m in 1..=8usize {
-            seed += 1;
-            run_case(
-                bits,
-                gs,
-                k,
-                n,
-                act,
-                m,
-                seed % 2 == 0,
-                Path::GemvTensorCore,
-                seed,
-            );
-        }
-        if act {
-            for m in [1usize, 3] {
-                seed += 1;
-                let path = Path::GemvTensorCore;
-                run_case_on(&gathering, bits, gs, k, n, act, m, m == 3, path, seed);
-            }
-        }
-        // The scalar kernel on the strip-major layout (the fused MoE GEMV and the dequantize
-        // kernel read it too), then on its own.
-        run_case(
-            bits,
-            gs,
-            k,
-            n,
-            act,
-            3,
-            seed % 2 == 1,
+        let case = (bits, gs, k, n, act);
+        let strips = [
+            Path::GemvTensorCore,
             Path::GemvScalarStrips,
-            seed + 50,
-        );
-        run_case(
-            bits,
-            gs,
-            k,
-            n,
-            act,
-            2,
-            seed % 2 == 0,
             Path::GemmStrips,
-            seed + 60,
-        );
+        ];
+        on_tensor_core_words(&gathering, case, strips, (false, [0, 50, 60]), &mut seed);
+        // The scalar kernel on its own words.
         run_case(
             bits,
             gs,
@@ -338,33 +301,13 @@ fn mma_gemv_matches_reference() {
             seed + 70,
         );
         if bits == 3 {
-            // The same layer with tile-major words (`gptq_tile3` entries): every launch's row count
-            // on the tensor cores, act-order gathered inside, the scalar GEMV, the GEMM path.
-            for m in 1..=8usize {
-                seed += 1;
-                let path = Path::GemvTensorCoreTiles;
-                run_case(bits, gs, k, n, act, m, seed % 2 == 1, path, seed + 80);
-            }
-            if act {
-                for m in [1usize, 3] {
-                    seed += 1;
-                    let path = Path::GemvTensorCoreTiles;
-                    run_case_on(&gathering, bits, gs, k, n, act, m, m == 1, path, seed + 80);
-                }
-            }
-            let path = Path::GemvScalarTiles;
-            run_case(bits, gs, k, n, act, 3, seed % 2 == 0, path, seed + 90);
-            run_case(
-                bits,
-                gs,
-                k,
-                n,
-                act,
-                2,
-                seed % 2 == 1,
+            // The same layer with tile-major words (`gptq_tile3` entries).
+            let tiles = [
+                Path::GemvTensorCoreTiles,
+                Path::GemvScalarTiles,
                 Path::GemmTiles,
-                seed + 95,
-            );
+            ];
+            on_tensor_core_words(&gathering, case, tiles, (true, [80, 90, 95]), &mut seed);
         }
     }
     for (bits, bf, m) in [
@@ -426,6 +369,67 @@ fn mma_gemv_matches_reference() {
             );
         }
     }
+}
+
+/// One layer (bits, group, K, N, act-order) on the words of one tensor-core layout, whose
+/// tensor-core, scalar and GEMM paths are `paths`: every launch's row count on the tensor cores
+/// (M = 1..8), act-order X gathered inside on `gathering` (M = 1 and 3), the scalar GEMV on those
+/// words (M = 3; the fused MoE GEMV and the dequantize kernel read them too) and the GEMM path
+/// (M = 2). `flip` swaps which runs take bf16 X; `offsets` are added to the seeds of the
+/// tensor-core, scalar and GEMM runs.
+fn on_tensor_core_words(
+    gathering: &CudaDevice,
+    (bits, gs, k, n, act): (u32, i32, usize, usize, bool),
+    [tensor_cores, scalar, gemm]: [Path; 3],
+    (flip, [tc_off, scalar_off, gemm_off]): (bool, [u64; 3]),
+    seed: &mut u64,
+) {
+    for m in 1..=8usize {
+        *seed += 1;
+        let bf = seed.is_multiple_of(2) != flip;
+        run_case(bits, gs, k, n, act, m, bf, tensor_cores, *seed + tc_off);
+    }
+    if act {
+        for m in [1usize, 3] {
+            *seed += 1;
+            let bf = (m == 3) != flip;
+            run_case_on(
+                gathering,
+                bits,
+                gs,
+                k,
+                n,
+                act,
+                m,
+                bf,
+                tensor_cores,
+                *seed + tc_off,
+            );
+        }
+    }
+    let s = *seed;
+    run_case(
+        bits,
+        gs,
+        k,
+        n,
+        act,
+        3,
+        (s % 2 == 1) != flip,
+        scalar,
+        s + scalar_off,
+    );
+    run_case(
+        bits,
+        gs,
+        k,
+        n,
+        act,
+        2,
+        s.is_multiple_of(2) != flip,
+        gemm,
+        s + gemm_off,
+    );
 }
 
 /// The fused MoE launch: 8 experts (act-order, distinct perms), 5 tokens, top-2, gate/up style
