@@ -239,20 +239,26 @@ pub struct DeviceGptq {
     zeros: CudaSlice<u8>,
     ugroup: CudaSlice<i32>,
     perm: Option<CudaSlice<i32>>,
-    /// Whether the tensor-core GEMV applies ([`mma_eligible`]); `qweight` is then in its layout,
-    /// strip-major or, with `tile_major`, tile-major ([`WordLayout`]).
-    mma: bool,
-    /// Whether `qweight` is tile-major ([`WordLayout::TileMajor`]); its entries then come from
+    /// How `qweight` lies for the tensor-core GEMV where it applies ([`mma_eligible`]); None: the
+    /// scalar kernel's row-major words. A tile-major layer's entries come from
     /// [`kernels::GPTQ_TILE3`](crate::cuda::kernels::GPTQ_TILE3).
-    tile_major: bool,
+    layout: Option<WordLayout>,
     /// Rows per group when the groups are uniform ([`uniform_group_rows`]), else 0.
     group_rows: i32,
 }
 
 impl DeviceGptq {
+    /// Whether the layer was uploaded for the tensor cores (its words in [`Self::word_layout`]).
+    fn mma(&self) -> bool {
+        self.layout.is_some()
+    }
+    /// Whether its words are tile-major ([`WordLayout::TileMajor`]).
+    fn tile_major(&self) -> bool {
+        self.layout == Some(WordLayout::TileMajor)
+    }
     /// The kernels' `strip_rows` argument: the packed rows R when `qweight` is strip-major, else 0.
     fn strip_rows(&self) -> i32 {
-        if self.mma {
+        if self.mma() {
             (self.in_features * self.bits as usize / 32) as i32
         } else {
             0
@@ -265,11 +271,7 @@ impl DeviceGptq {
     /// How the packed words of a layer uploaded for the tensor cores lie, or None for the scalar
     /// kernel's row-major words.
     pub fn word_layout(&self) -> Option<WordLayout> {
-        match (self.mma, self.tile_major) {
-            (false, _) => None,
-            (true, false) => Some(WordLayout::StripMajor),
-            (true, true) => Some(WordLayout::TileMajor),
-        }
+        self.layout
     }
     /// Bytes of the layer as stored in the checkpoint (qweight + scales + qzeros + g_idx).
     pub fn checkpoint_bytes(&self) -> usize {
@@ -480,8 +482,8 @@ pub fn prepermutes(w: &DeviceGptq, m: usize, dependent: bool) -> bool {
         || m >= 8
         || (m >= 2 && m * w.in_features * w.out_features > PREPERMUTE_MIN_PRODUCT);
     // (3 bits: only where a launch of one row runs on the tensor cores)
-    let fits = gemv_on_tensor_cores(w.mma, w.bits, false, w.in_features, 1);
-    w.mma && w.act_order() && fits && force.unwrap_or(wanted)
+    let fits = gemv_on_tensor_cores(w.mma(), w.bits, false, w.in_features, 1);
+    w.mma() && w.act_order() && fits && force.unwrap_or(wanted)
 }
 
 /// See [`prepermutes`]: with dependent launch, one row of act-order X is gathered inside the GEMV
@@ -1325,7 +1327,7 @@ impl CudaDevice {
     /// Entry point `entry` of kernels/gptq.cu for layer `w`: from the module of its tile-major
     /// entries ([`gptq_tile_source`]) where its words are tile-major, else [`Self::gptq_function`].
     fn layer_function(&self, w: &DeviceGptq, entry: &str) -> Result<cudarc::driver::CudaFunction> {
-        if !w.tile_major {
+        if !w.tile_major() {
             return self.gptq_function(entry);
         }
         let source = gptq_tile_source(entry).ok_or_else(|| {
@@ -1405,8 +1407,7 @@ impl CudaDevice {
                 .as_ref()
                 .map(|v| self.upload(&perm_words(v, mma)))
                 .transpose()?,
-            mma,
-            tile_major: mma && layout == WordLayout::TileMajor,
+            layout: mma.then_some(layout),
             group_rows: uniform_group_rows(p) as i32,
         })
     }
@@ -1424,7 +1425,7 @@ impl CudaDevice {
         let (b, k, n) = (first.bits, first.in_features, first.out_features);
         let mut ptrs: Vec<u64> = Vec::with_capacity(ws.len() * 5);
         for e in &ws {
-            if e.tile_major {
+            if e.tile_major() {
                 let layer = layer_name(e.bits, e.in_features, e.out_features);
                 return Err(unsupported(
                     "experts",
@@ -1432,7 +1433,7 @@ impl CudaDevice {
                     "the fused MoE reads strip-major words: upload experts with `upload_expert_as`",
                 ));
             }
-            if (e.bits, e.in_features, e.out_features, e.mma) != (b, k, n, first.mma) {
+            if (e.bits, e.in_features, e.out_features, e.mma()) != (b, k, n, first.mma()) {
                 return Err(unsupported(
                     "experts",
                     format!(
@@ -1581,7 +1582,7 @@ impl CudaDevice {
     pub fn qmatmul_uses_gemv(&self, w: &DeviceGptq, m: usize) -> bool {
         m <= GEMV_MAX_ROWS
             || (m <= GEMV_MAX_ROWS_TENSOR_CORES
-                && w.mma
+                && w.mma()
                 && (!w.act_order() || prepermutes(w, m, self.dependent_launch()))
                 && w.in_features * w.out_features >= GEMV_MIN_WEIGHTS_TENSOR_CORES)
     }
@@ -1622,7 +1623,7 @@ impl CudaDevice {
         w: &DeviceGptq,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        if !w.mma {
+        if !w.mma() {
             return Err(unsupported(
                 "GEMV kernel",
                 "tensor-core",
@@ -1669,7 +1670,7 @@ impl CudaDevice {
                     "the workspace is smaller than M x K",
                 )
             })?;
-            let per_launch = gemv_launch_rows(w.mma, w.bits, k);
+            let per_launch = gemv_launch_rows(w.mma(), w.bits, k);
             for_row_chunks(&xt, (m, k, n), per_launch, y, |xv, rows, yv| {
                 self.mma_gemv_launch(xv, rows, w, yv, true)
             })?;
@@ -1685,11 +1686,11 @@ impl CudaDevice {
         let per_launch = if tensor_cores == Some(false) {
             GEMV_ROWS_PER_LAUNCH
         } else {
-            gemv_launch_rows(w.mma, w.bits, k)
+            gemv_launch_rows(w.mma(), w.bits, k)
         };
         for_row_chunks(&x.as_view(), (m, k, n), per_launch, y, |xv, rows, yv| {
             let tc = tensor_cores
-                .unwrap_or_else(|| gemv_on_tensor_cores(w.mma, w.bits, w.act_order(), k, rows));
+                .unwrap_or_else(|| gemv_on_tensor_cores(w.mma(), w.bits, w.act_order(), k, rows));
             if tc {
                 self.mma_gemv_launch(xv, rows, w, yv, false)
             } else {
@@ -1735,7 +1736,7 @@ impl CudaDevice {
 
     /// Whether this layer was uploaded for the tensor-core GEMV (strip-major words).
     pub fn uses_mma_gemv(&self, w: &DeviceGptq) -> bool {
-        w.mma
+        w.mma()
     }
 
     /// Whether [`CudaDevice::qmatmul`] runs the GEMV of `m` rows (m ≤ [`GEMV_MAX_ROWS`]) on the
@@ -1743,11 +1744,11 @@ impl CudaDevice {
     pub fn gemv_uses_tensor_cores(&self, w: &DeviceGptq, m: usize) -> bool {
         prepermutes(w, m, self.dependent_launch())
             || gemv_on_tensor_cores(
-                w.mma,
+                w.mma(),
                 w.bits,
                 w.act_order(),
                 w.in_features,
-                m.min(gemv_launch_rows(w.mma, w.bits, w.in_features)),
+                m.min(gemv_launch_rows(w.mma(), w.bits, w.in_features)),
             )
     }
 
@@ -1900,7 +1901,7 @@ impl CudaDevice {
             w.group_rows,
             act_order,
             moe_pairs,
-            w.tile_major,
+            w.tile_major(),
         );
         if let Some(c) = self.plans.lock().ok().and_then(|c| c.get(&key).copied()) {
             return Ok(c);
@@ -1917,7 +1918,7 @@ impl CudaDevice {
             ) {
                 // (the `_narrow` entries read strip-major words only: [`auto_word_layout`] keeps
                 // such layers strip-major, but a caller may ask for tile-major)
-                LayerClass::Narrow if w.tile_major => LayerClass::Any,
+                LayerClass::Narrow if w.tile_major() => LayerClass::Any,
                 class => class,
             };
             // The plan reads the launch bound and residency of the entry that will run: the fused
@@ -2057,7 +2058,7 @@ impl CudaDevice {
         };
         b.buf_mut(y);
         // SAFETY: argument types and order match `gptq_mma_gemv_*` and `gptq_mmad_gemv_*` in
-        // kernels/gptq.cu; `w.mma` holds (K, N multiples of 32, one group per 32-row tile); x holds
+        // kernels/gptq.cu; `w.mma()` guarantees (K, N multiples of 32, one group per 32-row tile); x holds
         // m·K and y m·N elements (checked by the caller); for the ring variant the workspaces were
         // grown to nsplit·8·N floats and N/32 counters; the register-pipelined variant has one block
         // of nsplit warps per strip and never reads the null workspace pointers. Only it is written
@@ -2331,7 +2332,7 @@ impl CudaDevice {
         let uniform = experts
             .experts
             .iter()
-            .all(|e| e.mma && e.group_rows == rows && e.act_order() == first.act_order());
+            .all(|e| e.mma() && e.group_rows == rows && e.act_order() == first.act_order());
         if !uniform || !gemv_on_tensor_cores(true, bits, first.act_order(), k, 1) {
             return None;
         }
