@@ -643,6 +643,16 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MAX_WARPS8_SLICE
 #define MMAD_MAX_WARPS8_SLICE 24
 #endif
+// Slots the 8-bit `_gather_slice` entry (GPTQ_MODULE 0, K up to 4096) issues before the
+// dependent-launch wait; the others follow right after the block's copy of X is issued, so that fewer
+// of the block's weight loads queue ahead of X. Default: every slot (MMAD_DEPTH8), the code on main.
+// One H100 run (BENCHMARKS.md, "the whole of X before the first product") gave 8.40 us at 4096 x 4096
+// g128 M = 1 with 1 against 8.70-8.76 with every slot; with 1 the 4-bit slices were slower (6.57 against
+// 6.30), so the knob is the 8-bit slice's alone. Off until it is measured again and run through the
+// GPU tests (sweeps: -DMMAD_SLICE8_PRE_TILES=1).
+#ifndef MMAD_SLICE8_PRE_TILES
+#define MMAD_SLICE8_PRE_TILES MMAD_DEPTH8
+#endif
 #ifndef MMAD_MAX_WARPS8_GATHER // the `_gather` entry at 8 bits (sweeps)
 #define MMAD_MAX_WARPS8_GATHER MMAD_MAX_WARPS8
 #endif
@@ -1491,9 +1501,14 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     const int SST = qw_tile_major(BITS) ? (N / 32) * TS : TS;
     const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * qw_strip_step<BITS>(q.strip_rows)) +
                       (size_t)(t_begin / TPB) * SST + LPT * c * 8 + g;
+    // PRE_D of them before the wait (MMAD_SLICE8_PRE_TILES), the rest after the block's copy of X.
     uint4 buf[D][LPT];
+    constexpr int PRE_D = GPTQ_MODULE == 0 && BITS == 8 && GATHER == MMAD_GATHER_SLICE && MMAD_SLICE8_PRE_TILES < D
+                              ? MMAD_SLICE8_PRE_TILES
+                              : D;
+    static_assert(PRE_D >= 1, "at least one slot before the wait");
 #pragma unroll
-    for (int d = 0; d < D; ++d)
+    for (int d = 0; d < PRE_D; ++d)
         if (d * TPB < nt)
 #pragma unroll
             for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * SST + h * 8));
@@ -1562,6 +1577,13 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
         // (MMAD_PLAIN keeps the copy reachable: without it, ptxas scheduled the 3-bit plain entries
         // 2 % slower, BENCHMARKS.md)
         if (xblock) mma_copy_x_block_async(X, M, K, smem);
+        if constexpr (PRE_D < D) {
+#pragma unroll
+            for (int d = PRE_D; d < D; ++d)
+                if (d * TPB < nt)
+#pragma unroll
+                    for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * SST + h * 8));
+        }
         if constexpr (GATHER != MMAD_PLAIN) {
             cp_async_wait<0>();
             if (xblock)
