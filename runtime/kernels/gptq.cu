@@ -1432,6 +1432,17 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 // each in `_gather_slice`.
 // The entries' ws and counters are not used.
 // The group data in flight of mmad_gemv's groups of one tile (empty otherwise).
+// Loads pipeline slots D0 .. D1 - 1 of a warp's run (those of its nt tiles) into buf: each lane's
+// LPT 16-byte pieces of a slot, slots SST uint4 apart from wp.
+template <int D0, int D1, int D, int LPT, int TPB>
+__device__ __forceinline__ void mmad_load_slots(uint4 (&buf)[D][LPT], const uint4* wp, int SST, int nt) {
+#pragma unroll
+    for (int d = D0; d < D1; ++d)
+        if (d * TPB < nt)
+#pragma unroll
+            for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * SST + h * 8));
+}
+
 template <int D, bool ON> struct MmadGroupPipe {
     uint2 sr[D];
     u32 zw[D];
@@ -1507,11 +1518,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                               ? MMAD_SLICE8_PRE_TILES
                               : D;
     static_assert(PRE_D >= 1, "at least one slot before the wait");
-#pragma unroll
-    for (int d = 0; d < PRE_D; ++d)
-        if (d * TPB < nt)
-#pragma unroll
-            for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * SST + h * 8));
+    mmad_load_slots<0, PRE_D, D, LPT, TPB>(buf, wp, SST, nt);
 
     // Groups: tpg tiles each. sp and zp point at the scales and zero word of the group loaded next
     // (into nsr, nzw), gl counts the groups after it; past the last group they stay on it.
@@ -1577,13 +1584,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
         // (MMAD_PLAIN keeps the copy reachable: without it, ptxas scheduled the 3-bit plain entries
         // 2 % slower, BENCHMARKS.md)
         if (xblock) mma_copy_x_block_async(X, M, K, smem);
-        if constexpr (PRE_D < D) {
-#pragma unroll
-            for (int d = PRE_D; d < D; ++d)
-                if (d * TPB < nt)
-#pragma unroll
-                    for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * SST + h * 8));
-        }
+        if constexpr (PRE_D < D) mmad_load_slots<PRE_D, D, D, LPT, TPB>(buf, wp, SST, nt);
         if constexpr (GATHER != MMAD_PLAIN) {
             cp_async_wait<0>();
             if (xblock)
