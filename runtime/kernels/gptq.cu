@@ -643,15 +643,24 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MAX_WARPS8_SLICE
 #define MMAD_MAX_WARPS8_SLICE 24
 #endif
-// Slots the 8-bit `_gather_slice` entry (GPTQ_MODULE 0, K up to 4096) issues before the
-// dependent-launch wait; the others follow right after the block's copy of X is issued, so that fewer
-// of the block's weight loads queue ahead of X. Default: every slot (MMAD_DEPTH8), the code on main.
-// One H100 run (BENCHMARKS.md, "the whole of X before the first product") gave 8.40 us at 4096 x 4096
-// g128 M = 1 with 1 against 8.70-8.76 with every slot; with 1 the 4-bit slices were slower (6.57 against
-// 6.30), so the knob is the 8-bit slice's alone. Off until it is measured again and run through the
-// GPU tests (sweeps: -DMMAD_SLICE8_PRE_TILES=1).
+// Weight slots an act-order entry issues before the dependent-launch wait; the others follow right
+// after the block's copy of X is issued, so that fewer of the block's weight loads queue ahead of X,
+// which every product waits for. Knobs for the 8-bit `_gather_slice` (GPTQ_MODULE 0, K up to 4096)
+// and the 4- and 8-bit `_gather` entries (K above 4096): one slot of their two each. On an H100
+// (BENCHMARKS.md, "one weight slot before the wait"), g128 M = 1, us, against both slots before the
+// wait, in alternating runs of one call: 8-bit slice at 4096 x 4096 8.39-8.40 against 8.65-8.72;
+// at 14336 x 4096 the 4-bit `_gather` 14.51-14.54 against 14.73-14.75 and the 8-bit 22.80-22.83
+// against 23.34-23.41. Slower, so not knobs: the 4-bit slices (6.57 against 6.30 at 4096 x 4096,
+// "the whole of X before the first product") and the `_narrow` slices at 4096 x 1024 (8-bit 6.18-6.20
+// with 1 of 4, 5.92-5.93 with 2, against 5.29-5.31; 3-bit 4.88-4.89 with 1 of 2 against 4.71-4.72).
 #ifndef MMAD_SLICE8_PRE_TILES
-#define MMAD_SLICE8_PRE_TILES MMAD_DEPTH8
+#define MMAD_SLICE8_PRE_TILES 1
+#endif
+#ifndef MMAD_GATHER4_PRE_TILES
+#define MMAD_GATHER4_PRE_TILES 1
+#endif
+#ifndef MMAD_GATHER8_PRE_TILES
+#define MMAD_GATHER8_PRE_TILES 1
 #endif
 #ifndef MMAD_MAX_WARPS8_GATHER // the `_gather` entry at 8 bits (sweeps)
 #define MMAD_MAX_WARPS8_GATHER MMAD_MAX_WARPS8
@@ -1512,11 +1521,15 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     const int SST = qw_tile_major(BITS) ? (N / 32) * TS : TS;
     const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * qw_strip_step<BITS>(q.strip_rows)) +
                       (size_t)(t_begin / TPB) * SST + LPT * c * 8 + g;
-    // PRE_D of them before the wait (MMAD_SLICE8_PRE_TILES), the rest after the block's copy of X.
+    // PRE_D of them before the wait (MMAD_SLICE8_PRE_TILES and the others), the rest after the block's
+    // copy of X.
     uint4 buf[D][LPT];
-    constexpr int PRE_D = GPTQ_MODULE == 0 && BITS == 8 && GATHER == MMAD_GATHER_SLICE && MMAD_SLICE8_PRE_TILES < D
-                              ? MMAD_SLICE8_PRE_TILES
-                              : D;
+    constexpr int PRE_ASKED = TILE_GROUPS                                                    ? D
+                              : GPTQ_MODULE == 0 && GATHER == MMAD_GATHER_SLICE && BITS == 8 ? MMAD_SLICE8_PRE_TILES
+                              : GPTQ_MODULE == 0 && GATHER == MMAD_GATHER && BITS == 4       ? MMAD_GATHER4_PRE_TILES
+                              : GPTQ_MODULE == 0 && GATHER == MMAD_GATHER && BITS == 8       ? MMAD_GATHER8_PRE_TILES
+                                                                                             : D;
+    constexpr int PRE_D = PRE_ASKED < D ? PRE_ASKED : D;
     static_assert(PRE_D >= 1, "at least one slot before the wait");
     mmad_load_slots<0, PRE_D, D, LPT, TPB>(buf, wp, SST, nt);
 
