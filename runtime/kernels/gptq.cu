@@ -662,6 +662,9 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_GATHER8_PRE_TILES
 #define MMAD_GATHER8_PRE_TILES 1
 #endif
+#ifndef MMAD_SLICE4_PRE_TILES // the 4-bit slices (GPTQ_MODULE 1; sweeps)
+#define MMAD_SLICE4_PRE_TILES MMAD_DEPTH_SLICE
+#endif
 #ifndef MMAD_MAX_WARPS8_GATHER // the `_gather` entry at 8 bits (sweeps)
 #define MMAD_MAX_WARPS8_GATHER MMAD_MAX_WARPS8
 #endif
@@ -1528,6 +1531,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
                               : GPTQ_MODULE == 0 && GATHER == MMAD_GATHER_SLICE && BITS == 8 ? MMAD_SLICE8_PRE_TILES
                               : GPTQ_MODULE == 0 && GATHER == MMAD_GATHER && BITS == 4       ? MMAD_GATHER4_PRE_TILES
                               : GPTQ_MODULE == 0 && GATHER == MMAD_GATHER && BITS == 8       ? MMAD_GATHER8_PRE_TILES
+                              : GPTQ_MODULE == 1 && GATHER == MMAD_GATHER_SLICE && BITS == 4 ? MMAD_SLICE4_PRE_TILES
                                                                                              : D;
     constexpr int PRE_D = PRE_ASKED < D ? PRE_ASKED : D;
     static_assert(PRE_D >= 1, "at least one slot before the wait");
