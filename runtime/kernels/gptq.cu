@@ -646,13 +646,16 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 // Weight slots an act-order entry issues before the dependent-launch wait; the others follow right
 // after the block's copy of X is issued, so that fewer of the block's weight loads queue ahead of X,
 // which every product waits for. Knobs for the 8-bit `_gather_slice` (GPTQ_MODULE 0, K up to 4096)
-// and the 4- and 8-bit `_gather` entries (K above 4096): one slot of their two each. On an H100
-// (BENCHMARKS.md, "one weight slot before the wait"), g128 M = 1, us, against both slots before the
-// wait, in alternating runs of one call: 8-bit slice at 4096 x 4096 8.39-8.40 against 8.65-8.72;
-// at 14336 x 4096 the 4-bit `_gather` 14.51-14.54 against 14.73-14.75 and the 8-bit 22.80-22.83
-// against 23.34-23.41. Slower, so not knobs: the 4-bit slices (6.57 against 6.30 at 4096 x 4096,
-// "the whole of X before the first product") and the `_narrow` slices at 4096 x 1024 (8-bit 6.18-6.20
-// with 1 of 4, 5.92-5.93 with 2, against 5.29-5.31; 3-bit 4.88-4.89 with 1 of 2 against 4.71-4.72).
+// and the 4- and 8-bit `_gather` entries (K above 4096), one slot of their two each, and for the
+// 4-bit slices (GPTQ_MODULE 1), 3 of 4. On an H100 (BENCHMARKS.md, "one weight slot before the
+// wait"), g128 M = 1, us, against every slot before the wait, in alternating runs of one call: 8-bit
+// slice at 4096 x 4096 8.39-8.40 against 8.65-8.72; at 14336 x 4096 the 4-bit `_gather` 14.51-14.54
+// against 14.73-14.75 and the 8-bit 22.80-22.83 against 23.34-23.41; 4-bit slice at 4096 x 4096
+// 6.18-6.20 against 6.29-6.32 (2 of 4: 6.31-6.37; 1: 6.57 against 6.30, "the whole of X before the
+// first product"), but at 4096 x 1024 4.76-4.77 against 4.68-4.69, so narrow 4-bit layers run a
+// `_gather_slice_narrow` entry with every slot before the wait. Slower, so not knobs: the other
+// `_narrow` slices at 4096 x 1024 (8-bit 6.18-6.20 with 1 of 4, 5.92-5.93 with 2, against
+// 5.29-5.31; 3-bit 4.88-4.89 with 1 of 2 against 4.71-4.72).
 #ifndef MMAD_SLICE8_PRE_TILES
 #define MMAD_SLICE8_PRE_TILES 1
 #endif
@@ -662,8 +665,8 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_GATHER8_PRE_TILES
 #define MMAD_GATHER8_PRE_TILES 1
 #endif
-#ifndef MMAD_SLICE4_PRE_TILES // the 4-bit slices (GPTQ_MODULE 1; sweeps)
-#define MMAD_SLICE4_PRE_TILES MMAD_DEPTH_SLICE
+#ifndef MMAD_SLICE4_PRE_TILES
+#define MMAD_SLICE4_PRE_TILES 3
 #endif
 #ifndef MMAD_MAX_WARPS8_GATHER // the `_gather` entry at 8 bits (sweeps)
 #define MMAD_MAX_WARPS8_GATHER MMAD_MAX_WARPS8
@@ -675,14 +678,15 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MAX_WARPS3_GATHER // the `_gather` entry at 3 bits (sweeps)
 #define MMAD_MAX_WARPS3_GATHER MMAD_MAX_WARPS3
 #endif
-// Narrow layers (few strips: runtime/src/cuda/gptq.rs, `mmad_narrow`, says where) run the plain entries,
-// and at 3 and 8 bits the `_gather_slice` ones, as `_narrow` entries in a module of their own
+// Narrow layers (few strips: runtime/src/cuda/gptq.rs, `mmad_narrow`, says where) run the plain and
+// the `_gather_slice` entries as `_narrow` entries in a module of their own
 // (GPTQ_MODULE 2 below): deeper pipelines in fewer warps. One block runs per strip, so only a few SMs
 // work, and the bytes each keeps in flight set the speed. On an H100 (BENCHMARKS.md, "entries for
 // narrow layers"), 4096 x 1024 g128 M = 1, us, against the other entries: 3-bit 4.22 / 4.60 at 2
 // super-tiles in 20 warps (act-order 4.71 / 5.05), 4-bit 4.31 / 4.54 at 4 tiles in 20 (16: 4.49, 3 in
 // 24: 4.93), 8-bit 4.93 / 5.28 at 4 tiles in 20 (act-order 5.30 / 5.53; 16 warps: the same without
-// act-order, 5.75 with it). 4 bits take no `_gather_slice` entry here: theirs is already 4 deep.
+// act-order, 5.75 with it). The 4-bit `_gather_slice` entry here is the 4-bit slices' code
+// (20 warps, 4 deep) with every slot before the dependent-launch wait: see MMAD_SLICE4_PRE_TILES.
 #ifndef MMAD_DEPTH_NARROW
 #define MMAD_DEPTH_NARROW 4
 #endif
@@ -2242,6 +2246,7 @@ MMAD_ENTRY(4, bf16, __nv_bfloat16, MMAD_GATHER_SLICE, _gather_slice)
     MMAD_NARROW_ENTRY(3, TN, T, MMAD_PLAIN, )                        \
     MMAD_NARROW_ENTRY(3, TN, T, MMAD_GATHER_SLICE, _gather_slice)    \
     MMAD_NARROW_ENTRY(4, TN, T, MMAD_PLAIN, )                        \
+    MMAD_NARROW_ENTRY(4, TN, T, MMAD_GATHER_SLICE, _gather_slice)    \
     MMAD_NARROW_ENTRY(8, TN, T, MMAD_PLAIN, )                        \
     MMAD_NARROW_ENTRY(8, TN, T, MMAD_GATHER_SLICE, _gather_slice)
 MMAD_NARROW_ENTRIES(f16, __half)

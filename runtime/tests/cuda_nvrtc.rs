@@ -101,8 +101,8 @@ fn every_tensor_core_entry_the_launches_ask_for_exists() {
     );
     assert_eq!(
         held(kernels::GPTQ_NARROW.name),
-        10,
-        "the `_narrow` entries: plain at 3, 4 and 8 bits, `_gather_slice` at 3 and 8; f16 and bf16"
+        12,
+        "the `_narrow` entries: plain and `_gather_slice` at 3, 4 and 8 bits; f16 and bf16"
     );
     assert_eq!(
         held(kernels::GPTQ_TALL.name),
@@ -247,8 +247,8 @@ fn gemv_entries_load_weights_before_the_dependent_launch_wait() {
     }
     assert_eq!(
         functions.len(),
-        46,
-        "expected 18 gptq_mmad_gemv entries (plain, _gather, _gather_slice), 10 `_narrow` ones, 2 \
+        48,
+        "expected 18 gptq_mmad_gemv entries (plain, _gather, _gather_slice), 12 `_narrow` ones, 2 \
          `_tall` ones, 2 `_rows` ones, 8 gptq_mmadg_gemv (plain, _gather) and the 6 3-bit \
          gptq_mmad_gemv entries again for tile-major words"
     );

@@ -691,14 +691,16 @@ fn perm_slice_max_k() -> usize {
 /// layers (`_narrow` in kernels/gptq.cu, `MMAD_DEPTH_NARROW` there: deeper pipelines in fewer
 /// warps): on a plain GEMV (not the fused MoE, nor the entry for groups of one tile,
 /// [`mmad_tile_groups`]) with at most [`NARROW_MAX_STRIPS`] 32-column strips and K at most
-/// [`NARROW_MAX_K`], at one row (3 bits: up to 4), without act-order gathered inside or, at 3 and 8
-/// bits, with the indices copied first ([`perm_slice`]). One block runs per strip, so such a layer
+/// [`NARROW_MAX_K`], at one row (3 bits: up to 4), without act-order gathered inside or with the
+/// indices copied first ([`perm_slice`]). One block runs per strip, so such a layer
 /// keeps only a few SMs busy, and the bytes each has in flight set the speed. Measured on an H100
 /// (BENCHMARKS.md, "entries for narrow layers"), g128, us, narrow against not: 4096 x 1024 M = 1
 /// 3-bit 4.22 / 4.60 (act-order 4.71 / 5.05), 4-bit 4.31 / 4.54, 8-bit 4.93 / 5.28 (act-order
 /// 5.30 / 5.53); 4096 x 2048 M = 1 3-bit 4.65 / 4.77, 4-bit 4.66 / 4.78; 4096 x 1024 M = 4 3-bit
 /// 5.27 / 5.62 but 4-bit 5.36 / 5.00; at 96 strips (4096 x 3072) no faster, at 128 (4096 x 4096)
-/// and at 14336 x 1024 slower.
+/// and at 14336 x 1024 slower. The 4-bit act-order slice's narrow entry is the other layers' code
+/// with every weight slot before the dependent-launch wait (`MMAD_SLICE4_PRE_TILES` in
+/// kernels/gptq.cu: 4.68-4.69 us at 4096 x 1024 against 4.76-4.77 with theirs).
 fn mmad_narrow(
     direct: bool,
     (k, n, m, bits, group_rows): (usize, usize, usize, u32, usize),
@@ -708,7 +710,7 @@ fn mmad_narrow(
     direct
         && moe_pairs.is_none()
         && !mmad_tile_groups(k, bits, group_rows)
-        && (!gather || (slice && bits != 4))
+        && (!gather || slice)
         && (m == 1 || (bits == 3 && m <= 4))
         && n / 32 <= narrow_max_strips()
         && k <= NARROW_MAX_K
@@ -2504,10 +2506,10 @@ mod tests {
 
     /// The entries for narrow and for tall layers, and for several rows, run where they were
     /// measured faster. Narrow: plain GEMVs of one row (3 bits: up to 4) on at most 64 strips with K
-    /// at most 4096, and act-order slices at 3 and 8 bits. Tall: plain 4-bit GEMVs of up to 4 rows
+    /// at most 4096, and act-order slices. Tall: plain 4-bit GEMVs of up to 4 rows
     /// with K above 8192 and at most one strip per SM. Rows: plain 8-bit GEMVs of more than one row.
-    /// None for the fused MoE, groups of one tile or the ring variant; no narrow entry for 4-bit
-    /// act-order, no tall or rows one for act-order gathered inside.
+    /// None for the fused MoE, groups of one tile or the ring variant; no tall or rows one for
+    /// act-order gathered inside.
     #[test]
     fn layer_classes_where_measured_faster() {
         use LayerClass::{Any as A, Narrow as N, Rows as R, Tall as T};
@@ -2528,7 +2530,7 @@ mod tests {
             ((4096, 1024, 4), 32, false, [N, A, A]),
             ((4096, 14336, 2), 128, false, [A, A, R]),
             ((4096, 14336, 4), 128, true, [A; 3]),
-            ((4096, 1024, 1), 128, true, [N, A, N]),
+            ((4096, 1024, 1), 128, true, [N; 3]),
             ((4096, 1024, 1), 32, false, [N, A, A]),
             ((14336, 4096, 1), 128, false, [A, T, A]),
             ((14336, 4096, 4), 128, false, [A, T, R]),
