@@ -643,31 +643,48 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_MAX_WARPS8_SLICE
 #define MMAD_MAX_WARPS8_SLICE 24
 #endif
-// Weight slots an act-order entry issues before the dependent-launch wait; the others follow right
+// Weight pieces (16 bytes per lane; a pipeline slot is 1 of them at 4 bits, 2 at 8 and 3 at 3, a
+// super-tile) an act-order entry issues before the dependent-launch wait; the others follow right
 // after the block's copy of X is issued, so that fewer of the block's weight loads queue ahead of X,
 // which every product waits for. Knobs for the 8-bit `_gather_slice` (GPTQ_MODULE 0, K up to 4096)
-// and the 4- and 8-bit `_gather` entries (K above 4096), one slot of their two each, and for the
-// 4-bit slices (GPTQ_MODULE 1), 3 of 4. On an H100 (BENCHMARKS.md, "one weight slot before the
-// wait"), g128 M = 1, us, against every slot before the wait, in alternating runs of one call: 8-bit
-// slice at 4096 x 4096 8.39-8.40 against 8.65-8.72; at 14336 x 4096 the 4-bit `_gather` 14.51-14.54
-// against 14.73-14.75 and the 8-bit 22.80-22.83 against 23.34-23.41; 4-bit slice at 4096 x 4096
-// 6.18-6.20 against 6.29-6.32 (2 of 4: 6.31-6.37; 1: 6.57 against 6.30, "the whole of X before the
-// first product"), but at 4096 x 1024 4.76-4.77 against 4.68-4.69, so narrow 4-bit layers run a
+// and the 4- and 8-bit `_gather` entries (K above 4096), one slot of their two each, for the 4-bit
+// slices (GPTQ_MODULE 1), 3 slots of 4, and for the 3-bit `_gather` and `_gather_slice` entries
+// (modules 0 and 5), whose MMAD_DEPTH3 super-tiles are all issued before the wait by default. On an
+// H100 (BENCHMARKS.md, "one weight slot before the wait"; the knobs then counted slots), g128 M = 1,
+// us, against every slot before the wait, in alternating runs of one call: 8-bit slice at
+// 4096 x 4096 8.39-8.40 against 8.65-8.72; at 14336 x 4096 the 4-bit `_gather` 14.51-14.54 against
+// 14.73-14.75 and the 8-bit 22.80-22.83 against 23.34-23.41; 4-bit slice at 4096 x 4096 6.18-6.20
+// against 6.29-6.32 (2 of 4: 6.31-6.37; 1: 6.57 against 6.30, "the whole of X before the first
+// product"), but at 4096 x 1024 4.76-4.77 against 4.68-4.69, so narrow 4-bit layers run a
 // `_gather_slice_narrow` entry with every slot before the wait. Slower, so not knobs: the other
 // `_narrow` slices at 4096 x 1024 (8-bit 6.18-6.20 with 1 of 4, 5.92-5.93 with 2, against
-// 5.29-5.31; 3-bit 4.88-4.89 with 1 of 2 against 4.71-4.72).
-#ifndef MMAD_SLICE8_PRE_TILES
-#define MMAD_SLICE8_PRE_TILES 1
+// 5.29-5.31; 3-bit 4.88-4.89 with 1 of 2 against 4.71-4.72). The `_narrow`, `_tall` and `_rows`
+// entries, the g32 entries (MMADG_ENTRY) and the fused MoE issue every piece before the wait.
+#ifndef MMAD_SLICE8_PRE_PIECES
+#define MMAD_SLICE8_PRE_PIECES 2
 #endif
-#ifndef MMAD_GATHER4_PRE_TILES
-#define MMAD_GATHER4_PRE_TILES 1
+#ifndef MMAD_GATHER4_PRE_PIECES
+#define MMAD_GATHER4_PRE_PIECES 1
 #endif
-#ifndef MMAD_GATHER8_PRE_TILES
-#define MMAD_GATHER8_PRE_TILES 1
+#ifndef MMAD_GATHER8_PRE_PIECES
+#define MMAD_GATHER8_PRE_PIECES 2
 #endif
-#ifndef MMAD_SLICE4_PRE_TILES
-#define MMAD_SLICE4_PRE_TILES 3
+#ifndef MMAD_SLICE4_PRE_PIECES
+#define MMAD_SLICE4_PRE_PIECES 3
 #endif
+#ifndef MMAD_GATHER3_PRE_PIECES
+#define MMAD_GATHER3_PRE_PIECES (3 * MMAD_DEPTH3)
+#endif
+// Every piece before the wait (mmad_gemv's default).
+#define MMAD_PRE_ALL 1024
+// The pieces before the wait of MMAD_ENTRY's entry of kind G at B bits.
+#define MMAD_PRE_PIECES(B, G)                                               \
+    ((B) == 3 && (G) != MMAD_PLAIN          ? MMAD_GATHER3_PRE_PIECES       \
+     : (B) == 4 && (G) == MMAD_GATHER       ? MMAD_GATHER4_PRE_PIECES       \
+     : (B) == 4 && (G) == MMAD_GATHER_SLICE ? MMAD_SLICE4_PRE_PIECES        \
+     : (B) == 8 && (G) == MMAD_GATHER       ? MMAD_GATHER8_PRE_PIECES       \
+     : (B) == 8 && (G) == MMAD_GATHER_SLICE ? MMAD_SLICE8_PRE_PIECES        \
+                                            : MMAD_PRE_ALL)
 #ifndef MMAD_MAX_WARPS8_GATHER // the `_gather` entry at 8 bits (sweeps)
 #define MMAD_MAX_WARPS8_GATHER MMAD_MAX_WARPS8
 #endif
@@ -686,7 +703,7 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 // super-tiles in 20 warps (act-order 4.71 / 5.05), 4-bit 4.31 / 4.54 at 4 tiles in 20 (16: 4.49, 3 in
 // 24: 4.93), 8-bit 4.93 / 5.28 at 4 tiles in 20 (act-order 5.30 / 5.53; 16 warps: the same without
 // act-order, 5.75 with it). The 4-bit `_gather_slice` entry here is the 4-bit slices' code
-// (20 warps, 4 deep) with every slot before the dependent-launch wait: see MMAD_SLICE4_PRE_TILES.
+// (20 warps, 4 deep) with every slot before the dependent-launch wait: see MMAD_SLICE4_PRE_PIECES.
 #ifndef MMAD_DEPTH_NARROW
 #define MMAD_DEPTH_NARROW 4
 #endif
@@ -1458,6 +1475,13 @@ __device__ __forceinline__ void mmad_load_slots(uint4 (&buf)[D][LPT], const uint
 #pragma unroll
             for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * SST + h * 8));
 }
+// Loads pieces H0 .. H1 - 1 of slot d alone (as mmad_load_slots).
+template <int d, int H0, int H1, int D, int LPT, int TPB>
+__device__ __forceinline__ void mmad_load_pieces(uint4 (&buf)[D][LPT], const uint4* wp, int SST, int nt) {
+    if (d * TPB < nt)
+#pragma unroll
+        for (int h = H0; h < H1; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * SST + h * 8));
+}
 
 template <int D, bool ON> struct MmadGroupPipe {
     uint2 sr[D];
@@ -1490,7 +1514,7 @@ template <int D> struct MmadGroupPipe<D, false> {};
 #define MMAD_PERM16_BIT(G) ((G) == MMAD_GATHER ? 1 : (G) == MMAD_GATHER_SLICE ? 2 : (G) == MMAD_GATHER_SYNC ? 4 : 0)
 #define MMAD_PERM16_ON(G) ((MMAD_PERM16 & MMAD_PERM16_BIT(G)) != 0)
 template <int BITS, typename T, int D, bool BLOCKED, bool TILE_GROUPS, int L2_AHEAD, int GATHER,
-          bool RELOAD_FIRST = false, bool GROUP_L1 = false, bool X_ASYNC = false>
+          bool RELOAD_FIRST = false, bool GROUP_L1 = false, bool X_ASYNC = false, int PRE_ASKED = MMAD_PRE_ALL>
 __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X, int M, int K, int N, int group_rows,
                                           int nsplit, int tiles_per_warp, int xblock, float* __restrict__ Y,
                                           float yscale = 1.0f) {
@@ -1528,18 +1552,16 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     const int SST = qw_tile_major(BITS) ? (N / 32) * TS : TS;
     const uint4* wp = (const uint4*)(q.qweight + (size_t)strip * qw_strip_step<BITS>(q.strip_rows)) +
                       (size_t)(t_begin / TPB) * SST + LPT * c * 8 + g;
-    // PRE_D of them before the wait (MMAD_SLICE8_PRE_TILES and the others), the rest after the block's
-    // copy of X.
+    // PRE_P of their D * LPT pieces per lane before the wait (PRE_ASKED, from the entry:
+    // MMAD_PRE_PIECES), the rest after the block's copy of X.
     uint4 buf[D][LPT];
-    constexpr int PRE_ASKED = TILE_GROUPS                                                    ? D
-                              : GPTQ_MODULE == 0 && GATHER == MMAD_GATHER_SLICE && BITS == 8 ? MMAD_SLICE8_PRE_TILES
-                              : GPTQ_MODULE == 0 && GATHER == MMAD_GATHER && BITS == 4       ? MMAD_GATHER4_PRE_TILES
-                              : GPTQ_MODULE == 0 && GATHER == MMAD_GATHER && BITS == 8       ? MMAD_GATHER8_PRE_TILES
-                              : GPTQ_MODULE == 1 && GATHER == MMAD_GATHER_SLICE && BITS == 4 ? MMAD_SLICE4_PRE_TILES
-                                                                                             : D;
-    constexpr int PRE_D = PRE_ASKED < D ? PRE_ASKED : D;
-    static_assert(PRE_D >= 1, "at least one slot before the wait");
-    mmad_load_slots<0, PRE_D, D, LPT, TPB>(buf, wp, SST, nt);
+    // PRE_S whole slots, then PRE_H pieces of slot PRE_S.
+    constexpr int PRE_P = PRE_ASKED < D * LPT ? PRE_ASKED : D * LPT;
+    constexpr int PRE_S = PRE_P / LPT, PRE_H = PRE_P % LPT;
+    static_assert(PRE_P >= 1, "at least one piece before the wait");
+    static_assert(GATHER != MMAD_GATHER_SYNC || PRE_P == D * LPT, "the fused MoE: every piece before the wait");
+    mmad_load_slots<0, PRE_S, D, LPT, TPB>(buf, wp, SST, nt);
+    if constexpr (PRE_H > 0) mmad_load_pieces<PRE_S, 0, PRE_H, D, LPT, TPB>(buf, wp, SST, nt);
 
     // Groups: tpg tiles each. sp and zp point at the scales and zero word of the group loaded next
     // (into nsr, nzw), gl counts the groups after it; past the last group they stay on it.
@@ -1605,7 +1627,8 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
         // (MMAD_PLAIN keeps the copy reachable: without it, ptxas scheduled the 3-bit plain entries
         // 2 % slower, BENCHMARKS.md)
         if (xblock) mma_copy_x_block_async(X, M, K, smem);
-        if constexpr (PRE_D < D) mmad_load_slots<PRE_D, D, D, LPT, TPB>(buf, wp, SST, nt);
+        if constexpr (PRE_H > 0) mmad_load_pieces<PRE_S, PRE_H, LPT, D, LPT, TPB>(buf, wp, SST, nt);
+        if constexpr (PRE_S + (PRE_H > 0) < D) mmad_load_slots<PRE_S + (PRE_H > 0), D, D, LPT, TPB>(buf, wp, SST, nt);
         if constexpr (GATHER != MMAD_PLAIN) {
             cp_async_wait<0>();
             if (xblock)
@@ -1879,38 +1902,41 @@ __device__ __forceinline__ void dequant_f16(const u32* qweight, int strip_rows, 
 // The register-pipelined GEMV's entry of kind G at B bits, under launch bound WARPS, D tiles in flight
 // (at 3 bits D whole 128-row super-tiles: K and the groups multiples of 128 rows).
 // L1: the next group's data through L1 (mmad_gemv's GROUP_L1). XA: X staged with cp.async (X_ASYNC).
-#define MMAD_ENTRY_AT(B, TN, T, G, SFX, WARPS, D, RF, L1, XA)                                                  \
+// PRE: weight pieces per lane issued before the dependent-launch wait (mmad_gemv's PRE_ASKED).
+#define MMAD_ENTRY_AT(B, TN, T, G, SFX, WARPS, D, RF, L1, XA, PRE)                                             \
     extern "C" __global__ void __launch_bounds__((WARPS) * 32) gptq_mmad_gemv_##B##b_##TN##SFX(                \
         const u32* qweight, int strip_rows, const __half* scales, const void* zeros, const int* ugroup,        \
         const int* perm, const T* X, int M, int K, int N, int group_rows, int nsplit, int tiles_per_warp,      \
         int xblock, float* ws, u32* counters, float* Y) {                                                      \
         QMat q = {qweight, strip_rows, scales, zeros, ugroup, perm};                                           \
         if constexpr (B == 3) {                                                                                \
-            mmad_gemv<B, T, (D), true, false, 0, G, false, L1, XA>(q, X, M, K, N, group_rows, nsplit,           \
-                                                                   tiles_per_warp, xblock, Y);                 \
+            mmad_gemv<B, T, (D), true, false, 0, G, false, L1, XA, (PRE)>(q, X, M, K, N, group_rows, nsplit,    \
+                                                                          tiles_per_warp, xblock, Y);          \
         } else {                                                                                               \
             if (mmad_blocked((D), K, group_rows, tiles_per_warp))                                              \
-                mmad_gemv<B, T, (D), true, false, 0, G, RF, L1, XA>(q, X, M, K, N, group_rows, nsplit,          \
-                                                                    tiles_per_warp, xblock, Y);                \
+                mmad_gemv<B, T, (D), true, false, 0, G, RF, L1, XA, (PRE)>(q, X, M, K, N, group_rows, nsplit,   \
+                                                                           tiles_per_warp, xblock, Y);         \
             else                                                                                               \
-                mmad_gemv<B, T, (D), false, false, 0, G, RF, L1, XA>(q, X, M, K, N, group_rows, nsplit,         \
-                                                                     tiles_per_warp, xblock, Y);               \
+                mmad_gemv<B, T, (D), false, false, 0, G, RF, L1, XA, (PRE)>(q, X, M, K, N, group_rows, nsplit,  \
+                                                                            tiles_per_warp, xblock, Y);        \
         }                                                                                                      \
     }
 #define MMAD_ENTRY(B, TN, T, G, SFX)                                                                           \
     MMAD_ENTRY_AT(B, TN, T, G, SFX, MMAD_GEMV_WARPS(B, G), (B) == 3 ? MMAD_DEPTH3 : mmad_depth(B, G), false,  \
-                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1, B, G), false)
+                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1, B, G), false, MMAD_PRE_PIECES(B, G))
 // The same for narrow layers (`_narrow`: runtime/src/cuda/gptq.rs, `mmad_narrow`), deeper in fewer warps.
 #define MMAD_NARROW_ENTRY(B, TN, T, G, SFX)                                                                    \
     MMAD_ENTRY_AT(B, TN, T, G, SFX##_narrow, MMAD_NARROW_WARPS(B), MMAD_NARROW_DEPTH(B), false,              \
-                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1_NARROW, B, G), false)
+                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1_NARROW, B, G), false, MMAD_PRE_ALL)
 // The same for tall layers at 4 bits (`_tall`: runtime/src/cuda/gptq.rs, `mmad_tall`), plain only.
-#define MMAD_TALL_ENTRY(TN, T) MMAD_ENTRY_AT(4, TN, T, MMAD_PLAIN, _tall, MMAD_MAX_WARPS_TALL, MMAD_DEPTH_TALL, MMAD_TALL_RELOAD_FIRST != 0, false, false)
+#define MMAD_TALL_ENTRY(TN, T)                                                                                 \
+    MMAD_ENTRY_AT(4, TN, T, MMAD_PLAIN, _tall, MMAD_MAX_WARPS_TALL, MMAD_DEPTH_TALL, MMAD_TALL_RELOAD_FIRST != 0, \
+                  false, false, MMAD_PRE_ALL)
 // The plain 8-bit entry for launches of several rows (`_rows`: runtime/src/cuda/gptq.rs, `mmad_rows`), with
 // X staged in one round trip (X_ASYNC).
 #define MMAD_ROWS_ENTRY(TN, T)                                                                                 \
     MMAD_ENTRY_AT(8, TN, T, MMAD_PLAIN, _rows, MMAD_WARPS(8), MMAD_DEPTH8, false,                             \
-                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1, 8, MMAD_PLAIN), true)
+                  MMAD_GROUP_L1_ON(MMAD_GROUP_L1, 8, MMAD_PLAIN), true, MMAD_PRE_ALL)
 
 // Groups of one tile (g32, runtime/src/cuda/gptq.rs `mmad_tile_groups`), as its own entry so that the
 // other layers' kernel keeps its code.

@@ -699,7 +699,7 @@ fn perm_slice_max_k() -> usize {
 /// 5.30 / 5.53); 4096 x 2048 M = 1 3-bit 4.65 / 4.77, 4-bit 4.66 / 4.78; 4096 x 1024 M = 4 3-bit
 /// 5.27 / 5.62 but 4-bit 5.36 / 5.00; at 96 strips (4096 x 3072) no faster, at 128 (4096 x 4096)
 /// and at 14336 x 1024 slower. The 4-bit act-order slice's narrow entry is the other layers' code
-/// with every weight slot before the dependent-launch wait (`MMAD_SLICE4_PRE_TILES` in
+/// with every weight slot before the dependent-launch wait (`MMAD_SLICE4_PRE_PIECES` in
 /// kernels/gptq.cu: 4.68-4.69 us at 4096 x 1024 against 4.76-4.77 with theirs).
 fn mmad_narrow(
     direct: bool,
