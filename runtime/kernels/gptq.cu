@@ -672,14 +672,18 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #ifndef MMAD_SLICE4_PRE_PIECES
 #define MMAD_SLICE4_PRE_PIECES 3
 #endif
+#ifndef MMAD_SLICE3_PRE_PIECES
+#define MMAD_SLICE3_PRE_PIECES 1
+#endif
 #ifndef MMAD_GATHER3_PRE_PIECES
-#define MMAD_GATHER3_PRE_PIECES (3 * MMAD_DEPTH3)
+#define MMAD_GATHER3_PRE_PIECES 2
 #endif
 // Every piece before the wait (mmad_gemv's default).
 #define MMAD_PRE_ALL 1024
 // The pieces before the wait of MMAD_ENTRY's entry of kind G at B bits.
 #define MMAD_PRE_PIECES(B, G)                                               \
-    ((B) == 3 && (G) != MMAD_PLAIN          ? MMAD_GATHER3_PRE_PIECES       \
+    ((B) == 3 && (G) == MMAD_GATHER         ? MMAD_GATHER3_PRE_PIECES       \
+     : (B) == 3 && (G) == MMAD_GATHER_SLICE ? MMAD_SLICE3_PRE_PIECES        \
      : (B) == 4 && (G) == MMAD_GATHER       ? MMAD_GATHER4_PRE_PIECES       \
      : (B) == 4 && (G) == MMAD_GATHER_SLICE ? MMAD_SLICE4_PRE_PIECES        \
      : (B) == 8 && (G) == MMAD_GATHER       ? MMAD_GATHER8_PRE_PIECES       \
