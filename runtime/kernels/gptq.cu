@@ -684,15 +684,20 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #endif
 // Every piece before the wait (mmad_gemv's default).
 #define MMAD_PRE_ALL 1024
+// A setting of the GEMV's entry of kind G at B bits: G3 for the `_gather` entry at 3 bits, S3 for the
+// `_gather_slice` one, G4, S4, G8 and S8 likewise at 4 and 8 bits, OTHER for the plain entries.
+#define MMAD_PER_KIND(B, G, G3, S3, G4, S4, G8, S8, OTHER)               \
+    ((B) == 3 && (G) == MMAD_GATHER         ? (G3)                       \
+     : (B) == 3 && (G) == MMAD_GATHER_SLICE ? (S3)                       \
+     : (B) == 4 && (G) == MMAD_GATHER       ? (G4)                       \
+     : (B) == 4 && (G) == MMAD_GATHER_SLICE ? (S4)                       \
+     : (B) == 8 && (G) == MMAD_GATHER       ? (G8)                       \
+     : (B) == 8 && (G) == MMAD_GATHER_SLICE ? (S8)                       \
+                                            : (OTHER))
 // The pieces before the wait of MMAD_ENTRY's entry of kind G at B bits.
-#define MMAD_PRE_PIECES(B, G)                                               \
-    ((B) == 3 && (G) == MMAD_GATHER         ? MMAD_GATHER3_PRE_PIECES       \
-     : (B) == 3 && (G) == MMAD_GATHER_SLICE ? MMAD_SLICE3_PRE_PIECES        \
-     : (B) == 4 && (G) == MMAD_GATHER       ? MMAD_GATHER4_PRE_PIECES       \
-     : (B) == 4 && (G) == MMAD_GATHER_SLICE ? MMAD_SLICE4_PRE_PIECES        \
-     : (B) == 8 && (G) == MMAD_GATHER       ? MMAD_GATHER8_PRE_PIECES       \
-     : (B) == 8 && (G) == MMAD_GATHER_SLICE ? MMAD_SLICE8_PRE_PIECES        \
-                                            : MMAD_PRE_ALL)
+#define MMAD_PRE_PIECES(B, G)                                                                             \
+    MMAD_PER_KIND(B, G, MMAD_GATHER3_PRE_PIECES, MMAD_SLICE3_PRE_PIECES, MMAD_GATHER4_PRE_PIECES,         \
+                  MMAD_SLICE4_PRE_PIECES, MMAD_GATHER8_PRE_PIECES, MMAD_SLICE8_PRE_PIECES, MMAD_PRE_ALL)
 #ifndef MMAD_MAX_WARPS8_GATHER // the `_gather` entry at 8 bits (sweeps)
 #define MMAD_MAX_WARPS8_GATHER MMAD_MAX_WARPS8
 #endif
@@ -767,14 +772,9 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 #define MMAD_NARROW_WARPS(B) ((B) == 3 ? MMAD_MAX_WARPS3_NARROW : (B) == 8 ? MMAD_MAX_WARPS8_NARROW : MMAD_MAX_WARPS_NARROW)
 #define MMAD_NARROW_DEPTH(B) ((B) == 3 ? MMAD_DEPTH3_NARROW : (B) == 8 ? MMAD_DEPTH8_NARROW : MMAD_DEPTH_NARROW)
 // The launch bound of the GEMV's entry G (MMAD_PLAIN, MMAD_GATHER, MMAD_GATHER_SLICE) at B bits.
-#define MMAD_GEMV_WARPS(B, G)                                                                                  \
-    ((B) == 4 && (G) == MMAD_GATHER         ? MMAD_MAX_WARPS_GATHER                                            \
-     : (B) == 4 && (G) == MMAD_GATHER_SLICE ? MMAD_MAX_WARPS_SLICE                                             \
-     : (B) == 8 && (G) == MMAD_GATHER       ? MMAD_MAX_WARPS8_GATHER                                           \
-     : (B) == 8 && (G) == MMAD_GATHER_SLICE ? MMAD_MAX_WARPS8_SLICE                                            \
-     : (B) == 3 && (G) == MMAD_GATHER       ? MMAD_MAX_WARPS3_GATHER                                           \
-     : (B) == 3 && (G) == MMAD_GATHER_SLICE ? MMAD_MAX_WARPS3_SLICE                                            \
-                                            : MMAD_WARPS(B))
+#define MMAD_GEMV_WARPS(B, G)                                                                             \
+    MMAD_PER_KIND(B, G, MMAD_MAX_WARPS3_GATHER, MMAD_MAX_WARPS3_SLICE, MMAD_MAX_WARPS_GATHER,             \
+                  MMAD_MAX_WARPS_SLICE, MMAD_MAX_WARPS8_GATHER, MMAD_MAX_WARPS8_SLICE, MMAD_WARPS(B))
 // The fused MoE's act-order `_gather` entries at 4 bits: MMAD_MAX_WARPS unless a sweep says otherwise.
 // At 32 warps they spill the group's zero word just after loading it, before the dependent-launch wait
 // (runtime/tests/cuda_nvrtc.rs), as the 4-bit `_gather_slice` entries did; the fused MoE's bound of 32
