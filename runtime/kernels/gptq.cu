@@ -651,16 +651,16 @@ __device__ __forceinline__ void gemv_moe(const unsigned long long* table, int st
 // slices (GPTQ_MODULE 1), 3 slots of 4; for the 3-bit entries (modules 0 and 5), whose one super-tile
 // (MMAD_DEPTH3) has 3 pieces, 1 in the slices and 2 in the `_gather` entries. On an H100
 // (BENCHMARKS.md, "one weight slot before the wait", when the knobs counted slots, and "3-bit
-// act-order: part of the super-tile before the wait"), g128 M = 1, us, against every piece before
+// act-order, part of the super-tile before the wait"), g128 M = 1, us, against every piece before
 // the wait, in alternating runs of one call: 8-bit slice at 4096 x 4096 8.39-8.40 against 8.65-8.72
 // (1 or 3 pieces: 8.65-8.66, 8.43-8.46 against 8.36-8.38 with 2); at 14336 x 4096 the 4-bit
-// `_gather` 14.51-14.54 against 14.73-14.75 and the 8-bit 22.80-22.83 against 23.34-23.41; 4-bit
-// slice at 4096 x 4096 6.18-6.20 against 6.29-6.32 (2 of 4: 6.31-6.37; 1: 6.57 against 6.30, "the
-// whole of X before the first product"), but at 4096 x 1024 4.76-4.77 against 4.68-4.69, so narrow
-// 4-bit layers run a `_gather_slice_narrow` entry with every slot before the wait; 3-bit slice at
-// 4096 x 4096 6.16 with 1 piece against 6.22-6.25 (2: 6.33-6.35; 4096 x 14336 within 0.1 either
-// way), 3-bit `_gather` at 14336 x 4096 12.58-12.59 with 2 against 12.86-12.90 (1: 12.68-12.73).
-// Slower, so not knobs: the other `_narrow` slices at 4096 x 1024 (8-bit 6.18-6.20 with 1 slot of
+// `_gather` 14.51-14.54 against 14.73-14.75 and the 8-bit 22.80-22.83 against 23.34-23.41 (1 or 3
+// pieces: 23.28-23.32, 22.88-22.91 against 22.81 with 2); 4-bit slice at 4096 x 4096 6.18-6.20
+// against 6.29-6.32 (2 of 4: 6.31-6.37; 1: 6.57 against 6.30, "the whole of X before the first
+// product"), but at 4096 x 1024 4.76-4.77 against 4.68-4.69, so narrow 4-bit layers run a
+// `_gather_slice_narrow` entry with every slot before the wait; 3-bit slice at 4096 x 4096 6.16 with
+// 1 piece against 6.22-6.25 (2: 6.33-6.35); 3-bit `_gather` at 14336 x 4096 12.58-12.59 with 2
+// against 12.86-12.90 (1: 12.68-12.73). Slower, so not knobs: the other `_narrow` slices at 4096 x 1024 (8-bit 6.18-6.20 with 1 slot of
 // 4, 5.92-5.93 with 2, against 5.29-5.31; 3-bit 4.88-4.89 with 1 of 2 against 4.71-4.72). The
 // `_narrow`, `_tall` and `_rows` entries, the g32 entries (MMADG_ENTRY) and the fused MoE issue every
 // piece before the wait.
