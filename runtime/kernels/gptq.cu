@@ -1473,22 +1473,19 @@ __device__ __forceinline__ void mma_gemv(const QMat q, const T* __restrict__ X, 
 // each in `_gather_slice`.
 // The entries' ws and counters are not used.
 // The group data in flight of mmad_gemv's groups of one tile (empty otherwise).
-// Loads pipeline slots D0 .. D1 - 1 of a warp's run (those of its nt tiles) into buf: each lane's
-// LPT 16-byte pieces of a slot, slots SST uint4 apart from wp.
-template <int D0, int D1, int D, int LPT, int TPB>
-__device__ __forceinline__ void mmad_load_slots(uint4 (&buf)[D][LPT], const uint4* wp, int SST, int nt) {
-#pragma unroll
-    for (int d = D0; d < D1; ++d)
-        if (d * TPB < nt)
-#pragma unroll
-            for (int h = 0; h < LPT; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * SST + h * 8));
-}
-// Loads pieces H0 .. H1 - 1 of slot d alone (as mmad_load_slots).
-template <int d, int H0, int H1, int D, int LPT, int TPB>
-__device__ __forceinline__ void mmad_load_pieces(uint4 (&buf)[D][LPT], const uint4* wp, int SST, int nt) {
+// Loads pieces H0 .. H1 - 1 of pipeline slot d of a warp's run (if it holds any of its nt tiles)
+// into buf: each lane has LPT 16-byte pieces per slot, slots SST uint4 apart from wp.
+template <int H0, int H1, int D, int LPT, int TPB>
+__device__ __forceinline__ void mmad_load_pieces(uint4 (&buf)[D][LPT], int d, const uint4* wp, int SST, int nt) {
     if (d * TPB < nt)
 #pragma unroll
         for (int h = H0; h < H1; ++h) buf[d][h] = ld_stream((const u32*)(wp + d * SST + h * 8));
+}
+// Loads whole slots D0 .. D1 - 1 (mmad_load_pieces).
+template <int D0, int D1, int D, int LPT, int TPB>
+__device__ __forceinline__ void mmad_load_slots(uint4 (&buf)[D][LPT], const uint4* wp, int SST, int nt) {
+#pragma unroll
+    for (int d = D0; d < D1; ++d) mmad_load_pieces<0, LPT, D, LPT, TPB>(buf, d, wp, SST, nt);
 }
 
 template <int D, bool ON> struct MmadGroupPipe {
@@ -1569,7 +1566,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
     static_assert(PRE_P >= 1, "at least one piece before the wait");
     static_assert(GATHER != MMAD_GATHER_SYNC || PRE_P == D * LPT, "the fused MoE: every piece before the wait");
     mmad_load_slots<0, PRE_S, D, LPT, TPB>(buf, wp, SST, nt);
-    if constexpr (PRE_H > 0) mmad_load_pieces<PRE_S, 0, PRE_H, D, LPT, TPB>(buf, wp, SST, nt);
+    if constexpr (PRE_H > 0) mmad_load_pieces<0, PRE_H, D, LPT, TPB>(buf, PRE_S, wp, SST, nt);
 
     // Groups: tpg tiles each. sp and zp point at the scales and zero word of the group loaded next
     // (into nsr, nzw), gl counts the groups after it; past the last group they stay on it.
@@ -1635,7 +1632,7 @@ __device__ __forceinline__ void mmad_gemv(const QMat q, const T* __restrict__ X,
         // (MMAD_PLAIN keeps the copy reachable: without it, ptxas scheduled the 3-bit plain entries
         // 2 % slower, BENCHMARKS.md)
         if (xblock) mma_copy_x_block_async(X, M, K, smem);
-        if constexpr (PRE_H > 0) mmad_load_pieces<PRE_S, PRE_H, LPT, D, LPT, TPB>(buf, wp, SST, nt);
+        if constexpr (PRE_H > 0) mmad_load_pieces<PRE_H, LPT, D, LPT, TPB>(buf, PRE_S, wp, SST, nt);
         if constexpr (PRE_S + (PRE_H > 0) < D) mmad_load_slots<PRE_S + (PRE_H > 0), D, D, LPT, TPB>(buf, wp, SST, nt);
         if constexpr (GATHER != MMAD_PLAIN) {
             cp_async_wait<0>();
